@@ -1,0 +1,157 @@
+"""The ``pms`` command: run, seed, replay, export, back up and deploy the platform.
+
+Each command is a thin shell over a function in the module that owns the work, so the
+logic stays testable without the CLI.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from pms.settings import get_settings
+
+app = typer.Typer(help="Patient management & analytics platform.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+infra_app = typer.Typer(help="Deploy the containers to AWS ECS (or LocalStack / moto).", no_args_is_help=True)
+app.add_typer(infra_app, name="infra")
+console = Console(stderr=True)
+
+
+@app.command()
+def up(
+    only: Annotated[list[str] | None, typer.Option(help="Start only these services (and what they need).")] = None,
+) -> None:
+    """Start embedded PostgreSQL + broker and every service; Ctrl-C stops everything."""
+    from pms.supervisor import Supervisor
+
+    raise typer.Exit(Supervisor(get_settings(), only=only).run())
+
+
+@app.command()
+def status() -> None:
+    """Show which services of a running `pms up` answer, and where."""
+    from pms.supervisor import print_status
+
+    raise typer.Exit(print_status(get_settings()))
+
+
+@app.command()
+def serve(name: Annotated[str, typer.Argument(help="Service name from the registry.")]) -> None:
+    """Run one service in the foreground (what `pms up` and the containers run)."""
+    from pms.serve import serve as run_service
+
+    run_service(name, get_settings())
+
+
+@app.command()
+def migrate(database: Annotated[str | None, typer.Argument(help="auth|patients|billing|analytics")] = None) -> None:
+    """Apply Alembic migrations to one service database, or to all of them."""
+    from pms import db
+    from pms.settings import SERVICE_DATABASES
+
+    settings = get_settings()
+    for name in [database] if database else list(SERVICE_DATABASES):
+        db.migrate(settings, name)
+        console.print(f"[green]migrated[/] {name}")
+
+
+@app.command()
+def seed(
+    patients: Annotated[int, typer.Option(min=1, help="How many synthetic patients to create.")] = 1000,
+    seed_value: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same patients.")] = 42,
+) -> None:
+    """Create realistic synthetic patients through the service layer and outbox."""
+    from api.patient import seed as patient_seed
+
+    patient_seed.run(get_settings(), patients=patients, seed=seed_value)
+
+
+@app.command()
+def replay(
+    since: Annotated[str | None, typer.Option("--from", help="Only events on or after this ISO date.")] = None,
+) -> None:
+    """Republish the outbox history to the broker (to rebuild analytics)."""
+    from api.patient import replay as patient_replay
+
+    patient_replay.run(get_settings(), since=date.fromisoformat(since) if since else None)
+
+
+class ExportFormat(StrEnum):
+    PARQUET = "parquet"
+    CSV = "csv"
+
+
+@app.command()
+def export(
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="File format.")] = ExportFormat.PARQUET,
+    table: Annotated[list[str] | None, typer.Option(help="Tables to export (default: all).")] = None,
+    to: Annotated[Path, typer.Option(help="Output folder.")] = Path("export"),
+) -> None:
+    """Write the analytics tables to Parquet or CSV files."""
+    from stream_processing import export as analytics_export
+
+    analytics_export.run(get_settings(), fmt=fmt.value, tables=table, out_dir=to)
+
+
+@app.command()
+def notebooks() -> None:
+    """Open JupyterLab on the analyst notebooks with the read-only analytics connection."""
+    from pms import notebook as pms_notebook
+
+    pms_notebook.launch(get_settings())
+
+
+@app.command()
+def backup(to: Annotated[Path | None, typer.Option(help="Backup folder (default: <data_dir>/backups/<time>).")] = None
+           ) -> None:
+    """Dump every service database (pg_dump custom format) with a checksummed manifest."""
+    from pms import backup as pms_backup
+
+    pms_backup.backup(get_settings(), to=to)
+
+
+@app.command()
+def restore(source: Annotated[Path, typer.Argument(help="A folder written by `pms backup`.")]) -> None:
+    """Restore every database from a backup folder into a stopped or empty system."""
+    from pms import backup as pms_backup
+
+    pms_backup.restore(get_settings(), source=source)
+
+
+@infra_app.command("deploy")
+def infra_deploy(endpoint_url: Annotated[str | None, typer.Option(help="AWS endpoint (LocalStack/moto).")] = None
+                 ) -> None:
+    """Create or update the ECS stack; a second run changes nothing."""
+    from infra import cli as infra_cli
+
+    infra_cli.deploy(get_settings(), endpoint_url=endpoint_url)
+
+
+@infra_app.command("status")
+def infra_status(endpoint_url: Annotated[str | None, typer.Option()] = None) -> None:
+    """Show the deployed stack and its load balancer address."""
+    from infra import cli as infra_cli
+
+    infra_cli.status(get_settings(), endpoint_url=endpoint_url)
+
+
+@infra_app.command("destroy")
+def infra_destroy(endpoint_url: Annotated[str | None, typer.Option()] = None) -> None:
+    """Delete every resource of the stack."""
+    from infra import cli as infra_cli
+
+    infra_cli.destroy(get_settings(), endpoint_url=endpoint_url)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Database access shared by every service: engines, sessions, the naming convention, migrations.
+
+Each service owns one database (``auth``, ``patients``, ``billing``, ``analytics``) and
+migrates it itself with Alembic on start (:func:`migrate`); nobody reads another
+service's database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, MetaData, create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, sessionmaker
+
+from pms.settings import Settings
+
+#: Index and constraint names come from here, so Alembic migrations are deterministic.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Service database -> the package holding its Alembic ``migrations/`` folder.
+MIGRATION_PACKAGES = {
+    "auth": "api.auth",
+    "patients": "api.patient",
+    "billing": "billing",
+    "analytics": "stream_processing",
+}
+
+#: Arbitrary constant for pg_advisory_lock: two processes of one service never migrate at once.
+_MIGRATION_LOCK_ID = 7_310_042
+
+
+def new_metadata() -> MetaData:
+    """A MetaData with the project's naming convention, one per service ``Base``."""
+    return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def make_engine(url: URL | str, *, pool_size: int = 10, max_overflow: int = 20, **kwargs: object) -> Engine:
+    """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an error storm."""
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@lru_cache(maxsize=16)
+def _engine_cache(url: str) -> Engine:
+    return make_engine(url)
+
+
+def engine_for(settings: Settings, database: str) -> Engine:
+    """The process-wide engine of one service database."""
+    return _engine_cache(settings.database_url_for(database).render_as_string(hide_password=False))
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session committed on success and rolled back on any error (for workers and scripts)."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def alembic_config(settings: Settings, database: str, *, url: URL | None = None) -> Config:
+    """The Alembic config of one service database (its package's ``migrations/`` folder)."""
+    package = MIGRATION_PACKAGES[database]
+    location = resources.files(package) / "migrations"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(str(location))))
+    db_url = url or settings.database_url_for(database)
+    cfg.attributes["sqlalchemy_url"] = db_url
+    return cfg
+
+
+def migrate(settings: Settings, database: str, *, url: URL | None = None, revision: str = "head") -> None:
+    """Upgrade one service database to ``revision`` (runs on every service start; idempotent)."""
+    command.upgrade(alembic_config(settings, database, url=url), revision)
+
+
+def run_migrations_env(target_metadata: MetaData) -> None:
+    """Body of every service's ``migrations/env.py``: online migrations under an advisory lock."""
+    from alembic import context
+
+    cfg = context.config
+    url = cfg.attributes.get("sqlalchemy_url") or cfg.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("no database URL given to Alembic")
+    if context.is_offline_mode():
+        context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(url, pool_size=1, max_overflow=0)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+            connection.commit()
+            try:
+                context.configure(connection=connection, target_metadata=target_metadata)
+                with context.begin_transaction():
+                    context.run_migrations()
+                connection.commit()
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _MIGRATION_LOCK_ID})
+                connection.commit()
+    finally:
+        engine.dispose()
+
+
+def database_reachable(engine: Engine) -> bool:
+    """For ``/ready``: can we run a trivial query right now?"""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,142 @@
+"""Passwords, JWTs and the caller identity every service checks.
+
+The auth service signs tokens; the gateway and every service behind it verify them locally
+with the shared key (defence in depth: a request that bypasses the gateway is still refused).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from fastapi import Depends, Request
+
+from pms.errors import Forbidden, Unauthorized
+from pms.settings import Settings
+
+
+class Role(StrEnum):
+    ADMIN = "ADMIN"
+    STAFF = "STAFF"
+    ANALYST = "ANALYST"
+
+
+# OWASP Password Storage Cheat Sheet: argon2id, m=19 MiB, t=2, p=1.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+#: A real hash verified against when the user does not exist, so timing does not reveal it.
+_DUMMY_HASH = _hasher.hash("not-a-real-password-but-costs-the-same")
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """Constant-cost check: a missing user still pays for one argon2 verification."""
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def needs_rehash(password_hash: str) -> bool:
+    """True when the stored hash uses parameters other than today's."""
+    return _hasher.check_needs_rehash(password_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the token subject (user email) and role."""
+
+    sub: str
+    role: Role
+    jti: str = ""
+    exp: int = 0
+
+
+def encode_token(settings: Settings, *, sub: str, role: Role | str, ttl_s: int | None = None) -> str:
+    """Sign a token with the pinned algorithm and every claim verifiers require."""
+    now = datetime.now(UTC)
+    ttl = settings.jwt.ttl_s if ttl_s is None else ttl_s
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "role": str(Role(role)),
+        "iat": now,
+        "nbf": now,
+        "exp": now + timedelta(seconds=ttl),
+        "iss": settings.jwt.issuer,
+        "aud": settings.jwt.audience,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, _key(settings), algorithm=settings.jwt.algorithm)
+
+
+def decode_token(settings: Settings, token: str) -> Principal:
+    """Verify signature, algorithm, expiry, issuer and audience; raise :class:`Unauthorized`."""
+    try:
+        claims = jwt.decode(
+            token,
+            _key(settings),
+            algorithms=[settings.jwt.algorithm],
+            audience=settings.jwt.audience,
+            issuer=settings.jwt.issuer,
+            options={"require": ["sub", "role", "iat", "exp", "iss", "aud", "jti"]},
+            leeway=5,
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthorized("Token expired") from exc
+    except jwt.PyJWTError as exc:
+        raise Unauthorized("Invalid token") from exc
+    try:
+        role = Role(claims["role"])
+    except ValueError as exc:
+        raise Unauthorized("Invalid token") from exc
+    return Principal(sub=str(claims["sub"]), role=role, jti=str(claims["jti"]), exp=int(claims["exp"]))
+
+
+def _key(settings: Settings) -> str:
+    if settings.jwt.secret is None:  # settings validation makes this unreachable
+        raise RuntimeError("JWT secret missing")
+    return settings.jwt.secret.get_secret_value()
+
+
+def bearer_token(request: Request) -> str:
+    """The token of an ``Authorization: Bearer ...`` header, or :class:`Unauthorized`."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Missing bearer token")
+    return token.strip()
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings the app was created with (``app.state.settings``)."""
+    return request.app.state.settings
+
+
+def current_principal(request: Request) -> Principal:
+    """FastAPI dependency: the verified caller (checks the token on every request)."""
+    principal = decode_token(get_app_settings(request), bearer_token(request))
+    request.state.principal = principal
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+def require_roles(*roles: Role) -> Any:
+    """Dependency factory: the caller must hold one of ``roles`` (403 otherwise)."""
+    allowed = frozenset(roles)
+
+    def _check(principal: CurrentUser) -> Principal:
+        if principal.role not in allowed:
+            raise Forbidden()
+        return principal
+
+    return Depends(_check)

@@ -1,0 +1,282 @@
+"""The one settings object of the platform.
+
+Every knob lives here, read from ``PMS_*`` environment variables (nested sections use
+``__``: ``PMS_PATIENT__PORT=4000``) or a ``.env`` file. Services never read
+``os.environ`` themselves; they take a :class:`Settings` (via :func:`get_settings` or a
+FastAPI dependency override in tests).
+
+Embedded mode (no ``PMS_DATABASE_URL``) generates its own secrets into the data dir on
+first start; any other mode refuses to start without them, so no secret ever lives in code.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+
+SERVICE_DATABASES = ("auth", "patients", "billing", "analytics")
+
+
+class Mode(StrEnum):
+    EMBEDDED = "embedded"
+    EXTERNAL = "external"
+
+
+class HttpService(BaseModel):
+    """Where one HTTP service listens, and how others reach it."""
+
+    host: str = "127.0.0.1"
+    port: int
+    #: Base URL other processes use to reach it; defaults to http://host:port.
+    url: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.url or f"http://{self.host}:{self.port}"
+
+
+class PatientSettings(HttpService):
+    port: int = 4000
+    #: How long a create waits for billing before answering with billingStatus PENDING.
+    billing_timeout_s: float = 2.0
+    #: Largest accepted request body, bytes (larger -> 413).
+    max_body_bytes: int = 64 * 1024
+    #: Seed sample patients on the first embedded start.
+    seed_demo_data: bool = True
+    #: Outbox relay: idle poll interval and rows per publish batch.
+    outbox_poll_interval_s: float = 0.2
+    outbox_batch_size: int = 500
+    #: Billing retry worker: first and largest backoff between attempts.
+    billing_retry_initial_s: float = 0.5
+    billing_retry_max_s: float = 30.0
+
+
+class AuthSettings(HttpService):
+    port: int = 4005
+    #: Failed logins allowed per account and per client address inside the window.
+    max_failed_logins: int = 5
+    failed_login_window_s: int = 300
+
+
+class GatewaySettings(HttpService):
+    port: int = 4004
+    #: Seconds before an upstream call is answered with 504.
+    upstream_timeout_s: float = 10.0
+    max_body_bytes: int = 1024 * 1024
+    #: Requests per caller (token subject or client address) per minute.
+    rate_limit_per_minute: int = 1200
+    cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
+
+
+class AnalyticsApiSettings(HttpService):
+    port: int = 4002
+    #: Breakdown cells with a count below this are suppressed for ANALYST callers.
+    privacy_threshold: int = 10
+
+
+class BillingSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 9001
+    #: host:port the patient service dials; defaults to host:port.
+    target: str | None = None
+    max_workers: int = 16
+
+    @property
+    def address(self) -> str:
+        return self.target or f"{self.host}:{self.port}"
+
+
+class DashboardSettings(HttpService):
+    port: int = 8501
+
+
+class PipelineSettings(BaseModel):
+    consumer_group: str = "analytics"
+    #: Port of the pipeline's /health, /ready and /metrics endpoint.
+    host: str = "127.0.0.1"
+    port: int = 4010
+    #: Largest batch the sink writes in one transaction, and how long it waits to fill one.
+    batch_size: int = 5000
+    batch_timeout_s: float = 0.2
+    #: Window (events) over which freshness p50/p99 are computed.
+    freshness_window: int = 1000
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "patient"
+    partitions: int = 3
+    #: Consumer group timings that make groups join in seconds on Tansu (DESIGN.md section 5).
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 500
+    #: Topic retention passed explicitly because Tansu does not report it (-1 = keep forever).
+    retention_ms: int = -1
+
+
+class JWTSettings(BaseModel):
+    #: HMAC key, at least 32 bytes. Generated into the data dir in embedded mode.
+    secret: SecretStr | None = None
+    algorithm: str = "HS256"
+    ttl_s: int = 3600
+    issuer: str = "pms-auth"
+    audience: str = "pms"
+
+
+class PostgresSettings(BaseModel):
+    """Embedded PostgreSQL: where it listens (only used when no database URL is given)."""
+
+    host: str = "127.0.0.1"
+    port: int = 5432
+
+
+class Settings(BaseSettings):
+    """All configuration of the platform, one instance per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PMS_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    #: Where embedded data, generated secrets and logs live.
+    data_dir: Path = Path(".pms")
+    #: Server-level SQLAlchemy URL (any database name); each service swaps in its own database.
+    #: Unset -> embedded mode: pms starts its own PostgreSQL.
+    database_url: SecretStr | None = None
+    #: Read-only analyst login for notebooks and the analytics API (database ``analytics``).
+    analyst_database_url: SecretStr | None = None
+    #: Unset -> embedded mode: pms starts its own Tansu broker.
+    kafka_bootstrap_servers: str | None = None
+    kafka: KafkaSettings = KafkaSettings()
+    jwt: JWTSettings = JWTSettings()
+    #: First admin; in embedded mode generated and printed once by ``pms up`` when unset.
+    admin_email: str = "admin@pms.local"
+    admin_password: SecretStr | None = None
+    log_level: str = "INFO"
+
+    postgres: PostgresSettings = PostgresSettings()
+    patient: PatientSettings = PatientSettings()
+    auth: AuthSettings = AuthSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    analytics: AnalyticsApiSettings = AnalyticsApiSettings()
+    billing: BillingSettings = BillingSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+
+    @property
+    def mode(self) -> Mode:
+        return Mode.EMBEDDED if self.database_url is None else Mode.EXTERNAL
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or self.kafka.bootstrap_servers
+
+    @model_validator(mode="after")
+    def _secrets_present(self) -> Settings:
+        if self.mode is Mode.EMBEDDED:
+            if self.jwt.secret is None:
+                self.jwt.secret = SecretStr(read_or_create_secret(self.secrets_dir / "jwt.key", nbytes=32))
+        elif self.jwt.secret is None:
+            raise ValueError("PMS_JWT__SECRET is required when PMS_DATABASE_URL is set (external mode)")
+        if len(self.jwt.secret.get_secret_value().encode()) < 32:
+            raise ValueError("PMS_JWT__SECRET must be at least 32 bytes (256 bits)")
+        return self
+
+    def server_url(self) -> URL:
+        """The server-level database URL (embedded one when unset)."""
+        if self.database_url is not None:
+            return make_url(self.database_url.get_secret_value())
+        from pms.embedded import embedded_database_url
+
+        return embedded_database_url(self)
+
+    def database_url_for(self, database: str) -> URL:
+        """SQLAlchemy URL of one service database (``auth``, ``patients``, ``billing``, ``analytics``)."""
+        if database not in SERVICE_DATABASES:
+            raise ValueError(f"unknown service database {database!r}; expected one of {SERVICE_DATABASES}")
+        return _with_psycopg(self.server_url().set(database=database))
+
+    def analyst_url(self) -> URL:
+        """URL of the read-only analyst role on the analytics database."""
+        if self.analyst_database_url is not None:
+            return _with_psycopg(make_url(self.analyst_database_url.get_secret_value()))
+        from pms.embedded import embedded_analyst_url
+
+        return _with_psycopg(embedded_analyst_url(self))
+
+
+def _with_psycopg(url: URL) -> URL:
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def read_or_create_secret(path: Path, *, nbytes: int) -> str:
+    """Return the secret stored at ``path``, creating it (mode 0600) on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        # O_EXCL: when two processes race on first start, exactly one secret wins.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(nbytes))
+    return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached; tests build their own ``Settings`` instead)."""
+    return Settings()
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, (list, dict)):
+        import json
+
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The ``PMS_*`` variables that recreate ``settings`` in a child process.
+
+    The supervisor and the test fixtures hand this to every service they start, so a
+    child sees exactly the parent's configuration (including generated secrets).
+    """
+    env: dict[str, str] = {}
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, BaseModel):
+            for sub_name in type(value).model_fields:
+                sub_value = getattr(value, sub_name)
+                if sub_value is not None:
+                    env[f"PMS_{name.upper()}__{sub_name.upper()}"] = _env_value(sub_value)
+        else:
+            env[f"PMS_{(field.alias or name).upper()}"] = _env_value(value)
+    env["PMS_DATA_DIR"] = str(settings.data_dir.resolve())
+    return env
