@@ -1,0 +1,118 @@
+"""gRPC transport of billing: parse the request, call the service, map errors to status codes.
+
+Every failure becomes a status, never a crash or a stack trace on the wire: bad input
+``INVALID_ARGUMENT``, unknown patient ``NOT_FOUND``, database unreachable (or billing not
+migrated yet) ``UNAVAILABLE`` -- which callers retry -- and anything else ``INTERNAL``.
+Logs carry ids, codes and exception types only, never names, emails or request values.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC
+from typing import NoReturn, TypeVar
+
+import grpc
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from billing import service as billing_service
+from pms.contracts import billing_pb2, billing_pb2_grpc
+from pms.errors import BadRequest, NotFound, PMSError, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: pms.errors class -> gRPC status code (the gRPC twin of the HTTP error handler).
+_STATUS_CODES: dict[type[PMSError], grpc.StatusCode] = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    ServiceUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code_for(error: PMSError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in _STATUS_CODES:
+            return _STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    """Whether a database error means "cannot reach / cannot use the database right now"."""
+    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
+                          sa_exc.DisconnectionError)):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+
+
+class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
+    """BillingService over a session factory; answers UNAVAILABLE until ``ready`` is set."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, ready: threading.Event | None = None) -> None:
+        self._sessions = sessions
+        self._ready = ready if ready is not None else threading.Event()
+
+    @property
+    def ready(self) -> threading.Event:
+        return self._ready
+
+    def CreateBillingAccount(  # noqa: N802 (generated gRPC method name)
+        self, request: billing_pb2.BillingRequest, context: grpc.ServicerContext
+    ) -> billing_pb2.BillingResponse:
+        account = self._run(context, "CreateBillingAccount", lambda: billing_service.create(
+            sessions=self._sessions, patient_id=request.patient_id, name=request.name, email=request.email,
+        ))
+        if account.created:
+            log.info("billing account opened", extra={"fields": {"account_id": account.account_id}})
+        return _response(account)
+
+    def GetBillingAccount(  # noqa: N802 (generated gRPC method name)
+        self, request: billing_pb2.GetBillingAccountRequest, context: grpc.ServicerContext
+    ) -> billing_pb2.BillingResponse:
+        account = self._run(context, "GetBillingAccount", lambda: billing_service.get_or_raise(
+            sessions=self._sessions, patient_id=request.patient_id,
+        ))
+        return _response(account)
+
+    def _run(self, context: grpc.ServicerContext, method: str, call: Callable[[], T]) -> T:
+        if not self._ready.is_set():
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "billing is starting or stopping")
+        try:
+            return call()
+        except PMSError as error:
+            code = status_code_for(error)
+            details = error.message
+            if error.errors:
+                details += ": " + "; ".join(f"{field} {why}" for field, why in sorted(error.errors.items()))
+            _abort(context, code, details)
+        except sa_exc.SQLAlchemyError as error:
+            if _is_unavailable(error):
+                log.warning("billing database unavailable",
+                            extra={"fields": {"method": method, "exc_type": type(error).__name__}})
+                _abort(context, grpc.StatusCode.UNAVAILABLE, "billing database unavailable")
+            log.error("billing database error",
+                      extra={"fields": {"method": method, "exc_type": type(error).__name__}})
+            _abort(context, grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as error:
+            # Type only: exception text can carry request values.
+            log.error("unhandled error", extra={"fields": {"method": method, "exc_type": type(error).__name__}})
+            _abort(context, grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def _response(account: billing_service.Account) -> billing_pb2.BillingResponse:
+    return billing_pb2.BillingResponse(
+        account_id=account.account_id,
+        status=account.status,
+        patient_id=account.patient_id,
+        created_at=account.created_at.astimezone(UTC).isoformat(),
+        created=account.created,
+    )
