@@ -1,0 +1,105 @@
+"""KPI tiles, registrations over time, demographics pyramid, top cities, freshness badge."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+import streamlit as st
+
+from dashboard import charts, ui
+from dashboard.client import cached_analytics
+
+REFRESH_S = 10
+GRANULARITIES = ("day", "week", "month")
+
+
+def _pick(body: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if body.get(key) is not None:
+            return body[key]
+    return None
+
+
+auth = ui.require_session()
+title_col, refresh_col = st.columns([4, 1])
+title_col.title(":material/monitoring: Analytics")
+auto = refresh_col.toggle(f"Auto-refresh ({REFRESH_S} s)", key="analytics_auto",
+                          help="Reload the figures every few seconds while this page is open.")
+
+
+def _view(name: str, **params: Any) -> dict[str, Any]:
+    return cached_analytics(ui.gateway_url(), auth.token, name, tuple(sorted(params.items())))
+
+
+@st.fragment(run_every=REFRESH_S if auto else None)
+def kpis() -> None:
+    """Tiles and freshness; re-run alone on the auto-refresh timer."""
+    summary = _view("summary")
+    freshness = _view("freshness")
+    tiles = st.columns(4)
+    tiles[0].metric("Active patients", ui.fmt_int(_pick(summary, "activePatients", "active")), border=True)
+    tiles[1].metric("New today", ui.fmt_int(_pick(summary, "newToday", "today")), border=True)
+    tiles[2].metric("New in 7 days", ui.fmt_int(_pick(summary, "new7d", "new7Days", "newLast7Days")), border=True)
+    tiles[3].metric("New in 30 days", ui.fmt_int(_pick(summary, "new30d", "new30Days", "newLast30Days")),
+                    border=True)
+    as_of = _pick(freshness, "asOf") or _pick(summary, "asOf")
+    lag = _pick(freshness, "lagMessages", "lag")
+    p99 = _pick(freshness, "freshnessP99Ms", "p99Ms")
+    last_event = _pick(freshness, "lastEventAt", "lastCommitAt")
+    stale = lag not in (None, 0)
+    parts = [f"as of {ui.fmt_ago(as_of)}", f"last event {ui.fmt_ago(last_event)}"]
+    if lag is not None:
+        parts.append(f"lag {ui.fmt_int(lag)} events")
+    if p99 is not None:
+        parts.append(f"p99 freshness {float(p99):,.0f} ms")
+    st.badge(" · ".join(parts), icon=":material/schedule:" if stale else ":material/bolt:",
+             color="orange" if stale else "green")
+
+
+kpis()
+st.divider()
+
+reg_col, controls = st.columns([3, 1])
+with controls:
+    today = date.today()
+    period = st.date_input("Date range", value=(today - timedelta(days=90), today), max_value=today,
+                           key="analytics_range", format="YYYY-MM-DD")
+    granularity = st.segmented_control("Granularity", GRANULARITIES, default="week", key="analytics_gran") or "week"
+with reg_col:
+    st.subheader("Registrations over time")
+    start, end = (period[0], period[-1]) if isinstance(period, tuple) and period else (today - timedelta(90), today)
+    registrations = charts.registrations_frame(
+        _view("registrations", **{"from": start.isoformat(), "to": end.isoformat(), "granularity": granularity})
+    )
+    moved = int(registrations["registrations"].sum()) + int(registrations["removals"].sum())
+    if registrations.is_empty() or moved == 0:
+        ui.empty_state("No registrations in this period.", "Widen the date range.", icon=":material/event_busy:")
+    else:
+        st.altair_chart(charts.registrations_chart(registrations), width="stretch")
+        st.caption(f"{ui.fmt_int(registrations['registrations'].sum())} registrations, "
+                   f"{ui.fmt_int(registrations['removals'].sum())} removals in the period")
+
+demo_col, geo_col = st.columns(2)
+with demo_col:
+    st.subheader("Age and gender")
+    demographics = charts.demographics_frame(_view("demographics"))
+    if demographics.is_empty():
+        ui.empty_state("No demographic data yet.", "It appears once patients are registered.",
+                       icon=":material/bar_chart_off:")
+    else:
+        st.altair_chart(charts.pyramid_chart(demographics), width="stretch")
+        hidden = int(demographics["suppressed"].sum())
+        if hidden:
+            st.caption(f":material/visibility_off: {hidden} small cell(s) suppressed for privacy.")
+with geo_col:
+    st.subheader("Top cities")
+    geography = charts.geography_frame(_view("geography", top=10))
+    if geography.is_empty():
+        ui.empty_state("No city data yet.", "It appears once patients are registered.",
+                       icon=":material/location_off:")
+    else:
+        st.altair_chart(charts.cities_chart(geography), width="stretch")
+        hidden = int(geography["suppressed"].sum())
+        if hidden:
+            st.caption(f":material/visibility_off: {hidden} city count(s) suppressed for privacy.")

@@ -1,0 +1,202 @@
+"""Find patients (server-side search and paging), open one, edit, delete, audit, FHIR export."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any
+
+import streamlit as st
+
+from dashboard import ui
+from dashboard.client import Conflict, InvalidInput, NotFound, cached_patients, forget_patients
+
+PAGE_SIZES = (10, 25, 50, 100)
+EDITABLE = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender")
+GENDERS = ("", "female", "male", "other", "unknown")
+
+auth = ui.require_session()
+st.title(":material/groups: Patients")
+
+search_col, size_col = st.columns([4, 1])
+q = search_col.text_input("Search", key="patients_q", placeholder="Name, e-mail, MRN or phone",
+                          label_visibility="collapsed", icon=":material/search:")
+limit = size_col.selectbox("Rows per page", PAGE_SIZES, index=1, key="patients_limit",
+                           label_visibility="collapsed", format_func=lambda v: f"{v} per page")
+
+# A new search or page size starts again at the first page.
+if st.session_state.get("_patients_last") != (q, limit):
+    st.session_state["_patients_last"] = (q, limit)
+    st.session_state["patients_page"] = 0
+page_no = int(st.session_state.get("patients_page", 0))
+
+result = cached_patients(ui.gateway_url(), auth.token, q.strip(), int(limit), page_no * int(limit))
+last_page = max(0, (result.total - 1) // int(limit))
+
+if not result.items:
+    if q.strip():
+        ui.empty_state("No patient matches this search.", "Check the spelling, or search by MRN or phone.",
+                       icon=":material/search_off:")
+    else:
+        ui.empty_state("No patients yet.", "Registered patients appear here.", icon=":material/group_off:")
+else:
+    first = result.offset + 1
+    st.caption(f"Showing **{ui.fmt_int(first)} to {ui.fmt_int(result.offset + len(result.items))}** of "
+               f"**{ui.fmt_int(result.total)}** patients")
+    st.dataframe(
+        [{"MRN": p.get("mrn"), "Name": p.get("name"), "E-mail": p.get("email"), "Phone": p.get("phone"),
+          "Date of birth": p.get("dateOfBirth"), "City": p.get("city"), "Billing": p.get("billingStatus")}
+         for p in result.items],
+        hide_index=True, width="stretch",
+    )
+    prev_col, info_col, next_col = st.columns([1, 3, 1])
+    if prev_col.button("Previous", icon=":material/chevron_left:", disabled=page_no <= 0, key="patients_prev"):
+        st.session_state["patients_page"] = page_no - 1
+        st.rerun()
+    info_col.markdown(f"<div style='text-align:center'>Page {page_no + 1:,} of {last_page + 1:,}</div>",
+                      unsafe_allow_html=True)
+    if next_col.button("Next", icon=":material/chevron_right:", disabled=page_no >= last_page, key="patients_next"):
+        st.session_state["patients_page"] = page_no + 1
+        st.rerun()
+
+    ids = [str(p["id"]) for p in result.items]
+    labels = {str(p["id"]): f"{p.get('mrn') or '—'} · {p.get('name') or 'unnamed'}" for p in result.items}
+    selected = st.selectbox("Open a record", [None, *ids], key="patients_open",
+                            format_func=lambda i: "Choose a patient…" if i is None else labels.get(i, i))
+    if selected and selected != st.session_state.get("patient_id"):
+        for key in ("confirm_delete", "edit_errors", "edit_conflict"):
+            st.session_state.pop(key, None)
+        st.session_state["patient_id"] = selected
+
+patient_id = st.session_state.get("patient_id")
+
+
+def _show_detail(patient: dict[str, Any]) -> None:
+    st.subheader(f":material/person: {patient.get('name', '')}")
+    st.caption(f"MRN {patient.get('mrn', '—')} · version {patient.get('version', '—')} · "
+               f"updated {ui.fmt_date(patient.get('updatedAt'))}")
+    tabs = ["Overview", "Edit"] + (["Audit trail"] if auth.role == ui.ADMIN else []) + ["FHIR"]
+    tab = dict(zip(tabs, st.tabs(tabs), strict=True))
+    with tab["Overview"]:
+        _overview(patient)
+    with tab["Edit"]:
+        _edit(patient)
+    if "Audit trail" in tab:
+        with tab["Audit trail"]:
+            _audit(patient)
+    with tab["FHIR"]:
+        fhir = ui.client().patient_fhir(str(patient["id"]))
+        st.download_button("Download FHIR R4 Patient (JSON)", data=fhir, file_name=f"patient-{patient['id']}.json",
+                           mime="application/fhir+json", icon=":material/download:", key="fhir_download")
+        try:
+            st.json(json.loads(fhir), expanded=False)
+        except ValueError:
+            st.caption("The server sent a resource that is not valid JSON.")
+
+
+def _overview(patient: dict[str, Any]) -> None:
+    left, right = st.columns(2)
+    left.markdown(f"**E-mail** {patient.get('email') or '—'}  \n**Phone** {patient.get('phone') or '—'}  \n"
+                  f"**Address** {patient.get('address') or '—'}  \n**City** {patient.get('city') or '—'}")
+    right.markdown(f"**Date of birth** {patient.get('dateOfBirth') or '—'}  \n"
+                   f"**Gender** {(patient.get('gender') or '—').title()}  \n"
+                   f"**Registered** {patient.get('registeredDate') or '—'}  \n"
+                   f"**Billing** {patient.get('billingStatus') or '—'} {patient.get('billingAccountId') or ''}")
+    if not st.session_state.get("confirm_delete"):
+        if st.button("Delete patient", icon=":material/delete:", key="delete_patient"):
+            st.session_state["confirm_delete"] = True
+            st.rerun()
+        return
+    st.warning("Delete this patient? The record disappears from lists; its history is kept.",
+               icon=":material/warning:")
+    yes, no = st.columns(2)
+    if yes.button("Yes, delete", type="primary", icon=":material/delete_forever:", key="delete_confirm"):
+        ui.client().delete_patient(str(patient["id"]))
+        forget_patients()
+        for key in ("patient_id", "confirm_delete", "patients_open"):
+            st.session_state.pop(key, None)
+        st.toast("Patient deleted.", icon=":material/delete:")
+        st.rerun()
+    if no.button("Cancel", key="delete_cancel"):
+        st.session_state.pop("confirm_delete", None)
+        st.rerun()
+
+
+def _edit(patient: dict[str, Any]) -> None:
+    errors: dict[str, str] = st.session_state.get("edit_errors", {})
+    conflict = st.session_state.get("edit_conflict")
+    if conflict:
+        st.warning(conflict, icon=":material/sync_problem:")
+    version = patient.get("version")
+    key = f"edit_{patient['id']}_{version}"
+    dob = date.fromisoformat(patient["dateOfBirth"]) if patient.get("dateOfBirth") else None
+    with st.form(key, border=False):
+        values: dict[str, Any] = {
+            "name": st.text_input("Full name", value=patient.get("name") or "", max_chars=100),
+        }
+        ui.field_error(errors, "name")
+        values["email"] = st.text_input("E-mail", value=patient.get("email") or "")
+        ui.field_error(errors, "email")
+        values["phone"] = st.text_input("Phone", value=patient.get("phone") or "")
+        ui.field_error(errors, "phone")
+        values["address"] = st.text_input("Street address", value=patient.get("address") or "")
+        ui.field_error(errors, "address")
+        values["city"] = st.text_input("City", value=patient.get("city") or "")
+        ui.field_error(errors, "city")
+        values["dateOfBirth"] = st.date_input("Date of birth", value=dob, min_value=date(1900, 1, 1),
+                                              max_value=date.today(), format="YYYY-MM-DD")
+        ui.field_error(errors, "dateOfBirth")
+        current = patient.get("gender") or ""
+        values["gender"] = st.selectbox("Gender", GENDERS, index=GENDERS.index(current) if current in GENDERS else 0,
+                                        format_func=lambda g: g.title() if g else "Not stated")
+        ui.field_error(errors, "gender")
+        for reason in ui.other_errors(errors, set(EDITABLE)).values():
+            st.error(reason, icon=":material/error:")
+        saved = st.form_submit_button("Save changes", type="primary", icon=":material/save:")
+    if not saved:
+        return
+    data = {k: (v.isoformat() if isinstance(v, date) else (v.strip() if isinstance(v, str) else v))
+            for k, v in values.items()}
+    data = {k: v for k, v in data.items() if v not in ("", None) or k in ("name", "email", "address")}
+    st.session_state.pop("edit_conflict", None)
+    st.session_state.pop("edit_errors", None)
+    try:
+        ui.client().update_patient(str(patient["id"]), data, version=version)
+    except Conflict as exc:
+        if exc.errors.get("email"):
+            st.session_state["edit_errors"] = {"email": exc.errors["email"]}
+        else:
+            st.session_state["edit_conflict"] = (
+                f"Someone else changed this record after you opened it (you edited version {version}). "
+                "It has been reloaded with their changes; make your edit again. "
+                f"Server: {exc.message}"
+            )
+    except InvalidInput as exc:
+        st.session_state["edit_errors"] = exc.errors or {"form": exc.message}
+    else:
+        forget_patients()
+        st.toast("Changes saved.", icon=":material/check_circle:")
+    st.rerun()
+
+
+def _audit(patient: dict[str, Any]) -> None:
+    entries = ui.client().patient_audit(str(patient["id"]))
+    if not entries:
+        ui.empty_state("No audit entries.", "Changes to this record are listed here.", icon=":material/history:")
+        return
+    st.dataframe(
+        [{"When": ui.fmt_date(e.get("at") or e.get("occurredAt") or e.get("timestamp")),
+          "Who": e.get("actor"), "Action": e.get("action"),
+          "Fields changed": ", ".join(e.get("fields") or e.get("changedFields") or [])} for e in entries],
+        hide_index=True, width="stretch",
+    )
+
+
+if patient_id:
+    st.divider()
+    try:
+        _show_detail(ui.client().get_patient(str(patient_id)))
+    except NotFound:
+        st.session_state.pop("patient_id", None)
+        ui.empty_state("This patient no longer exists.", "It may have been deleted by a colleague.",
+                       icon=":material/person_off:")

@@ -1,0 +1,128 @@
+"""Register a patient: every field, the server's reasons next to each field, duplicates before confirming."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import streamlit as st
+
+from dashboard import ui
+from dashboard.client import Conflict, Created, InvalidInput, forget_patients
+
+FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender", "registeredDate")
+GENDERS = ("", "female", "male", "other", "unknown")
+RESULT_KEY = "register_result"
+FORM_N_KEY = "register_form_n"
+
+ui.require_session()
+st.title(":material/person_add: Register patient")
+st.caption("Fields marked * are required. The server checks every field; its reasons appear next to them.")
+
+n = st.session_state.setdefault(FORM_N_KEY, 0)
+errors: dict[str, str] = st.session_state.get("register_errors", {})
+
+
+def _key(name: str) -> str:
+    return f"reg_{n}_{name}"
+
+
+if errors:
+    st.error(f"{st.session_state.get('register_message') or 'Not registered'}: please correct the fields below.",
+             icon=":material/error:")
+
+with st.form(f"register_{n}", border=True):
+    left, right = st.columns(2)
+    with left:
+        name = st.text_input("Full name *", key=_key("name"), max_chars=100)
+        ui.field_error(errors, "name")
+        email = st.text_input("E-mail *", key=_key("email"), placeholder="name@example.com")
+        ui.field_error(errors, "email")
+        phone = st.text_input("Phone", key=_key("phone"), placeholder="+44 20 7946 0000")
+        ui.field_error(errors, "phone")
+        address = st.text_input("Street address *", key=_key("address"))
+        ui.field_error(errors, "address")
+    with right:
+        city = st.text_input("City", key=_key("city"))
+        ui.field_error(errors, "city")
+        dob = st.date_input("Date of birth *", value=None, min_value=date(1900, 1, 1), max_value=date.today(),
+                            key=_key("dateOfBirth"), format="YYYY-MM-DD")
+        ui.field_error(errors, "dateOfBirth")
+        gender = st.selectbox("Gender", GENDERS, key=_key("gender"),
+                              format_func=lambda g: g.title() if g else "Not stated")
+        ui.field_error(errors, "gender")
+        registered = st.date_input("Registered on *", value=date.today(), min_value=date(1900, 1, 1),
+                                   max_value=date.today(), key=_key("registeredDate"), format="YYYY-MM-DD")
+        ui.field_error(errors, "registeredDate")
+    for reason in ui.other_errors(errors, set(FIELDS)).values():
+        st.error(reason, icon=":material/error:")
+    submitted = st.form_submit_button("Register patient", type="primary", icon=":material/save:")
+
+if submitted:
+    data: dict[str, object] = {
+        "name": name.strip(),
+        "email": email.strip(),
+        "address": address.strip(),
+        "dateOfBirth": dob.isoformat() if dob else None,
+        "registeredDate": registered.isoformat() if registered else None,
+    }
+    if phone.strip():
+        data["phone"] = phone.strip()
+    if city.strip():
+        data["city"] = city.strip()
+    if gender:
+        data["gender"] = gender
+    try:
+        created = ui.client().create_patient(data)
+    except InvalidInput as exc:
+        st.session_state["register_errors"] = exc.errors or {"form": exc.message}
+        st.session_state["register_message"] = exc.message
+    except Conflict as exc:
+        st.session_state["register_errors"] = {"email": exc.errors.get("email") or exc.message}
+        st.session_state["register_message"] = exc.message
+    else:
+        forget_patients()
+        st.session_state[RESULT_KEY] = created
+        st.session_state.pop("register_confirmed", None)
+        st.session_state.pop("register_errors", None)
+        st.session_state.pop("register_message", None)
+        st.session_state[FORM_N_KEY] = n + 1  # a fresh, empty form for the next patient
+    st.rerun()
+
+result = st.session_state.get(RESULT_KEY)
+if isinstance(result, Created):
+    patient = result.patient
+    if result.possible_duplicates and not st.session_state.get("register_confirmed"):
+        with st.container(border=True):
+            st.warning(
+                f"**Possible duplicate.** {len(result.possible_duplicates)} existing record(s) look like the "
+                "same person. Check them before you keep the new record.",
+                icon=":material/content_copy:",
+            )
+            st.dataframe(
+                [{"MRN": d.get("mrn"), "Name": d.get("name"), "Date of birth": d.get("dateOfBirth"),
+                  "Phone": d.get("phone"), "City": d.get("city")} for d in result.possible_duplicates],
+                hide_index=True, width="stretch",
+            )
+            keep, discard = st.columns(2)
+            if keep.button("Keep the new record", type="primary", icon=":material/check:", key="dup_keep"):
+                st.session_state["register_confirmed"] = True
+                st.rerun()
+            if discard.button("Discard it (it is a duplicate)", icon=":material/delete:", key="dup_discard"):
+                ui.client().delete_patient(str(patient["id"]))
+                forget_patients()
+                st.session_state.pop(RESULT_KEY, None)
+                st.toast("The new record was discarded.", icon=":material/delete:")
+                st.rerun()
+    else:
+        billing = patient.get("billingStatus") or "PENDING"
+        st.success(
+            f"**{patient.get('name', 'Patient')}** registered. MRN **{patient.get('mrn', '—')}** · "
+            f"billing **{billing}**",
+            icon=":material/check_circle:",
+        )
+        if billing == "PENDING":
+            st.caption("Billing is opening the account in the background; the status turns ACTIVE by itself.")
+        if st.button("Dismiss", key="register_dismiss"):
+            st.session_state.pop(RESULT_KEY, None)
+            st.session_state.pop("register_confirmed", None)
+            st.rerun()

@@ -1,0 +1,49 @@
+"""Run the dashboard as a platform service (``pms serve dashboard``; registry target ``dashboard.serve:run``).
+
+The Streamlit server replaces this process (``exec``), so the supervisor's PID, its SIGTERM
+and the parent-death signal reach Streamlit itself and nothing is left behind. The gateway
+URL and every other setting travel as ``PMS_*`` variables, which the app reads through
+:func:`pms.settings.get_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pms.settings import Settings, to_env
+
+APP = Path(__file__).resolve().parent / "streamlit_app.py"
+
+
+def command(settings: Settings) -> list[str]:
+    """The ``streamlit run`` command line for ``settings`` (headless, no telemetry, no file watcher)."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.headless=true",
+        f"--server.address={settings.dashboard.host}",
+        f"--server.port={settings.dashboard.port}",
+        "--server.fileWatcherType=none",
+        "--server.runOnSave=false",
+        "--browser.gatherUsageStats=false",
+        "--global.developmentMode=false",
+        "--client.toolbarMode=viewer",
+        "--client.showErrorDetails=none",
+        "--theme.primaryColor=#2563eb",
+        "--logger.level=warning",
+    ]
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
+    env.update(to_env(settings))
+    env["PMS_GATEWAY__URL"] = settings.gateway.base_url
+    env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
+    return env
+
+
+def run(settings: Settings) -> None:
+    """Serve the dashboard on ``settings.dashboard.host:port`` until stopped."""
+    argv = command(settings)
+    os.execve(sys.executable, argv, environment(settings))  # noqa: S606 - fixed argv, no shell

@@ -1,0 +1,155 @@
+"""Session, role and formatting helpers every page shares.
+
+The JWT lives only in ``st.session_state`` (one browser tab's server-side session): never in
+a cookie, the URL or a log. When the gateway says the token is no longer valid the user is
+sent back to the login page with a note instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from typing import Any
+
+import streamlit as st
+
+from dashboard.client import AuthSession, GatewayClient
+
+AUTH_KEY = "auth"
+NOTE_KEY = "login_note"
+#: Tests (and ``pms serve dashboard``) may point the app at another gateway through this key.
+GATEWAY_KEY = "gateway_url"
+
+ADMIN, STAFF, ANALYST = "ADMIN", "STAFF", "ANALYST"
+PATIENT_ROLES = frozenset({ADMIN, STAFF})
+ANALYTICS_ROLES = frozenset({ADMIN, STAFF, ANALYST})
+
+SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
+
+
+def gateway_url() -> str:
+    """The gateway base URL: a per-session override, else the platform settings."""
+    override = st.session_state.get(GATEWAY_KEY)
+    if override:
+        return str(override)
+    from pms.settings import get_settings
+
+    return get_settings().gateway.base_url
+
+
+def current_session() -> AuthSession | None:
+    auth = st.session_state.get(AUTH_KEY)
+    return auth if isinstance(auth, AuthSession) else None
+
+
+def sign_in(auth: AuthSession) -> None:
+    st.session_state[AUTH_KEY] = auth
+    # The typed password must not outlive the sign-in.
+    for key in (NOTE_KEY, "login_password"):
+        st.session_state.pop(key, None)
+
+
+def sign_out(note: str | None = None) -> None:
+    """Forget the token and everything derived from it in this session."""
+    for key in list(st.session_state.keys()):
+        if key not in (GATEWAY_KEY,):
+            del st.session_state[key]
+    if note:
+        st.session_state[NOTE_KEY] = note
+
+
+def expire_session() -> None:
+    """Send the user back to login with a note (token expired or revoked)."""
+    sign_out(SESSION_EXPIRED_NOTE)
+    st.rerun()
+
+
+def require_session() -> AuthSession:
+    """The signed-in user; a missing or locally expired token goes back to login."""
+    auth = current_session()
+    if auth is None or auth.expired:
+        expire_session()
+    assert auth is not None
+    return auth
+
+
+def client() -> GatewayClient:
+    auth = current_session()
+    return GatewayClient(gateway_url(), auth.token if auth else None)
+
+
+def has_role(*roles: str) -> bool:
+    auth = current_session()
+    return auth is not None and auth.role in roles
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def fmt_int(value: Any) -> str:
+    """``12345`` -> ``12,345``; missing -> an em dash."""
+    if value is None:
+        return "—"
+    try:
+        return f"{int(value):,}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def parse_dt(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def fmt_date(value: Any) -> str:
+    if not value:
+        return "—"
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value.isoformat()
+    parsed = parse_dt(value)
+    return parsed.strftime("%Y-%m-%d %H:%M UTC") if parsed and "T" in str(value) else str(value)
+
+
+def fmt_ago(value: Any, *, now: datetime | None = None) -> str:
+    """``2 s ago``, ``5 min ago``, ``3 h ago``; unknown -> ``never``."""
+    parsed = parse_dt(value)
+    if parsed is None:
+        return "never"
+    seconds = max(0.0, ((now or datetime.now(UTC)) - parsed).total_seconds())
+    if seconds < 60:
+        return f"{seconds:.0f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} d ago"
+
+
+def fmt_seconds(value: Any) -> str:
+    if value is None:
+        return "—"
+    seconds = float(value)
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:,.1f} s"
+
+
+def field_error(errors: dict[str, str], *names: str) -> None:
+    """Show the server's reason for a field right under that field."""
+    for name in names:
+        if name in errors:
+            st.error(errors[name], icon=":material/error:")
+            return
+
+
+def other_errors(errors: dict[str, str], known: set[str]) -> dict[str, str]:
+    return {k: v for k, v in errors.items() if k not in known}
+
+
+def empty_state(title: str, hint: str, icon: str = ":material/inbox:") -> None:
+    """A friendly "nothing here yet" box instead of an empty table."""
+    st.info(f"**{title}**  \n{hint}", icon=icon)
