@@ -1,0 +1,50 @@
+"""FastAPI dependencies of the auth service as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.auth import service as auth_service
+from api.auth.models import User
+from pms.security import CurrentUser, Role, get_app_settings, require_roles
+from pms.settings import Settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request; the service commits, this only closes (rolling back leftovers)."""
+    session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def _active_user(principal: CurrentUser, session: SessionDep) -> User:
+    return auth_service.get_active_user(session=session, principal=principal)
+
+
+ActiveUser = Annotated[User, Depends(_active_user)]
+
+
+def _admin_user(user: ActiveUser, _: Annotated[object, require_roles(Role.ADMIN)]) -> User:
+    return auth_service.require_admin(user=user)
+
+
+AdminUser = Annotated[User, Depends(_admin_user)]
+
+
+def _valid_user(user_id: uuid.UUID, session: SessionDep, _: AdminUser) -> User:
+    return auth_service.get_or_raise(session=session, user_id=user_id)
+
+
+#: The user named by the path, loaded for an admin caller (404 when unknown).
+ValidUser = Annotated[User, Depends(_valid_user)]

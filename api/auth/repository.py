@@ -1,0 +1,64 @@
+"""SQL of the auth service: users and login failures. No rules, no commits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from api.auth.models import LoginFailure, User
+
+
+def get_user(session: Session, user_id: uuid.UUID) -> User | None:
+    return session.get(User, user_id)
+
+
+def get_user_by_email(session: Session, email: str) -> User | None:
+    """Case-insensitive lookup (the column is citext)."""
+    return session.scalars(select(User).where(User.email == email)).one_or_none()
+
+
+def list_users(session: Session, *, limit: int, offset: int) -> tuple[Sequence[User], int]:
+    total = session.scalar(select(func.count()).select_from(User)) or 0
+    rows = session.scalars(select(User).order_by(User.created_at, User.id).limit(limit).offset(offset)).all()
+    return rows, total
+
+
+def count_active_admins(session: Session, *, lock: bool = False) -> int:
+    """Active admins; ``lock`` takes row locks so two demotions cannot both pass the check."""
+    query = select(User.id).where(User.role == "ADMIN", User.active.is_(True))
+    if lock:
+        query = query.with_for_update()
+    return len(session.scalars(query).all())
+
+
+def add_user(session: Session, user: User) -> User:
+    session.add(user)
+    session.flush()
+    return user
+
+
+def count_failures(session: Session, *, keys: Sequence[str], since: datetime) -> dict[str, tuple[int, datetime]]:
+    """Per key: failures at or after ``since`` and the oldest of them."""
+    rows = session.execute(
+        select(LoginFailure.key, func.count(), func.min(LoginFailure.failed_at))
+        .where(LoginFailure.key.in_(keys), LoginFailure.failed_at >= since)
+        .group_by(LoginFailure.key)
+    ).all()
+    return {key: (int(count), oldest) for key, count, oldest in rows}
+
+
+def add_failures(session: Session, *, keys: Sequence[str], at: datetime) -> None:
+    session.add_all([LoginFailure(key=key, failed_at=at) for key in keys])
+    session.flush()
+
+
+def delete_failures(session: Session, *, keys: Sequence[str], before: datetime | None = None) -> None:
+    """Forget failures of ``keys`` (all of them, or only those older than ``before``)."""
+    query = delete(LoginFailure).where(LoginFailure.key.in_(keys))
+    if before is not None:
+        query = query.where(LoginFailure.failed_at < before)
+    session.execute(query)
