@@ -1,0 +1,710 @@
+"""The supervisor behind ``pms up`` and ``pms status``.
+
+``pms up`` starts the embedded PostgreSQL and Tansu broker (unless external servers are
+configured), then every registered service as a ``pms serve NAME`` child in dependency
+order, each as soon as everything it depends on answers its readiness probe. It shows a
+live status table while starting, prints where everything is and the admin login, and then
+watches the children until Ctrl-C / SIGTERM, when it stops them in reverse order.
+
+Restart policy (documented in the README): a child that exits on its own -- while starting
+or after it was ready -- is named, the tail of its log is printed, and it is restarted after
+an exponential backoff (``backoff_initial_s`` doubling up to ``backoff_max_s``). When one
+child has already been restarted ``max_restarts`` times within ``window_s`` seconds, the
+supervisor gives up: it stops everything and exits with :data:`EXIT_FAILED`. A child that
+does not become ready within ``ready_timeout_s`` is a start failure (stop everything, exit
+non-zero): waiting longer would only hide the problem.
+
+``pms status`` reads the state file the supervisor keeps in the data dir (pids, ports,
+start time) and probes each service itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import psutil
+from pydantic import SecretStr
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.engine import URL
+
+from pms import process
+from pms.registry import SERVICES, Probe, ServiceSpec, start_order
+from pms.settings import Mode, Settings, read_or_create_secret, to_env
+
+#: Exit codes of ``pms up`` and ``pms status``.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+STATE_FILE = "supervisor.json"
+ADMIN_PASSWORD_FILE = "admin.password"
+#: Marker in the data dir: the generated admin password has been printed once.
+ADMIN_SHOWN_MARKER = ".admin-password-shown"
+LOG_TAIL_LINES = 20
+
+CommandFactory = Callable[[ServiceSpec], list[str]]
+
+
+def serve_command(spec: ServiceSpec) -> list[str]:
+    """How a service is started: this interpreter running ``pms serve NAME``."""
+    return [sys.executable, "-m", "pms.cli", "serve", spec.name]
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """When to restart a child that died, and when to give up on it."""
+
+    #: Restarts of one child allowed inside ``window_s``; the next death stops everything.
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+    def backoff(self, recent_restarts: int) -> float:
+        """Delay before the next restart: doubles with every recent restart, capped."""
+        return min(self.backoff_max_s, self.backoff_initial_s * (2**recent_restarts))
+
+
+class State(StrEnum):
+    WAITING = "waiting"
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "restarting"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class Child:
+    """One supervised service and what the supervisor knows about it."""
+
+    spec: ServiceSpec
+    log_path: Path
+    state: State = State.WAITING
+    proc: Popen[bytes] | None = None
+    spawned_at: float = 0.0
+    ready_after_s: float | None = None
+    restart_at: float = 0.0
+    restarts: deque[float] = field(default_factory=deque)
+    total_restarts: int = 0
+    last_exit: int | None = None
+    #: Size of the log when the current process started: its tail shows only this run.
+    log_offset: int = 0
+
+
+class _GiveUp(Exception):
+    """Stop everything and exit with ``code`` (the reason has been printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+# -- probes ----------------------------------------------------------------------------
+
+
+def http_ready(url: str, *, timeout: float = 1.0) -> bool:
+    """Whether ``GET url`` answers 200 right now."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def grpc_serving(address: str, *, timeout: float = 1.0) -> bool:
+    """Whether the standard gRPC health service at ``address`` answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
+def _address(host: str, port: int) -> str:
+    return f"{host}:{port}"
+
+
+def service_url(spec: ServiceSpec, settings: Settings) -> str:
+    """Where a service answers: ``http://host:port`` or, for gRPC, ``host:port``."""
+    address = _address(spec.host(settings), spec.port(settings))
+    return address if spec.probe is Probe.GRPC else f"http://{address}"
+
+
+def probe(kind: str, host: str, port: int, path: str) -> bool:
+    """Run one readiness probe (``http``: GET path answers 200; ``grpc``: health SERVING)."""
+    if kind == Probe.GRPC:
+        return grpc_serving(_address(host, port))
+    return http_ready(f"http://{_address(host, port)}{path}")
+
+
+def select_services(services: Sequence[ServiceSpec], only: Iterable[str] | None) -> list[ServiceSpec]:
+    """The services to start, in start order: ``only`` and everything they depend on.
+
+    Raises:
+        ValueError: a name in ``only`` is unknown, or the dependencies form a cycle.
+    """
+    by_name = {spec.name: spec for spec in services}
+    if not only:
+        return start_order(tuple(services))
+    wanted: set[str] = set()
+    pending = list(only)
+    while pending:
+        name = pending.pop()
+        if name not in by_name:
+            raise ValueError(f"unknown service {name!r}; known services: {', '.join(by_name)}")
+        if name not in wanted:
+            wanted.add(name)
+            pending.extend(dep for dep in by_name[name].depends_on if dep in by_name)
+    return start_order(tuple(spec for spec in services if spec.name in wanted))
+
+
+def describe_exit(code: int | None) -> str:
+    """``exited with code 3`` or ``was killed by SIGKILL`` (Popen reports signals as -N)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES, *, since: int = 0) -> str:
+    """The last ``lines`` lines of a log file written after byte ``since`` (reads only the end)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(since, size - 64 * 1024))
+            data = handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return "(no log yet)"
+    return "\n".join(data.splitlines()[-lines:]) or "(log is empty)"
+
+
+# -- state file --------------------------------------------------------------------------
+
+
+def state_path(settings: Settings) -> Path:
+    return settings.data_dir / STATE_FILE
+
+
+def read_state(settings: Settings) -> dict[str, Any] | None:
+    """The running supervisor's state, or None when none runs (stale files count as none)."""
+    try:
+        state = json.loads(state_path(settings).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return state if _pid_alive(state.get("pid"), state.get("create_time")) else None
+
+
+def _pid_alive(pid: object, create_time: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        # A recycled pid belongs to another process started at another time.
+        if isinstance(create_time, (int, float)) and abs(proc.create_time() - create_time) > 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+# -- the supervisor ------------------------------------------------------------------------
+
+
+class Supervisor:
+    """Runs the embedded servers and the services until told to stop.
+
+    Args:
+        settings: the configuration every child receives (as ``PMS_*`` variables).
+        only: start only these services and what they depend on.
+        services: the service list (default: the registry); tests pass stand-ins.
+        command: argv for a service (default ``python -m pms.cli serve NAME``).
+        policy: restart policy for children that die.
+        ready_timeout_s: how long one service may take to answer its probe.
+        console: where status and messages go (default: stderr).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        only: Iterable[str] | None = None,
+        services: Sequence[ServiceSpec] | None = None,
+        command: CommandFactory = serve_command,
+        policy: RestartPolicy | None = None,
+        ready_timeout_s: float = 120.0,
+        poll_interval_s: float = 0.1,
+        console: Console | None = None,
+    ) -> None:
+        self.settings = settings
+        self.only = list(only or [])
+        self.services = tuple(SERVICES if services is None else services)
+        self.command = command
+        self.policy = policy or RestartPolicy()
+        self.ready_timeout_s = ready_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self.console = console or Console(stderr=True)
+        self.children: list[Child] = []
+        self.postgres: Any = None
+        self.broker: Any = None
+        self._infra_restarts: dict[str, deque[float]] = {"postgres": deque(), "broker": deque()}
+        self._stop = threading.Event()
+        self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        self._env: dict[str, str] = {}
+
+    # -- public ------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop everything and return (what SIGINT/SIGTERM do)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start everything, supervise until stopped; return the process exit code."""
+        previous = self._install_signal_handlers()
+        try:
+            return self._run()
+        finally:
+            self._shutdown()
+            self._restore_signal_handlers(previous)
+
+    # -- phases ------------------------------------------------------------------------
+    def _run(self) -> int:
+        try:
+            selected = select_services(self.services, self.only)
+        except ValueError as exc:
+            self._error(str(exc))
+            return EXIT_USAGE
+        running = read_state(self.settings)
+        if running is not None:
+            self._error(
+                f"pms is already running from {self.settings.data_dir} (pid {running['pid']}); "
+                "`pms status` shows it"
+            )
+            return EXIT_FAILED
+        conflict = self._port_conflict(selected)
+        if conflict:
+            self._error(conflict)
+            return EXIT_FAILED
+        self.children = [Child(spec, self.settings.logs_dir / f"{spec.name}.log") for spec in selected]
+        try:
+            self._start_infra()
+            if self._stop.is_set():
+                return EXIT_OK
+            self._env = self._child_env()
+            self._write_state()
+            if not self._start_services():
+                return EXIT_OK  # stopped by a signal while starting
+            self._print_summary()
+            self._monitor()
+        except _GiveUp as give_up:
+            return give_up.code
+        return EXIT_OK
+
+    def _port_conflict(self, selected: Sequence[ServiceSpec]) -> str | None:
+        """One line naming a taken port and the setting that moves it, or None."""
+        wanted: list[tuple[str, int, str, str]] = []
+        if self.settings.mode is Mode.EMBEDDED:
+            wanted.append((self.settings.postgres.host, self.settings.postgres.port, "postgres",
+                           "PMS_POSTGRES__PORT"))
+        if self.settings.kafka_bootstrap_servers is None:
+            host, _, port = self.settings.kafka.bootstrap_servers.rpartition(":")
+            wanted.append((host or "127.0.0.1", int(port), "broker", "PMS_KAFKA__BOOTSTRAP_SERVERS"))
+        wanted += [(spec.host(self.settings), spec.port(self.settings), spec.name, spec.port_setting)
+                   for spec in selected]
+        seen: dict[int, str] = {}
+        for host, port, name, setting in wanted:
+            if port in seen:
+                return f"port {port} is configured for both {seen[port]} and {name}; set {setting} to another port"
+            seen[port] = name
+            if process.port_in_use(host, port):
+                return (f"port {port} on {host} is already in use ({name} needs it); "
+                        f"set {setting} to use another port")
+        return None
+
+    def _start_infra(self) -> None:
+        from pms.embedded import EmbeddedBroker, EmbeddedPostgres
+
+        if self.settings.mode is Mode.EMBEDDED:
+            self.postgres = EmbeddedPostgres(self.settings)
+            self._start_server("postgres", self.postgres)
+        if self.settings.kafka_bootstrap_servers is None:
+            self.broker = EmbeddedBroker(self.settings)
+            self._start_server("broker", self.broker)
+
+    def _start_server(self, name: str, server: Any) -> None:
+        from pms.embedded import PortInUseError
+
+        with self.console.status(f"starting {name} ..."):
+            try:
+                server.start()
+            except PortInUseError as exc:
+                self._error(str(exc))
+                raise _GiveUp(EXIT_FAILED) from exc
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                self._error(f"{name} did not start: {exc}")
+                self._show_tail(name, server.log_path)
+                raise _GiveUp(EXIT_FAILED) from exc
+        self.console.print(f"[green]ready[/] {name} (pid {server.proc.pid})")
+
+    def _child_env(self) -> dict[str, str]:
+        """The environment of every service: ours without PMS_*, plus the settings as PMS_*."""
+        settings = self.settings
+        password = self._admin_password()
+        if password is not None and settings.admin_password is None:
+            # Hand the generated password to the auth service so the two agree.
+            settings = settings.model_copy(update={"admin_password": SecretStr(password)})
+        base = {key: value for key, value in os.environ.items() if not key.startswith("PMS_")}
+        return {**base, **to_env(settings)}
+
+    def _admin_password(self) -> str | None:
+        """The first admin's password: configured, or generated once into the secrets dir (embedded)."""
+        if self.settings.admin_password is not None:
+            return self.settings.admin_password.get_secret_value()
+        if self.settings.mode is Mode.EMBEDDED:
+            return read_or_create_secret(self.settings.secrets_dir / ADMIN_PASSWORD_FILE, nbytes=18)
+        return None
+
+    def _start_services(self) -> bool:
+        """Start every child once its dependencies are ready; False when stopped meanwhile."""
+        try:
+            with Live(self._table(), console=self.console, auto_refresh=False, transient=False) as live:
+                try:
+                    while not self._stop.is_set():
+                        now = time.monotonic()
+                        for child in self.children:
+                            self._step(child, now)
+                        self._write_state()
+                        live.update(self._table(), refresh=True)
+                        if all(child.state is State.READY for child in self.children):
+                            return True
+                        self._stop.wait(self.poll_interval_s)
+                finally:
+                    live.update(self._table(), refresh=True)
+        finally:
+            if not self.console.is_terminal:
+                self.console.line()  # a non-terminal Live leaves its last line open
+        return False
+
+    def _monitor(self) -> None:
+        """Watch children (and the embedded servers) until a stop is requested."""
+        while not self._stop.wait(self.poll_interval_s):
+            now = time.monotonic()
+            changed = False
+            for child in self.children:
+                before = (child.state, child.proc)
+                self._step(child, now)
+                changed |= before != (child.state, child.proc)
+            changed |= self._check_server("postgres", self.postgres)
+            changed |= self._check_server("broker", self.broker)
+            if changed:
+                self._write_state()
+
+    # -- one child -----------------------------------------------------------------------
+    def _step(self, child: Child, now: float) -> None:
+        due = child.state is State.BACKOFF and now >= child.restart_at
+        if due or (child.state is State.WAITING and self._dependencies_ready(child)):
+            self._spawn(child, now)
+        elif child.state in (State.STARTING, State.READY):
+            assert child.proc is not None
+            code = child.proc.poll()
+            if code is not None:
+                self._child_died(child, code, now)
+            elif child.state is State.STARTING:
+                spec = child.spec
+                if probe(spec.probe, spec.host(self.settings), spec.port(self.settings), spec.probe_path):
+                    child.state = State.READY
+                    child.ready_after_s = now - child.spawned_at
+                    if child.total_restarts:
+                        self.console.print(f"[green]ready[/] {spec.name} again after restart")
+                elif now - child.spawned_at > self.ready_timeout_s:
+                    target = service_url(spec, self.settings)
+                    if spec.probe is Probe.HTTP:
+                        target += spec.probe_path
+                    self._error(f"{spec.name} did not become ready within {self.ready_timeout_s:.0f}s "
+                                f"(probe {target})")
+                    self._show_tail(spec.name, child.log_path, since=child.log_offset)
+                    child.state = State.FAILED
+                    raise _GiveUp(EXIT_FAILED)
+
+    def _dependencies_ready(self, child: Child) -> bool:
+        states = {c.spec.name: c.state for c in self.children}
+        return all(states.get(dep, State.READY) is State.READY for dep in child.spec.depends_on)
+
+    def _spawn(self, child: Child, now: float) -> None:
+        child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
+        child.proc = process.spawn(self.command(child.spec), log_path=child.log_path, env=self._env)
+        child.state = State.STARTING
+        child.spawned_at = now
+
+    def _child_died(self, child: Child, code: int, now: float) -> None:
+        name = child.spec.name
+        pid = child.proc.pid if child.proc else None
+        child.last_exit = code
+        child.proc = None
+        self._error(f"{name} (pid {pid}) {describe_exit(code)}")
+        self._show_tail(name, child.log_path, since=child.log_offset)
+        recent = self._recent(child.restarts, now)
+        if len(recent) >= self.policy.max_restarts:
+            child.state = State.FAILED
+            self._error(f"{name} died {len(recent) + 1} times within {self.policy.window_s:.0f}s: "
+                        "giving up, stopping everything")
+            raise _GiveUp(EXIT_FAILED)
+        delay = self.policy.backoff(len(recent))
+        recent.append(now)
+        child.total_restarts += 1
+        child.state = State.BACKOFF
+        child.restart_at = now + delay
+        self.console.print(f"[yellow]restarting[/] {name} in {delay:.1f}s "
+                           f"(restart {len(recent)} of at most {self.policy.max_restarts} "
+                           f"per {self.policy.window_s:.0f}s)")
+
+    def _recent(self, restarts: deque[float], now: float) -> deque[float]:
+        while restarts and now - restarts[0] > self.policy.window_s:
+            restarts.popleft()
+        return restarts
+
+    def _check_server(self, name: str, server: Any) -> bool:
+        """Restart an embedded server that died (same policy as services); True if it did."""
+        if server is None or server.proc is None or server.proc.poll() is None:
+            return False
+        code = server.proc.poll()
+        pid = server.proc.pid
+        server.proc = None
+        self._error(f"{name} (pid {pid}) {describe_exit(code)}")
+        self._show_tail(name, server.log_path)
+        now = time.monotonic()
+        recent = self._recent(self._infra_restarts[name], now)
+        if len(recent) >= self.policy.max_restarts:
+            self._error(f"{name} died {len(recent) + 1} times within {self.policy.window_s:.0f}s: giving up")
+            raise _GiveUp(EXIT_FAILED)
+        recent.append(now)
+        self.console.print(f"[yellow]restarting[/] {name}")
+        self._start_server(name, server)
+        return True
+
+    # -- stop ----------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        """Stop services in reverse start order, then the broker, then PostgreSQL (fast shutdown)."""
+        stopped_any = False
+        for child in reversed(self.children):
+            if child.proc is not None:
+                process.stop(child.proc, timeout=10)
+                child.proc = None
+                stopped_any = True
+            child.state = State.STOPPED
+        for server in (self.broker, self.postgres):
+            if server is not None and server.proc is not None:
+                server.stop()
+                stopped_any = True
+        self.broker = self.postgres = None
+        if self.children or stopped_any:
+            try:
+                state = json.loads(state_path(self.settings).read_text())
+                if state.get("pid") == os.getpid():
+                    state_path(self.settings).unlink()
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+        if stopped_any:
+            self.console.print("stopped everything")
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: self._stop.set())
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    # -- output --------------------------------------------------------------------------
+    def _error(self, message: str) -> None:
+        self.console.print(Text("error: ", style="bold red") + Text(message))
+
+    def _show_tail(self, name: str, log_path: Path, *, since: int = 0) -> None:
+        self.console.print(Text(f"--- last lines of {log_path} ({name}) ---", style="dim"))
+        self.console.print(Text(tail(log_path, since=since)), highlight=False)
+        self.console.print(Text("---", style="dim"))
+
+    def _table(self) -> Table:
+        table = Table(title="pms up", title_justify="left")
+        for column in ("service", "state", "pid", "address", "detail"):
+            table.add_column(column)
+        styles = {State.READY: "green", State.FAILED: "red", State.BACKOFF: "yellow", State.STARTING: "cyan"}
+        now = time.monotonic()
+        for child in self.children:
+            spec = child.spec
+            detail = ""
+            if child.state is State.WAITING:
+                waiting = [c.spec.name for c in self.children
+                           if c.spec.name in spec.depends_on and c.state is not State.READY]
+                detail = f"waits for {', '.join(waiting)}"
+            elif child.state is State.STARTING:
+                detail = f"{now - child.spawned_at:.1f}s"
+            elif child.state is State.READY and child.ready_after_s is not None:
+                detail = f"ready after {child.ready_after_s:.1f}s"
+            elif child.state is State.BACKOFF:
+                detail = f"in {max(0.0, child.restart_at - now):.1f}s (exit code {child.last_exit})"
+            table.add_row(
+                spec.name,
+                Text(child.state.value, style=styles.get(child.state, "")),
+                str(child.proc.pid) if child.proc else "",
+                service_url(spec, self.settings),
+                detail,
+            )
+        return table
+
+    def _print_summary(self) -> None:
+        settings = self.settings
+        urls = Table.grid(padding=(0, 2))
+        urls.add_column(style="bold")
+        urls.add_column()
+        names = {child.spec.name: child.spec for child in self.children}
+        labels = {"gateway": "REST API (gateway)", "dashboard": "Dashboard", "analytics": "Analytics API",
+                  "billing": "Billing gRPC"}
+        if "gateway" in names:
+            gateway = service_url(names["gateway"], settings)
+            urls.add_row("REST API (gateway)", gateway)
+            urls.add_row("API docs", f"{gateway}/api-docs/patient  (also /api-docs/auth, /api-docs/analytics)")
+        for name, spec in names.items():
+            if name != "gateway":
+                urls.add_row(labels.get(name, name), service_url(spec, settings))
+        urls.add_row("PostgreSQL", _dsn_without_password(settings.server_url()))
+        urls.add_row("Analyst (read-only)", _dsn_without_password(settings.analyst_url()))
+        if settings.mode is Mode.EMBEDDED:
+            urls.add_row("DB passwords", str(settings.secrets_dir / "postgres-app.password")
+                         + ", " + str(settings.secrets_dir / "postgres-analyst.password"))
+        urls.add_row("Broker", settings.bootstrap_servers)
+        urls.add_row("Logs", f"{settings.logs_dir}/<name>.log")
+        self.console.print(f"\n[bold green]pms is up[/] ({settings.mode.value} mode, data in {settings.data_dir}); "
+                           "Ctrl-C stops everything.")
+        self.console.print(urls)
+        self.console.print(self._admin_line(), highlight=False)
+
+    def _admin_line(self) -> Text:
+        settings = self.settings
+        line = Text("Admin login: ", style="bold") + Text(settings.admin_email)
+        if settings.admin_password is not None:
+            return line + Text(" with the password from PMS_ADMIN_PASSWORD")
+        if settings.mode is not Mode.EMBEDDED:
+            return line + Text(" (no PMS_ADMIN_PASSWORD set: no admin password was generated)")
+        password_file = settings.secrets_dir / ADMIN_PASSWORD_FILE
+        marker = settings.data_dir / ADMIN_SHOWN_MARKER
+        if marker.exists():
+            return line + Text(f" -- password in {password_file} (printed on the first start only)")
+        password = read_or_create_secret(password_file, nbytes=18)
+        marker.touch()
+        return line + Text(" / ") + Text(password, style="bold") + Text(
+            f"  (shown this once; it stays in {password_file})")
+
+    def _write_state(self) -> None:
+        settings = self.settings
+        servers: dict[str, Any] = {}
+        if self.postgres is not None and self.postgres.proc is not None:
+            servers["postgres"] = {"pid": self.postgres.proc.pid, "host": self.postgres.host,
+                                   "port": self.postgres.port}
+        if self.broker is not None and self.broker.proc is not None:
+            servers["broker"] = {"pid": self.broker.proc.pid, "host": self.broker.host, "port": self.broker.port}
+        state = {
+            "pid": os.getpid(),
+            "create_time": psutil.Process().create_time(),
+            "started_at": self._started_at,
+            "mode": settings.mode.value,
+            "data_dir": str(settings.data_dir.resolve()),
+            "servers": servers,
+            "services": [
+                {
+                    "name": child.spec.name,
+                    "pid": child.proc.pid if child.proc else None,
+                    "state": child.state.value,
+                    "host": child.spec.host(settings),
+                    "port": child.spec.port(settings),
+                    "probe": child.spec.probe.value,
+                    "probe_path": child.spec.probe_path,
+                    "url": service_url(child.spec, settings),
+                    "restarts": child.total_restarts,
+                }
+                for child in self.children
+            ],
+        }
+        _write_json_atomically(state_path(settings), state)
+
+
+def _dsn_without_password(url: URL) -> str:
+    """``postgresql://user@host:port/db``: where to connect, never the secret (URL.set keeps it)."""
+    bare = URL.create("postgresql", username=url.username, host=url.host, port=url.port,
+                      database=url.database, query=url.query)
+    return bare.render_as_string(hide_password=False)
+
+
+# -- pms status ----------------------------------------------------------------------------
+
+
+def print_status(settings: Settings, *, console: Console | None = None) -> int:
+    """Probe what the running ``pms up`` started and print a table.
+
+    Returns:
+        0 when every service answers, 1 when some do not, 3 when no supervisor runs.
+    """
+    console = console or Console()
+    state = read_state(settings)
+    if state is None:
+        console.print(f"pms is not running (no live supervisor state in {state_path(settings)})")
+        return EXIT_NOT_RUNNING
+    table = Table(title=f"pms (pid {state['pid']}, up since {state['started_at']}, {state['mode']} mode)",
+                  title_justify="left")
+    for column in ("name", "status", "pid", "address", "restarts"):
+        table.add_column(column)
+    all_up = True
+    for name, server in state.get("servers", {}).items():
+        up = process.tcp_open(server["host"], int(server["port"]))
+        all_up &= up
+        table.add_row(name, _status_text(up), str(server["pid"]), _address(server["host"], server["port"]), "")
+    for service in state.get("services", []):
+        up = probe(service["probe"], service["host"], int(service["port"]), service["probe_path"])
+        all_up &= up
+        pid = service.get("pid")
+        table.add_row(service["name"], _status_text(up), str(pid or ""), service["url"],
+                      str(service.get("restarts", 0)))
+    console.print(table)
+    return EXIT_OK if all_up else EXIT_FAILED
+
+
+def _status_text(up: bool) -> Text:
+    return Text("up", style="green") if up else Text("down", style="red")

@@ -1,0 +1,427 @@
+"""The supervisor behind ``pms up`` / ``pms status``, run as a real process over stand-in services.
+
+The real services are written elsewhere, so these tests give the supervisor a tiny registry
+of stand-ins (tests/pms/fake_service.py) and otherwise run it for real: embedded PostgreSQL
+and Tansu (or the session's servers in external mode, where the test is about the services),
+real child processes, real signals, and psutil to prove nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import psycopg
+import pytest
+from pydantic import SecretStr
+from rich.console import Console
+
+from pms import process
+from pms.embedded import libpq_dsn
+from pms.registry import Kind, Probe, ServiceSpec
+from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
+from pms.supervisor import (
+    ADMIN_PASSWORD_FILE,
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    RestartPolicy,
+    Supervisor,
+    print_status,
+    read_state,
+    select_services,
+    state_path,
+)
+from tests.fixtures.servers import ServerSet
+from tests.pms.fake_service import CRASH_EXIT_CODE, CRASH_MESSAGE
+from tests.pms.supervisor_harness import CONFIG_ENV, fake_specs
+
+pytestmark = pytest.mark.integration
+
+#: billing (gRPC) <- patient <- gateway, and auth on its own: the shape of the real registry.
+STACK = [
+    {"name": "billing", "mode": "grpc", "section": "billing", "probe": "grpc"},
+    {"name": "auth", "mode": "http", "section": "auth"},
+    {"name": "patient", "mode": "http", "section": "patient", "depends_on": ["billing"]},
+    {"name": "gateway", "mode": "http", "section": "gateway", "depends_on": ["auth", "patient"]},
+]
+FAST_POLICY = {"max_restarts": 2, "window_s": 60.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+
+
+def _ports() -> dict[str, Any]:
+    return {section: {"port": process.free_port()}
+            for section in ("patient", "auth", "gateway", "analytics", "billing", "dashboard", "pipeline")}
+
+
+def embedded_settings(data_dir: Path) -> Settings:
+    """Embedded mode on a data dir of its own: the supervisor starts PostgreSQL and Tansu."""
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=data_dir,
+        postgres=PostgresSettings(port=process.free_port()),
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{process.free_port()}"),
+        **_ports(),
+    )
+
+
+def external_settings(servers: ServerSet, data_dir: Path) -> Settings:
+    """External mode on the session's servers: the supervisor starts services only."""
+    base = servers.settings
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=data_dir,
+        database_url=SecretStr(base.server_url().render_as_string(hide_password=False)),
+        analyst_database_url=SecretStr(base.analyst_url().render_as_string(hide_password=False)),
+        kafka_bootstrap_servers=base.bootstrap_servers,
+        jwt={"secret": SecretStr("supervisor-test-secret-" + "x" * 32)},
+        admin_password=SecretStr("configured-admin-password"),
+        **_ports(),
+    )
+
+
+class SupervisorRun:
+    """``python -m tests.pms.supervisor_harness`` as a child of the test, output in a file."""
+
+    def __init__(self, settings: Settings, config: dict[str, Any], out: Path) -> None:
+        self.settings = settings
+        self.out = out
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
+        env.update(to_env(settings))
+        env[CONFIG_ENV] = json.dumps(config)
+        self.proc = process.spawn([sys.executable, "-m", "tests.pms.supervisor_harness"], log_path=out, env=env)
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def state(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(state_path(self.settings).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def service(self, name: str) -> dict[str, Any]:
+        state = self.state() or {}
+        return next((s for s in state.get("services", []) if s["name"] == name), {})
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        def all_ready() -> bool:
+            state = self.state()
+            return bool(state and state["services"] and all(s["state"] == "ready" for s in state["services"])
+                        and "pms is up" in self.output())
+
+        try:
+            process.wait_until(all_ready, timeout=timeout, interval=0.1, message="all services ready",
+                               alive=self.alive)
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}\n--- supervisor output ---\n{self.output()}") from exc
+        state = self.state()
+        assert state is not None
+        return state
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int:
+        self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"supervisor did not exit\n{self.output()}") from exc
+
+    def kill(self) -> None:
+        """Test cleanup: kill the harness's whole tree, whatever state it is in."""
+        if self.alive():
+            tree = self.descendants()
+            process.stop(self.proc, sig=signal.SIGTERM, timeout=30)
+            for child in tree:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+
+
+@pytest.fixture
+def run_supervisor(tmp_path: Path) -> Iterator[Any]:
+    runs: list[SupervisorRun] = []
+
+    def _run(settings: Settings, config: dict[str, Any]) -> SupervisorRun:
+        run = SupervisorRun(settings, config, tmp_path / f"supervisor-{len(runs)}.out")
+        runs.append(run)
+        return run
+
+    yield _run
+    for run in runs:
+        run.kill()
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    left = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} {proc.name()}")
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def _status(settings: Settings) -> tuple[int, str]:
+    buffer = io.StringIO()
+    code = print_status(settings, console=Console(file=buffer, width=200, color_system=None))
+    return code, buffer.getvalue()
+
+
+def _sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+# -- embedded: the whole lifecycle ---------------------------------------------------------------
+
+
+def test_up_runs_everything_and_sigint_leaves_no_process(tmp_path: Path, run_supervisor: Any) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    run = run_supervisor(settings, {"services": STACK, "policy": FAST_POLICY})
+    state = run.wait_ready()
+
+    assert [s["name"] for s in state["services"]] == ["billing", "auth", "patient", "gateway"]
+    assert set(state["servers"]) == {"postgres", "broker"}
+    code, table = _status(settings)
+    assert code == EXIT_OK, table
+    for name in ("postgres", "broker", "billing", "auth", "patient", "gateway"):
+        assert name in table
+
+    out = run.output()
+    password = (settings.secrets_dir / ADMIN_PASSWORD_FILE).read_text().strip()
+    assert len(password) >= 20
+    assert f"{settings.admin_email} / {password}" in out
+    app_password = (settings.secrets_dir / "postgres-app.password").read_text().strip()
+    assert f"postgresql://pms@127.0.0.1:{settings.postgres.port}/postgres" in out
+    assert app_password not in out
+    assert f"http://127.0.0.1:{settings.gateway.port}/api-docs/patient" in out
+    assert f"127.0.0.1:{settings.billing.port}" in out
+
+    # Children see the supervisor's configuration and secrets, including the generated admin password.
+    config = httpx.get(f"http://127.0.0.1:{settings.auth.port}/config", timeout=5).json()
+    assert config["jwt"] == _sha(settings.jwt.secret.get_secret_value())  # type: ignore[union-attr]
+    assert config["admin"] == _sha(password)
+    assert config["data_dir"] == str(settings.data_dir.resolve())
+    assert (settings.logs_dir / "auth.log").read_text().startswith("fake http service listening")
+
+    tree = run.descendants()
+    names = " ".join(p.name() for p in tree)
+    assert "postgres" in names and "tansu" in names and "python" in names, names
+
+    assert run.stop(signal.SIGINT) == EXIT_OK, run.output()
+    assert _alive(tree) == []
+    assert not state_path(settings).exists()
+    for port in (settings.postgres.port, settings.auth.port, settings.billing.port, settings.gateway.port):
+        assert not process.port_in_use("127.0.0.1", port)
+    assert _status(settings)[0] == EXIT_NOT_RUNNING
+
+
+def test_data_survives_restart_and_password_is_printed_once(tmp_path: Path, run_supervisor: Any) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    first = run_supervisor(settings, {"services": STACK[:2]})
+    first.wait_ready()
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients")), autocommit=True) as conn:
+        conn.execute("CREATE TABLE survivor (id int PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO survivor VALUES (1, 'still here')")
+    password = (settings.secrets_dir / ADMIN_PASSWORD_FILE).read_text().strip()
+    assert password in first.output()
+    assert first.stop(signal.SIGTERM) == EXIT_OK, first.output()
+
+    second = run_supervisor(settings, {"services": STACK[:2]})
+    second.wait_ready()
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients"))) as conn:
+        assert conn.execute("SELECT note FROM survivor WHERE id = 1").fetchone() == ("still here",)
+    out = second.output()
+    assert password not in out
+    assert str(settings.secrets_dir / ADMIN_PASSWORD_FILE) in out
+    # The same generated password still reaches the auth service.
+    config = httpx.get(f"http://127.0.0.1:{settings.auth.port}/config", timeout=5).json()
+    assert config["admin"] == _sha(password)
+    assert second.stop(signal.SIGINT) == EXIT_OK, second.output()
+
+
+# -- external mode (the session's servers): services only ---------------------------------------------
+
+
+def test_crashing_child_is_restarted_then_supervisor_gives_up(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    settings = external_settings(servers, tmp_path / "data")
+    services = [STACK[1], {"name": "patient", "mode": "crash", "section": "patient"}]
+    run = run_supervisor(settings, {"services": services, "policy": FAST_POLICY})
+    code = run.wait(timeout=60)
+    out = run.output()
+
+    assert code == EXIT_FAILED, out
+    assert f"exited with code {CRASH_EXIT_CODE}" in out and "error: patient (pid " in out
+    # the log tail is shown at every death, each time only what that run wrote
+    assert out.count(CRASH_MESSAGE) == 1 + FAST_POLICY["max_restarts"]
+    assert "restarting patient" in out
+    assert "giving up" in out
+    # first start + max_restarts restarts, then no more
+    log = (settings.logs_dir / "patient.log").read_text()
+    assert log.count(CRASH_MESSAGE) == 1 + FAST_POLICY["max_restarts"]
+    assert not process.port_in_use("127.0.0.1", settings.auth.port), "auth was left running"
+    assert not state_path(settings).exists()
+
+
+def test_killed_child_is_restarted_and_only_starts_what_is_needed(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    settings = external_settings(servers, tmp_path / "data")
+    run = run_supervisor(settings, {"services": STACK, "only": ["patient"], "policy": FAST_POLICY})
+    state = run.wait_ready()
+    assert [s["name"] for s in state["services"]] == ["billing", "patient"]
+    assert not (settings.logs_dir / "gateway.log").exists()
+    assert "with the password from PMS_ADMIN_PASSWORD" in run.output()
+    assert "configured-admin-password" not in run.output()
+
+    # A second supervisor on the same data dir refuses instead of fighting over ports.
+    buffer = io.StringIO()
+    second = Supervisor(settings, services=fake_specs(STACK), console=Console(file=buffer, width=200))
+    assert second.run() == EXIT_FAILED
+    assert "already running" in buffer.getvalue()
+    assert state_path(settings).exists(), "the refused supervisor removed the running one's state"
+
+    old_pid = run.service("patient")["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    process.wait_until(
+        lambda: run.service("patient").get("restarts") == 1 and run.service("patient").get("state") == "ready",
+        timeout=30, message="patient restarted", alive=run.alive,
+    )
+    assert run.service("patient")["pid"] != old_pid
+    assert f"patient (pid {old_pid}) was killed by SIGKILL" in run.output()
+    assert _status(settings)[0] == EXIT_OK
+    assert run.stop(signal.SIGTERM) == EXIT_OK, run.output()
+
+
+def test_service_that_never_gets_ready_fails_the_start(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    settings = external_settings(servers, tmp_path / "data")
+    services = [{"name": "auth", "mode": "never-ready", "section": "auth"}]
+    run = run_supervisor(settings, {"services": services, "ready_timeout_s": 1.5})
+    assert run.wait(timeout=30) == EXIT_FAILED
+    out = run.output()
+    assert "auth did not become ready within 2s" in out
+    assert f"http://127.0.0.1:{settings.auth.port}/ready" in out
+    assert "fake http service listening" in out  # its log tail
+    assert not process.port_in_use("127.0.0.1", settings.auth.port)
+
+
+# -- in-process: paths that end before anything starts ----------------------------------------------
+
+
+def _in_process(settings: Settings, **kwargs: Any) -> tuple[int, str]:
+    buffer = io.StringIO()
+    supervisor = Supervisor(settings, services=fake_specs(STACK),
+                            console=Console(file=buffer, width=300, color_system=None), **kwargs)
+    return supervisor.run(), buffer.getvalue()
+
+
+@pytest.mark.parametrize("section", ["patient", "postgres"])
+def test_port_in_use_is_one_clear_line(tmp_path: Path, section: str) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    port = getattr(settings, section).port
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        code, out = _in_process(settings)
+    assert code == EXIT_FAILED
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    assert f"port {port} on 127.0.0.1 is already in use" in lines[0]
+    assert f"PMS_{section.upper()}__PORT" in lines[0]
+    assert not (settings.data_dir / "postgres").exists(), "started PostgreSQL despite the conflict"
+
+
+def test_two_services_on_one_port_is_refused(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    settings.auth.port = settings.patient.port
+    code, out = _in_process(settings)
+    assert code == EXIT_FAILED
+    assert f"port {settings.patient.port} is configured for both" in out
+
+
+def test_unknown_only_name_is_a_usage_error(tmp_path: Path) -> None:
+    code, out = _in_process(embedded_settings(tmp_path / "data"), only=["nope"])
+    assert code == EXIT_USAGE
+    assert "unknown service 'nope'" in out
+
+
+def test_select_services_adds_dependencies_in_start_order() -> None:
+    specs = fake_specs(STACK)
+    assert [s.name for s in select_services(specs, ["gateway"])] == ["billing", "auth", "patient", "gateway"]
+    assert [s.name for s in select_services(specs, ["auth"])] == ["auth"]
+    assert [s.name for s in select_services(specs, None)] == ["billing", "auth", "patient", "gateway"]
+    cyclic = [ServiceSpec("a", "", Kind.CALLABLE, "x:y", "auth", depends_on=("b",)),
+              ServiceSpec("b", "", Kind.CALLABLE, "x:y", "patient", Probe.HTTP, depends_on=("a",))]
+    with pytest.raises(ValueError, match="cycle"):
+        select_services(cyclic, ["a"])
+
+
+def test_restart_backoff_doubles_up_to_the_cap() -> None:
+    policy = RestartPolicy(backoff_initial_s=0.5, backoff_max_s=3.0)
+    assert [policy.backoff(n) for n in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+# -- pms status ----------------------------------------------------------------------------------
+
+
+def test_status_when_nothing_runs(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    assert _status(settings) == (EXIT_NOT_RUNNING, _status(settings)[1])
+    assert "not running" in _status(settings)[1]
+    # A state file left by a dead supervisor does not count as running.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    state_path(settings).write_text(json.dumps({"pid": dead.pid, "started_at": "x", "mode": "embedded"}))
+    assert read_state(settings) is None
+    assert _status(settings)[0] == EXIT_NOT_RUNNING
+
+
+def test_status_reports_a_service_that_is_down(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    me = psutil.Process()
+    port = process.free_port()
+    state = {"pid": me.pid, "create_time": me.create_time(), "started_at": "now", "mode": "embedded",
+             "servers": {},
+             "services": [{"name": "patient", "pid": None, "state": "restarting", "host": "127.0.0.1",
+                           "port": port, "probe": "http", "probe_path": "/ready",
+                           "url": f"http://127.0.0.1:{port}", "restarts": 2}]}
+    state_path(settings).parent.mkdir(parents=True, exist_ok=True)
+    state_path(settings).write_text(json.dumps(state))
+    code, out = _status(settings)
+    assert code == EXIT_FAILED
+    assert "patient" in out and "down" in out
+
+
+def test_pms_status_command_exit_code(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
+    env["PMS_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run([sys.executable, "-m", "pms.cli", "status"], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == EXIT_NOT_RUNNING, result.stderr
+    assert "not running" in result.stdout
