@@ -136,6 +136,26 @@ class PostgresSettings(BaseModel):
     port: int = 5432
 
 
+class InfraSettings(BaseModel):
+    """AWS deployment (``pms infra``): the knobs of the desired stack in ``infra/stack.py``."""
+
+    stack_name: str = "pms"
+    region: str = "us-east-1"
+    #: Image every task runs (an ECR URI on real AWS).
+    image: str = "pms:latest"
+    desired_count: int = 1
+    task_cpu: int = 512
+    task_memory: int = 1024
+    vpc_cidr: str = "10.80.0.0/16"
+    db_instance_class: str = "db.t4g.micro"
+    db_allocated_storage_gb: int = 20
+    db_engine_version: str = "18"
+    log_retention_days: int = 30
+    #: How long deploy waits for RDS and for every ECS service to reach steady state.
+    wait_timeout_s: float = 1200.0
+    poll_interval_s: float = 5.0
+
+
 class Settings(BaseSettings):
     """All configuration of the platform, one instance per process."""
 
@@ -170,6 +190,7 @@ class Settings(BaseSettings):
     billing: BillingSettings = BillingSettings()
     dashboard: DashboardSettings = DashboardSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    infra: InfraSettings = InfraSettings()
 
     @property
     def mode(self) -> Mode:
