@@ -1,0 +1,145 @@
+"""The analytics pipeline process: Quix Streams consumer -> Polars -> one Postgres transaction.
+
+``run(settings)`` is the registry target ``stream_processing.app:run`` (``pms serve pipeline``).
+It migrates the ``analytics`` database, serves ``/health``, ``/ready`` and ``/metrics`` on
+``settings.pipeline.port`` (so the supervisor can probe it like any service) and consumes
+topic ``settings.kafka.topic`` in consumer group ``settings.pipeline.consumer_group``.
+More processes in the same group share the partitions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import Counter, Gauge
+from quixstreams import Application
+from quixstreams.models import TopicConfig
+from quixstreams.models.serializers import Deserializer, SerializationContext
+
+from pms import db
+from pms.settings import Settings
+from pms.web import create_service_app
+from stream_processing import transforms
+from stream_processing.sink import AnalyticsSink
+
+log = logging.getLogger(__name__)
+
+
+class PatientEventDeserializer(Deserializer):
+    """Protobuf ``PatientEvent`` -> analytics event dict; never raises.
+
+    Garbage and unknown event types become :class:`~stream_processing.transforms.DeadLetter`
+    values, which the sink stores in the same transaction as the good events of the batch,
+    so one bad message neither stops the pipeline nor gets lost. (Quix's own protobuf
+    extra is not used: it pins an older protobuf than ours.)
+    """
+
+    def __call__(self, value: bytes | None, ctx: SerializationContext) -> Any:
+        return transforms.parse_event(value)
+
+
+def topic_config(settings: Settings) -> TopicConfig:
+    """The topic as Quix creates it when missing; Tansu needs the retention given explicitly."""
+    return TopicConfig(
+        num_partitions=settings.kafka.partitions,
+        replication_factor=1,
+        extra_config={"retention.ms": str(settings.kafka.retention_ms), "retention.bytes": "-1"},
+    )
+
+
+def build_application(settings: Settings) -> Application:
+    """The Quix Application with the consumer settings that let groups join fast on Tansu."""
+    return Application(
+        broker_address=settings.bootstrap_servers,
+        consumer_group=settings.pipeline.consumer_group,
+        auto_offset_reset="earliest",
+        commit_interval=settings.pipeline.batch_timeout_s,
+        commit_every=settings.pipeline.batch_size,
+        consumer_extra_config={
+            "session.timeout.ms": settings.kafka.session_timeout_ms,
+            "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
+        },
+        consumer_poll_timeout=0.1,
+        use_changelog_topics=False,
+        state_dir=str(settings.data_dir / "pipeline-state"),
+        loglevel="WARNING",
+    )
+
+
+class WatermarkProbe:
+    """Broker high watermarks for the lag figures, from a side consumer that never joins the group."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._consumer = Consumer({
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"{settings.pipeline.consumer_group}-watermarks",
+            "enable.auto.commit": False,
+        })
+
+    def __call__(self, topic: str, partition: int) -> int | None:
+        try:
+            _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=0.5, cached=False)
+        except KafkaException:
+            return None
+        return int(high) if high >= 0 else None
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink) -> threading.Thread:
+    """Serve /health, /ready and /metrics on the pipeline's port in a background thread."""
+    import uvicorn
+
+    engine = db.make_engine(settings.database_url_for("analytics"), pool_size=1, max_overflow=1)
+
+    def checks() -> dict[str, bool]:
+        return {"database": db.database_reachable(engine), "consumer": bool(ready.get("running"))}
+
+    app = create_service_app(name="pipeline", settings=settings, title="PMS analytics pipeline", ready=checks)
+    registry = app.state.metrics_registry
+    batches = Gauge("pipeline_batches_committed", "Sink transactions committed by this process", registry=registry)
+    batches.set_function(lambda: sink.batches_written)
+    p99 = Gauge("pipeline_freshness_p99_ms", "Freshness p99 over the recent window", registry=registry)
+    p99.set_function(lambda: sink.freshness_percentiles()[1] or 0.0)
+    Counter("pipeline_starts", "Pipeline process starts", registry=registry).inc()
+    config = uvicorn.Config(app, host=settings.pipeline.host, port=settings.pipeline.port, log_config=None,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="pipeline-status", daemon=True)
+    thread.start()
+    return thread
+
+
+def run(settings: Settings) -> None:
+    """Run the pipeline until SIGTERM/SIGINT (Quix stops after committing its checkpoint)."""
+    db.migrate(settings, "analytics")
+    engine = db.make_engine(settings.database_url_for("analytics"), pool_size=2, max_overflow=2)
+    probe = WatermarkProbe(settings)
+    sink = AnalyticsSink(engine, freshness_window=settings.pipeline.freshness_window, watermarks=probe)
+    ready: dict[str, Any] = {"running": False}
+    _serve_status(settings, ready, sink)
+
+    app = build_application(settings)
+    topic = app.topic(
+        settings.kafka.topic,
+        value_deserializer=PatientEventDeserializer(),
+        key_deserializer="bytes",
+        config=topic_config(settings),
+    )
+    app.dataframe(topic).sink(sink)
+    ready["running"] = True
+    started = time.monotonic()
+    log.info("pipeline starting", extra={"fields": {"topic": settings.kafka.topic,
+                                                     "group": settings.pipeline.consumer_group}})
+    try:
+        app.run()
+    finally:
+        ready["running"] = False
+        probe.close()
+        engine.dispose()
+        log.info("pipeline stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})
