@@ -1,0 +1,146 @@
+"""Opening billing accounts: once inside the create request, then by a retry worker.
+
+Billing being down or slow never fails a registration: the create waits at most
+``settings.patient.billing_timeout_s``, answers ``billingStatus: PENDING``, and the
+:class:`BillingRetryWorker` opens the account later with per-patient backoff. The billing
+server is idempotent on patient_id, so a retry after a lost answer opens no second account.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.patient import repository as patient_repository
+from api.patient import service as patient_service
+from pms.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Audit actor of changes made by the retry worker.
+WORKER_ACTOR = "system:billing-retry"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedAccount:
+    account_id: str
+    status: str
+
+
+class BillingGateway:
+    """The billing client with a short circuit breaker, so a dead billing server costs creates nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._address = settings.billing.address
+        self._timeout = settings.patient.billing_timeout_s
+        self._breaker_s = max(settings.patient.billing_retry_initial_s, 0.1)
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._open_until = 0.0
+
+    def _get_client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from billing.client import BillingClient
+
+                self._client = BillingClient(self._address)
+            return self._client
+
+    def open_account(self, *, patient_id: uuid.UUID, name: str, email: str, in_request: bool
+                     ) -> OpenedAccount | None:
+        """Open (or fetch) the patient's account; ``None`` when billing cannot answer now.
+
+        ``in_request`` calls skip billing while the breaker is open (a recent call failed),
+        leaving the work to the retry worker instead of making the caller wait.
+        """
+        if in_request and time.monotonic() < self._open_until:
+            return None
+        try:
+            client = self._get_client()
+            account = client.create_account(patient_id=str(patient_id), name=name, email=email,
+                                            timeout=self._timeout)
+        except Exception as exc:  # BillingUnavailable, ValueError (rejected), any RPC error
+            if self._open_until == 0.0:  # log the transition only, not every failed retry
+                log.warning("billing unavailable; patients stay PENDING until it answers",
+                            extra={"fields": {"error": type(exc).__name__}})
+            self._open_until = time.monotonic() + self._breaker_s
+            return None
+        if self._open_until != 0.0:
+            log.info("billing answers again")
+        self._open_until = 0.0
+        return OpenedAccount(account_id=str(account.account_id), status=str(account.status or "ACTIVE"))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                finally:
+                    self._client = None
+
+
+def backoff(settings: Settings, attempts: int) -> timedelta:
+    """Delay before attempt ``attempts + 1``: doubling from the initial delay, capped."""
+    initial = settings.patient.billing_retry_initial_s
+    delay = min(settings.patient.billing_retry_max_s, initial * (2 ** min(attempts, 30)))
+    return timedelta(seconds=delay)
+
+
+class BillingRetryWorker:
+    """Background thread that opens the accounts of PENDING patients when billing answers."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], gateway: BillingGateway,
+                 *, batch_size: int = 100) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.gateway = gateway
+        self.batch_size = batch_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="billing-retry", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        idle = max(0.05, self.settings.patient.billing_retry_initial_s)
+        while not self._stop.is_set():
+            try:
+                done = self.run_once()
+            except Exception as exc:  # the database may be restarting: try again later
+                log.warning("billing retry round failed", extra={"fields": {"error": type(exc).__name__}})
+                done = 0
+            if done == 0:
+                self._stop.wait(idle)
+
+    def run_once(self) -> int:
+        """Try every due PENDING patient once; return how many accounts were opened."""
+        with self.factory() as session:
+            due = patient_repository.pending_billing(session, now=datetime.now(UTC), limit=self.batch_size)
+        opened = 0
+        for patient_id, name, email in due:
+            if self._stop.is_set():
+                break
+            account = self.gateway.open_account(patient_id=patient_id, name=name, email=email, in_request=False)
+            with self.factory() as session:
+                if account is None:
+                    attempts = patient_service.billing_failed(session=session, patient_id=patient_id,
+                                                              settings=self.settings)
+                    log.debug("billing still unavailable",
+                             extra={"fields": {"patient_id": str(patient_id), "attempts": attempts}})
+                    break  # billing is down: do not hammer it with the rest of the batch
+                patient_service.billing_opened(session=session, patient_id=patient_id,
+                                               account_id=account.account_id, status=account.status,
+                                               actor=WORKER_ACTOR)
+                opened += 1
+        return opened

@@ -1,0 +1,237 @@
+"""SQL of the patients database, and nothing else (rules and commits live in service.py)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from api.patient.models import MRN_SEQUENCE, AuditEntry, BillingStatus, OutboxEvent, Patient, RelayState, ServiceFlag
+
+#: Trigram similarity from which two names on the same birth date count as likely duplicates.
+DUPLICATE_NAME_SIMILARITY = 0.45
+DUPLICATE_LIMIT = 10
+
+
+def next_mrns(session: Session, count: int) -> list[str]:
+    """``count`` fresh medical record numbers (a sequence: unique, never reused)."""
+    if count == 1:
+        return [f"MRN{session.execute(MRN_SEQUENCE.next_value()).scalar_one()}"]
+    rows = session.execute(
+        text("SELECT nextval('patient_mrn_seq') FROM generate_series(1, :n)"), {"n": count}
+    ).scalars()
+    return [f"MRN{n}" for n in rows]
+
+
+def get_active(session: Session, patient_id: uuid.UUID, *, for_update: bool = False) -> Patient | None:
+    stmt = select(Patient).where(Patient.id == patient_id, Patient.deleted_at.is_(None))
+    if for_update:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def exists_any(session: Session, patient_id: uuid.UUID) -> bool:
+    """Whether the id ever belonged to a patient (deleted ones included)."""
+    return bool(session.execute(select(exists().where(Patient.id == patient_id))).scalar())
+
+
+def _escape_like(term: str) -> str:
+    return term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def search_condition(q: str | None, *, phone: str | None) -> Any:
+    """Active patients matching ``q`` in name or email (substring, any case), MRN or phone."""
+    condition = Patient.deleted_at.is_(None)
+    if not q:
+        return condition
+    pattern = f"%{_escape_like(q)}%"
+    matches = [Patient.name.ilike(pattern), Patient.email.ilike(pattern), Patient.mrn == q.upper()]
+    if phone:
+        matches.append(Patient.phone == phone)
+    return and_(condition, or_(*matches))
+
+
+def search(session: Session, *, q: str | None, phone: str | None, limit: int, offset: int
+           ) -> tuple[Sequence[Patient], int]:
+    """One page in the stable order (created_at, id) and the total number of matches."""
+    condition = search_condition(q, phone=phone)
+    total = session.execute(select(func.count()).select_from(Patient).where(condition)).scalar_one()
+    rows = session.execute(
+        select(Patient).where(condition).order_by(Patient.created_at, Patient.id).limit(limit).offset(offset)
+    ).scalars().all()
+    return rows, int(total)
+
+
+def duplicate_candidates_sql(*, with_phone: bool) -> str:
+    """Likely duplicates: same birth date and a similar or same-sounding name, or the same phone.
+
+    Each branch is backed by an index (date_of_birth, phone), so the lookup stays cheap at
+    millions of rows; similarity and dmetaphone run only on the few rows those indexes return.
+    """
+    phone_branch = " OR p.phone = :phone" if with_phone else ""
+    same_phone = "coalesce(p.phone = :phone, false)" if with_phone else "false"
+    # Only constant fragments are interpolated; every value is a bind parameter.
+    return f"""
+        SELECT p.id, p.mrn, p.name, p.date_of_birth, p.phone,
+               similarity(lower(p.name), lower(:name)) AS score,
+               {same_phone} AS same_phone,
+               (p.date_of_birth = :dob AND similarity(lower(p.name), lower(:name)) >= :threshold) AS similar_name,
+               (p.date_of_birth = :dob AND dmetaphone(p.name) = dmetaphone(:name)) AS sounds_alike
+        FROM patients p
+        WHERE p.deleted_at IS NULL AND p.id <> :id
+          AND ((p.date_of_birth = :dob
+                AND (similarity(lower(p.name), lower(:name)) >= :threshold
+                     OR dmetaphone(p.name) = dmetaphone(:name))){phone_branch})
+        ORDER BY same_phone DESC, score DESC, p.id
+        LIMIT :limit
+    """  # noqa: S608
+
+
+def duplicates_of(session: Session, patient: Patient) -> list[dict[str, Any]]:
+    params: dict[str, Any] = {
+        "id": patient.id, "name": patient.name, "dob": patient.date_of_birth,
+        "threshold": DUPLICATE_NAME_SIMILARITY, "limit": DUPLICATE_LIMIT,
+    }
+    if patient.phone:
+        params["phone"] = patient.phone
+    rows = session.execute(text(duplicate_candidates_sql(with_phone=bool(patient.phone))), params).mappings()
+    return [dict(row) for row in rows]
+
+
+def add_audit(session: Session, *, patient: Patient, actor: str, action: str, fields: list[str],
+              request_id: str | None) -> None:
+    session.add(AuditEntry(patient_id=patient.id, actor=actor, action=action, fields=fields,
+                           version=patient.version, request_id=request_id))
+
+
+def audit_trail(session: Session, patient_id: uuid.UUID) -> Sequence[AuditEntry]:
+    return session.execute(
+        select(AuditEntry).where(AuditEntry.patient_id == patient_id).order_by(AuditEntry.id)
+    ).scalars().all()
+
+
+# -- bulk (seed) ------------------------------------------------------------------------
+
+PATIENT_COPY_COLUMNS = (
+    "id", "mrn", "name", "email", "address", "city", "gender", "phone", "date_of_birth", "registered_date",
+    "billing_status", "version", "created_at", "updated_at",
+)
+OUTBOX_COPY_COLUMNS = ("event_id", "patient_id", "version", "event_type", "payload", "occurred_at")
+AUDIT_COPY_COLUMNS = ("patient_id", "actor", "action", "fields", "version", "at")
+
+
+def bulk_insert_patients(session: Session, rows: list[tuple[Any, ...]]) -> set[uuid.UUID]:
+    """COPY ``rows`` into a staging table, insert those whose email is free; return inserted ids."""
+    conn = session.connection().connection.driver_connection
+    assert conn is not None
+    cols = ", ".join(PATIENT_COPY_COLUMNS)
+    with conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS patient_seed_stage "
+                    "(LIKE patients INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        with cur.copy(f"COPY patient_seed_stage ({cols}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(
+            f"INSERT INTO patients ({cols}) SELECT {cols} FROM patient_seed_stage "  # noqa: S608 (constant columns)
+            "ON CONFLICT (lower(email)) WHERE deleted_at IS NULL DO NOTHING RETURNING id"
+        )
+        inserted = {row[0] for row in cur.fetchall()}
+        cur.execute("DELETE FROM patient_seed_stage")
+    return inserted
+
+
+def copy_rows(session: Session, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    conn = session.connection().connection.driver_connection
+    assert conn is not None
+    with conn.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+# -- billing retry queue ----------------------------------------------------------------
+
+def pending_billing(session: Session, *, now: datetime, limit: int) -> list[tuple[uuid.UUID, str, str]]:
+    """Active patients still without a billing account whose next attempt is due (oldest first)."""
+    rows = session.execute(
+        select(Patient.id, Patient.name, Patient.email)
+        .where(Patient.billing_status == BillingStatus.PENDING, Patient.deleted_at.is_(None),
+               or_(Patient.billing_next_attempt_at.is_(None), Patient.billing_next_attempt_at <= now))
+        .order_by(Patient.billing_next_attempt_at.nulls_first(), Patient.created_at)
+        .limit(limit)
+    ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def postpone_billing(session: Session, patient_id: uuid.UUID, *, next_attempt_at: datetime) -> None:
+    session.execute(
+        update(Patient).where(Patient.id == patient_id)
+        .values(billing_attempts=Patient.billing_attempts + 1, billing_next_attempt_at=next_attempt_at)
+    )
+
+
+# -- outbox -----------------------------------------------------------------------------
+
+def unsent_events(session: Session, *, limit: int) -> list[tuple[int, uuid.UUID, bytes]]:
+    rows = session.execute(
+        select(OutboxEvent.id, OutboxEvent.patient_id, OutboxEvent.payload)
+        .where(OutboxEvent.sent_at.is_(None)).order_by(OutboxEvent.id).limit(limit)
+    ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def mark_sent(session: Session, ids: list[int], *, sent_at: datetime) -> None:
+    if ids:
+        session.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=sent_at))
+
+
+def any_sent(session: Session) -> bool:
+    return bool(session.execute(select(exists().where(OutboxEvent.sent_at.is_not(None)))).scalar())
+
+
+def mark_all_unsent(session: Session) -> int:
+    result = session.execute(update(OutboxEvent).where(OutboxEvent.sent_at.is_not(None)).values(sent_at=None))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def relay_state(session: Session, topic: str) -> dict[int, int]:
+    rows = session.execute(select(RelayState.partition, RelayState.high_watermark).where(RelayState.topic == topic))
+    return {int(p): int(hw) for p, hw in rows}
+
+
+def save_relay_state(session: Session, topic: str, watermarks: dict[int, int]) -> None:
+    for partition, hw in watermarks.items():
+        stmt = pg_insert(RelayState).values(topic=topic, partition=partition, high_watermark=hw)
+        session.execute(stmt.on_conflict_do_update(index_elements=["topic", "partition"],
+                                                   set_={"high_watermark": stmt.excluded.high_watermark}))
+
+
+def clear_relay_state(session: Session, topic: str) -> None:
+    session.execute(delete(RelayState).where(RelayState.topic == topic))
+
+
+def outbox_history(session: Session, *, since: datetime | None, batch: int):  # type: ignore[no-untyped-def]
+    """Stream (patient_id, payload) of every outbox row in publish order, ``batch`` rows at a time."""
+    stmt = select(OutboxEvent.patient_id, OutboxEvent.payload).order_by(OutboxEvent.id)
+    if since is not None:
+        stmt = stmt.where(OutboxEvent.occurred_at >= since)
+    return session.execute(stmt.execution_options(yield_per=batch))
+
+
+def outbox_count(session: Session, *, since: datetime | None) -> int:
+    stmt = select(func.count()).select_from(OutboxEvent)
+    if since is not None:
+        stmt = stmt.where(OutboxEvent.occurred_at >= since)
+    return int(session.execute(stmt).scalar_one())
+
+
+# -- one-time flags ---------------------------------------------------------------------
+
+def claim_flag(session: Session, key: str) -> bool:
+    """Set flag ``key``; True only for the one caller that set it first."""
+    stmt = pg_insert(ServiceFlag).values(key=key).on_conflict_do_nothing().returning(ServiceFlag.key)
+    return session.execute(stmt).first() is not None

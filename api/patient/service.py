@@ -1,0 +1,315 @@
+"""The rules of patient records; every function here owns its transaction.
+
+Each change writes the patient row, its audit entry and its PatientEvent (the outbox) in
+one transaction, so an event exists exactly for the changes that were committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.patient import events as patient_events
+from api.patient import repository as patient_repository
+from api.patient.models import AuditEntry, BillingStatus, Patient
+from api.patient.schemas import DuplicateCandidate, PatientCreate, PatientUpdate, normalize_phone
+from pms.errors import Conflict, NotFound
+from pms.settings import Settings
+
+if TYPE_CHECKING:
+    from api.patient.billing_sync import BillingGateway
+
+#: Patient attributes a client may set, with their API (camelCase) names for audit entries.
+EDITABLE_FIELDS = {
+    "name": "name", "email": "email", "address": "address", "city": "city", "gender": "gender",
+    "phone": "phone", "date_of_birth": "dateOfBirth", "registered_date": "registeredDate",
+}
+EMAIL_TAKEN = Conflict("Email already used", errors={"email": "Already used by another patient"})
+
+
+def parse_id(raw: str | uuid.UUID) -> uuid.UUID | None:
+    if isinstance(raw, uuid.UUID):
+        return raw
+    try:
+        return uuid.UUID(raw)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def get(*, session: Session, patient_id: str | uuid.UUID) -> Patient | None:
+    """Return the active patient with this id, or None (malformed ids included)."""
+    parsed = parse_id(patient_id)
+    return None if parsed is None else patient_repository.get_active(session, parsed)
+
+
+def get_or_raise(*, session: Session, patient_id: str | uuid.UUID) -> Patient:
+    """Return the active patient or raise NotFound (deleted patients read as 404)."""
+    patient = get(session=session, patient_id=patient_id)
+    if patient is None:
+        raise NotFound("Patient not found")
+    return patient
+
+
+def search(*, session: Session, q: str | None, limit: int, offset: int) -> tuple[Sequence[Patient], int]:
+    """Return one page of active patients matching ``q`` (name, email, MRN or phone) and the total."""
+    term = (q or "").strip() or None
+    phone = None
+    if term and any(ch.isdigit() for ch in term):
+        try:
+            phone = normalize_phone(term)
+        except ValueError:
+            phone = None
+    return patient_repository.search(session, q=term, phone=phone, limit=limit, offset=offset)
+
+
+def _is_email_conflict(exc: IntegrityError) -> bool:
+    return "ix_patients_email_active" in str(exc.orig)
+
+
+def _flush_or_conflict(session: Session) -> None:
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        session.rollback()
+        if _is_email_conflict(exc):
+            raise EMAIL_TAKEN from None
+        raise
+
+
+def _commit_or_conflict(session: Session) -> None:
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        if _is_email_conflict(exc):
+            raise EMAIL_TAKEN from None
+        raise
+
+
+def create(
+    *,
+    session: Session,
+    data: PatientCreate,
+    actor: str,
+    request_id: str | None = None,
+    billing: BillingGateway | None = None,
+    settings: Settings | None = None,
+) -> Patient:
+    """Register a patient, open its billing account if billing answers in time, and queue its event.
+
+    Raises:
+        Conflict: another active patient already uses the email (also under concurrency:
+            the unique index decides).
+    """
+    now = datetime.now(UTC)
+    patient = Patient(
+        id=uuid.uuid4(),
+        mrn=patient_repository.next_mrns(session, 1)[0],
+        **data.model_dump(include=set(EDITABLE_FIELDS)),
+        billing_status=BillingStatus.PENDING,
+        billing_attempts=0,
+        version=1,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(patient)
+    # Flush first: a taken email answers 409 before billing is ever called.
+    _flush_or_conflict(session)
+    account = None
+    if billing is not None:
+        account = billing.open_account(patient_id=patient.id, name=patient.name, email=patient.email,
+                                       in_request=True)
+    if account is not None:
+        patient.billing_account_id = account.account_id
+        patient.billing_status = account.status
+    elif settings is not None:
+        from api.patient.billing_sync import backoff
+
+        patient.billing_next_attempt_at = now + backoff(settings, 0)
+    session.add(patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now))
+    provided = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
+    patient_repository.add_audit(session, patient=patient, actor=actor, action="create", fields=provided,
+                                 request_id=request_id)
+    _commit_or_conflict(session)
+    return patient
+
+
+def _check_version(patient: Patient, expected_version: int | None) -> None:
+    if expected_version is not None and expected_version != patient.version:
+        raise Conflict(
+            "Version conflict: the patient was changed by someone else",
+            errors={"version": f"Expected {expected_version}, current is {patient.version}"},
+            headers={"ETag": f'"{patient.version}"'},
+        )
+
+
+def update(
+    *,
+    session: Session,
+    patient_id: str | uuid.UUID,
+    data: PatientUpdate,
+    expected_version: int | None,
+    actor: str,
+    request_id: str | None = None,
+) -> Patient:
+    """Apply an update; the version goes up by one when anything changed.
+
+    Fields of the seed's payload are always replaced; newer optional fields keep their
+    value when omitted and are cleared by an explicit null.
+
+    Raises:
+        NotFound: unknown, malformed or deleted id.
+        Conflict: stale ``expected_version`` (If-Match) or an email used by another patient.
+    """
+    parsed = parse_id(patient_id)
+    patient = None if parsed is None else patient_repository.get_active(session, parsed, for_update=True)
+    if patient is None:
+        raise NotFound("Patient not found")
+    _check_version(patient, expected_version)
+    values: dict[str, Any] = data.model_dump(include=set(EDITABLE_FIELDS) & data.model_fields_set)
+    for required in ("name", "email", "address", "date_of_birth"):
+        values[required] = getattr(data, required)
+    if values.get("registered_date", patient.registered_date) is None:
+        values.pop("registered_date")
+    changed = [field for field, value in values.items() if getattr(patient, field) != value]
+    if not changed:
+        session.rollback()
+        return patient
+    for field in changed:
+        setattr(patient, field, values[field])
+    now = datetime.now(UTC)
+    patient.version += 1
+    patient.updated_at = now
+    _flush_or_conflict(session)
+    session.add(patient_events.outbox_row(patient, event_type=patient_events.UPDATED, occurred_at=now))
+    patient_repository.add_audit(session, patient=patient, actor=actor, action="update",
+                                 fields=[EDITABLE_FIELDS[f] for f in changed], request_id=request_id)
+    _commit_or_conflict(session)
+    return patient
+
+
+def delete(
+    *,
+    session: Session,
+    patient_id: str | uuid.UUID,
+    expected_version: int | None,
+    actor: str,
+    request_id: str | None = None,
+) -> None:
+    """Soft-delete a patient: it leaves lists and reads, its row and history stay.
+
+    Raises:
+        NotFound: unknown, malformed or already deleted id.
+        Conflict: stale ``expected_version``.
+    """
+    parsed = parse_id(patient_id)
+    patient = None if parsed is None else patient_repository.get_active(session, parsed, for_update=True)
+    if patient is None:
+        raise NotFound("Patient not found")
+    _check_version(patient, expected_version)
+    now = datetime.now(UTC)
+    patient.deleted_at = now
+    patient.updated_at = now
+    patient.version += 1
+    session.add(patient_events.outbox_row(patient, event_type=patient_events.DELETED, occurred_at=now))
+    patient_repository.add_audit(session, patient=patient, actor=actor, action="delete", fields=[],
+                                 request_id=request_id)
+    session.commit()
+
+
+def duplicates(*, session: Session, patient: Patient) -> list[DuplicateCandidate]:
+    """Return likely duplicates of ``patient`` (same birth date + similar name, or same phone)."""
+    candidates = []
+    for row in patient_repository.duplicates_of(session, patient):
+        reasons = [reason for reason in ("same_phone", "similar_name", "sounds_alike") if row[reason]]
+        candidates.append(DuplicateCandidate(
+            id=row["id"], mrn=row["mrn"], name=row["name"], date_of_birth=row["date_of_birth"],
+            phone=row["phone"], reasons=reasons, score=round(float(row["score"]), 3),
+        ))
+    return candidates
+
+
+def audit(*, session: Session, patient_id: str | uuid.UUID) -> Sequence[AuditEntry]:
+    """Return the audit trail of a patient, deleted ones included.
+
+    Raises:
+        NotFound: the id never belonged to a patient.
+    """
+    parsed = parse_id(patient_id)
+    if parsed is None or not patient_repository.exists_any(session, parsed):
+        raise NotFound("Patient not found")
+    return patient_repository.audit_trail(session, parsed)
+
+
+# -- billing outcomes (the retry worker) --------------------------------------------------
+
+def billing_opened(*, session: Session, patient_id: uuid.UUID, account_id: str, status: str, actor: str) -> bool:
+    """Record an opened billing account: a change of the patient (version + event + audit).
+
+    Returns False when the patient was deleted or already has its account meanwhile.
+    """
+    patient = patient_repository.get_active(session, patient_id, for_update=True)
+    if patient is None or patient.billing_status != BillingStatus.PENDING:
+        session.rollback()
+        return False
+    now = datetime.now(UTC)
+    patient.billing_account_id = account_id
+    patient.billing_status = status
+    patient.billing_next_attempt_at = None
+    patient.version += 1
+    patient.updated_at = now
+    session.add(patient_events.outbox_row(patient, event_type=patient_events.UPDATED, occurred_at=now))
+    patient_repository.add_audit(session, patient=patient, actor=actor, action="update",
+                                 fields=["billingAccountId", "billingStatus"], request_id=None)
+    session.commit()
+    return True
+
+
+def billing_failed(*, session: Session, patient_id: uuid.UUID, settings: Settings) -> int:
+    """Push the patient's next billing attempt back (doubling backoff); return attempts so far."""
+    from api.patient.billing_sync import backoff
+
+    patient = session.get(Patient, patient_id)
+    attempts = (patient.billing_attempts if patient else 0) + 1
+    patient_repository.postpone_billing(
+        session, patient_id, next_attempt_at=datetime.now(UTC) + backoff(settings, attempts)
+    )
+    session.commit()
+    return attempts
+
+
+def create_many(*, session: Session, items: Sequence[PatientCreate], actor: str) -> int:
+    """Register many patients in one transaction through the bulk path (COPY), with outbox and audit.
+
+    Same rules as :func:`create` except billing (all start PENDING; the retry worker opens
+    the accounts) and duplicate emails, which are skipped instead of failing the batch.
+    Returns how many were inserted.
+    """
+    if not items:
+        return 0
+    now = datetime.now(UTC)
+    mrns = patient_repository.next_mrns(session, len(items))
+    patients: dict[uuid.UUID, Patient] = {}
+    rows = []
+    for item, mrn in zip(items, mrns, strict=True):
+        patient = Patient(id=uuid.uuid4(), mrn=mrn, **item.model_dump(include=set(EDITABLE_FIELDS)),
+                          billing_status=BillingStatus.PENDING, version=1, created_at=now, updated_at=now)
+        patients[patient.id] = patient
+        rows.append(tuple(getattr(patient, column) for column in patient_repository.PATIENT_COPY_COLUMNS))
+    inserted = patient_repository.bulk_insert_patients(session, rows)
+    outbox, audit_rows = [], []
+    for patient_id in (pid for pid in patients if pid in inserted):
+        patient = patients[patient_id]
+        event = patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now)
+        outbox.append((event.event_id, patient_id, 1, event.event_type, event.payload, now))
+        fields = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
+        audit_rows.append((patient_id, actor, "create", fields, 1, now))
+    patient_repository.copy_rows(session, "patient_outbox", patient_repository.OUTBOX_COPY_COLUMNS, outbox)
+    patient_repository.copy_rows(session, "patient_audit", patient_repository.AUDIT_COPY_COLUMNS, audit_rows)
+    session.commit()
+    return len(inserted)
