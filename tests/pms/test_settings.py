@@ -1,0 +1,142 @@
+"""The one Settings: precedence, nested variables, secrets policy, and the child-process round trip."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from pms.settings import Mode, Settings, read_or_create_secret, to_env
+
+EXTERNAL_URL = "postgresql://pms:pw@db.example:5432/postgres"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No developer PMS_* variable leaks in; generated secrets land in tmp_path, not in ./.pms."""
+    for key in list(os.environ):
+        if key.startswith("PMS_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PMS_DATA_DIR", str(tmp_path / "data"))
+    yield
+
+
+def _dotenv(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / ".env"
+    path.write_text(text)
+    return path
+
+
+def test_env_var_beats_dotenv_beats_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).patient.port == 4000  # type: ignore[call-arg]
+    dotenv = _dotenv(tmp_path, "PMS_PATIENT__PORT=4100\nPMS_LOG_LEVEL=DEBUG\nPMS_AUTH__PORT=4105\n")
+    from_file = Settings(_env_file=dotenv)  # type: ignore[call-arg]
+    assert (from_file.patient.port, from_file.log_level, from_file.auth.port) == (4100, "DEBUG", 4105)
+    monkeypatch.setenv("PMS_PATIENT__PORT", "4200")
+    both = Settings(_env_file=dotenv)  # type: ignore[call-arg]
+    assert both.patient.port == 4200  # the variable wins ...
+    assert both.auth.port == 4105  # ... and the file still fills what the environment does not set
+    assert both.patient.billing_timeout_s == 2.0  # untouched nested field keeps its default
+
+
+def test_seed_ports_are_the_defaults() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    ports = {name: getattr(settings, name).port
+             for name in ("gateway", "auth", "patient", "analytics", "billing", "dashboard", "postgres")}
+    assert ports == {"gateway": 4004, "auth": 4005, "patient": 4000, "analytics": 4002, "billing": 9001,
+                     "dashboard": 8501, "postgres": 5432}
+    assert settings.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.kafka.topic == "patient"
+
+
+def test_nested_variables_and_json_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_JWT__TTL_S", "60")
+    monkeypatch.setenv("PMS_KAFKA__TOPIC", "patient-test")
+    monkeypatch.setenv("PMS_GATEWAY__CORS_ORIGINS", '["https://clinic.example"]')
+    monkeypatch.setenv("PMS_PATIENT__SEED_DEMO_DATA", "false")
+    monkeypatch.setenv("PMS_KAFKA_BOOTSTRAP_SERVERS", "kafka:9092")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.jwt.ttl_s == 60
+    assert settings.kafka.topic == "patient-test"
+    assert settings.gateway.cors_origins == ["https://clinic.example"]
+    assert settings.patient.seed_demo_data is False
+    assert settings.bootstrap_servers == "kafka:9092"  # the top-level override wins over kafka.bootstrap_servers
+
+
+def test_bad_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_PATIENT__PORT", "not-a-port")
+    with pytest.raises(ValidationError, match=r"patient\.port"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_embedded_mode_generates_a_private_stable_jwt_secret(tmp_path: Path) -> None:
+    first = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert first.mode is Mode.EMBEDDED
+    assert first.jwt.secret is not None and len(first.jwt.secret.get_secret_value()) >= 32
+    key = tmp_path / "data" / "secrets" / "jwt.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert Settings(_env_file=None).jwt.secret == first.jwt.secret  # type: ignore[call-arg]
+
+
+def test_external_mode_refuses_a_missing_jwt_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_DATABASE_URL", EXTERNAL_URL)
+    with pytest.raises(ValidationError, match="PMS_JWT__SECRET is required"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    assert not (tmp_path / "data" / "secrets" / "jwt.key").exists(), "external mode must not invent a secret"
+
+
+def test_short_jwt_secret_is_refused_in_every_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_JWT__SECRET", "x" * 31)
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("PMS_DATABASE_URL", EXTERNAL_URL)
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("PMS_JWT__SECRET", "x" * 32)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.mode is Mode.EXTERNAL
+
+
+def test_database_urls_per_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMS_DATABASE_URL", EXTERNAL_URL)
+    monkeypatch.setenv("PMS_JWT__SECRET", "s" * 40)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    url = settings.database_url_for("patients")
+    assert (url.drivername, url.database, url.host, url.username) == ("postgresql+psycopg", "patients",
+                                                                       "db.example", "pms")
+    with pytest.raises(ValueError, match="unknown service database"):
+        settings.database_url_for("postgres")
+    assert "pw" not in repr(settings)  # secrets stay masked in reprs and logs
+
+
+def test_to_env_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=tmp_path / "elsewhere",
+        database_url=SecretStr(EXTERNAL_URL),
+        kafka_bootstrap_servers="kafka:9092",
+        jwt={"secret": SecretStr("k" * 40), "ttl_s": 120},
+        admin_password=SecretStr("admin-pw"),
+        gateway={"port": 14004, "cors_origins": ["https://a.example", "https://b.example"]},
+        patient={"seed_demo_data": False, "billing_timeout_s": 0.5},
+        billing={"target": "billing:9001"},
+    )
+    env = to_env(original)
+    assert env["PMS_JWT__SECRET"] == "k" * 40  # children get the real secret, not a mask
+    assert env["PMS_DATA_DIR"] == str((tmp_path / "elsewhere").resolve())
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rebuilt = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert rebuilt.model_dump() == original.model_dump()
+
+
+def test_read_or_create_secret_creates_once(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "secret"
+    first = read_or_create_secret(path, nbytes=18)
+    assert len(first) >= 24
+    assert read_or_create_secret(path, nbytes=18) == first
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
