@@ -270,3 +270,36 @@ def test_stop_flips_health_to_not_serving_for_watchers(billing_settings: Setting
 def test_port_in_use_is_a_clear_error(billing_server: BillingServer, billing_settings: Settings) -> None:
     with pytest.raises(RuntimeError, match="cannot listen"):
         build_server(billing_settings, port=billing_server.port)
+
+
+def test_create_racing_an_uncommitted_insert_waits_and_returns_the_winner(
+    stub, patient_id_factory, billing_settings: Settings
+) -> None:
+    """Deterministic version of the race: a competing transaction holds the patient's row uncommitted.
+
+    The create must block on the unique index, then return the winner's account with created=False
+    (a check-then-insert would instead fail with a unique violation once the winner commits).
+    """
+    patient_id = patient_id_factory()
+    engine = db.engine_for(billing_settings, "billing")
+    with engine.connect() as winner:
+        winner_tx = winner.begin()
+        winner_account = winner.execute(
+            text("INSERT INTO billing_accounts (patient_id) VALUES (:p) RETURNING id"), {"p": patient_id}
+        ).scalar_one()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(_create, stub, patient_id)
+
+            def create_is_blocked_on_the_row() -> bool:
+                with engine.connect() as probe:
+                    return bool(probe.execute(text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'billing' AND wait_event_type = 'Lock'"
+                        " AND query LIKE 'INSERT INTO billing_accounts%'")).scalar_one())
+
+            process.wait_until(create_is_blocked_on_the_row, timeout=10, message="create to wait on the row lock")
+            assert not pending.done()
+            winner_tx.commit()
+            reply = pending.result(timeout=10)
+    assert reply.created is False
+    assert reply.account_id == str(winner_account)
+    assert _accounts_of(billing_settings, patient_id) == 1
