@@ -64,7 +64,7 @@ else:
     selected = st.selectbox("Open a record", [None, *ids], key="patients_open",
                             format_func=lambda i: "Choose a patient…" if i is None else labels.get(i, i))
     if selected and selected != st.session_state.get("patient_id"):
-        for key in ("confirm_delete", "edit_errors", "edit_conflict"):
+        for key in ("confirm_delete", "edit_errors", "edit_conflict", "edit_base"):
             st.session_state.pop(key, None)
         st.session_state["patient_id"] = selected
 
@@ -113,7 +113,7 @@ def _overview(patient: dict[str, Any]) -> None:
     if yes.button("Yes, delete", type="primary", icon=":material/delete_forever:", key="delete_confirm"):
         ui.client().delete_patient(str(patient["id"]))
         forget_patients()
-        for key in ("patient_id", "confirm_delete", "patients_open"):
+        for key in ("patient_id", "confirm_delete", "patients_open", "edit_base"):
             st.session_state.pop(key, None)
         st.toast("Patient deleted.", icon=":material/delete:")
         st.rerun()
@@ -127,26 +127,33 @@ def _edit(patient: dict[str, Any]) -> None:
     conflict = st.session_state.get("edit_conflict")
     if conflict:
         st.warning(conflict, icon=":material/sync_problem:")
-    version = patient.get("version")
+    # The form edits the version the user opened, not whatever the last rerun fetched: otherwise
+    # a colleague's save would silently swap the form (and drop this user's typing) instead of
+    # answering this user's save with a 409 that we can explain.
+    base = st.session_state.get("edit_base")
+    if not base or base[0] != patient["id"]:
+        base = (patient["id"], patient.get("version"), dict(patient))
+        st.session_state["edit_base"] = base
+    _, version, shown = base
     key = f"edit_{patient['id']}_{version}"
-    dob = date.fromisoformat(patient["dateOfBirth"]) if patient.get("dateOfBirth") else None
+    dob = date.fromisoformat(shown["dateOfBirth"]) if shown.get("dateOfBirth") else None
     with st.form(key, border=False):
         values: dict[str, Any] = {
-            "name": st.text_input("Full name", value=patient.get("name") or "", max_chars=100),
+            "name": st.text_input("Full name", value=shown.get("name") or "", max_chars=100),
         }
         ui.field_error(errors, "name")
-        values["email"] = st.text_input("E-mail", value=patient.get("email") or "")
+        values["email"] = st.text_input("E-mail", value=shown.get("email") or "")
         ui.field_error(errors, "email")
-        values["phone"] = st.text_input("Phone", value=patient.get("phone") or "")
+        values["phone"] = st.text_input("Phone", value=shown.get("phone") or "")
         ui.field_error(errors, "phone")
-        values["address"] = st.text_input("Street address", value=patient.get("address") or "")
+        values["address"] = st.text_input("Street address", value=shown.get("address") or "")
         ui.field_error(errors, "address")
-        values["city"] = st.text_input("City", value=patient.get("city") or "")
+        values["city"] = st.text_input("City", value=shown.get("city") or "")
         ui.field_error(errors, "city")
         values["dateOfBirth"] = st.date_input("Date of birth", value=dob, min_value=date(1900, 1, 1),
                                               max_value=date.today(), format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
-        current = patient.get("gender") or ""
+        current = shown.get("gender") or ""
         values["gender"] = st.selectbox("Gender", GENDERS, index=GENDERS.index(current) if current in GENDERS else 0,
                                         format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
@@ -158,8 +165,8 @@ def _edit(patient: dict[str, Any]) -> None:
     data = {k: (v.isoformat() if isinstance(v, date) else (v.strip() if isinstance(v, str) else v))
             for k, v in values.items()}
     data = {k: v for k, v in data.items() if v not in ("", None) or k in ("name", "email", "address")}
-    st.session_state.pop("edit_conflict", None)
-    st.session_state.pop("edit_errors", None)
+    for stale in ("edit_conflict", "edit_errors"):
+        st.session_state.pop(stale, None)
     try:
         ui.client().update_patient(str(patient["id"]), data, version=version)
     except Conflict as exc:
@@ -171,9 +178,11 @@ def _edit(patient: dict[str, Any]) -> None:
                 "It has been reloaded with their changes; make your edit again. "
                 f"Server: {exc.message}"
             )
+            st.session_state.pop("edit_base", None)
     except InvalidInput as exc:
         st.session_state["edit_errors"] = exc.errors or {"form": exc.message}
     else:
+        st.session_state.pop("edit_base", None)
         forget_patients()
         st.toast("Changes saved.", icon=":material/check_circle:")
     st.rerun()

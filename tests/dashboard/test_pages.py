@@ -1,0 +1,361 @@
+"""Page logic with Streamlit's AppTest against the stand-in gateway (a real HTTP server)."""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+
+import pytest
+
+from dashboard.client import AuthSession, GatewayClient
+from tests.dashboard.conftest import login, new_app, signed_in_app, texts
+from tests.dashboard.stub_gateway import PASSWORD, StubGateway
+
+
+def _patient(n: int, **extra: str) -> dict[str, str]:
+    return {"name": f"Patient {n:03d}", "email": f"p{n}@example.com", "address": f"{n} High St",
+            "dateOfBirth": "1970-01-01", "registeredDate": date.today().isoformat(), "city": "Leeds", **extra}
+
+
+def _seed(stub: StubGateway, count: int) -> list[str]:
+    c = GatewayClient(stub.url, stub.token("STAFF"))
+    return [c.create_patient(_patient(n)).patient["id"] for n in range(count)]
+
+
+# --- login -----------------------------------------------------------------------------------
+
+
+def test_signed_out_shows_only_the_login_page(stub: StubGateway) -> None:
+    at = new_app(stub.url).run()
+    assert not at.exception
+    assert "Patient Management" in at.title[0].value
+    assert at.text_input(key="login_email") is not None
+    with pytest.raises(ValueError, match="navigation page"):
+        at.switch_page("app_pages/patients.py")
+
+
+def test_wrong_login_says_so_and_keeps_no_token(stub: StubGateway) -> None:
+    at = login(new_app(stub.url), "staff@pms.local", "not-the-password")
+    assert any("not correct" in t for t in texts(at.error))
+    assert "auth" not in at.session_state
+
+
+def test_empty_login_is_refused_without_a_call(stub: StubGateway) -> None:
+    at = login(new_app(stub.url), "", "")
+    assert any("Enter your e-mail and password" in t for t in texts(at.error))
+    assert stub.state.calls["POST /auth/login"] == 0
+
+
+def test_too_many_attempts_says_when_to_retry(stub: StubGateway) -> None:
+    at = new_app(stub.url)
+    for _ in range(5):
+        login(at, "staff@pms.local", "wrong-password")
+    at = login(at, "staff@pms.local", PASSWORD)
+    assert any("Too many sign-in attempts" in t and "300 s" in t for t in texts(at.error))
+    assert "auth" not in at.session_state
+
+
+def test_login_opens_the_staff_pages_and_forgets_the_password(stub: StubGateway) -> None:
+    at = login(new_app(stub.url), "staff@pms.local")
+    assert not at.exception
+    auth = at.session_state["auth"]
+    assert isinstance(auth, AuthSession) and auth.role == "STAFF"
+    assert "login_password" not in at.session_state
+    assert at.title[0].value.endswith("Patients")
+    at.switch_page("app_pages/register.py").run()
+    assert at.title[0].value.endswith("Register patient")
+    with pytest.raises(ValueError, match="navigation page"):
+        at.switch_page("app_pages/users.py")
+
+
+def test_sign_out_returns_to_login(stub: StubGateway) -> None:
+    at = login(new_app(stub.url), "staff@pms.local")
+    at.button(key="sign_out").click().run()
+    assert "auth" not in at.session_state
+    assert any("signed out" in t for t in texts(at.info))
+    assert at.session_state["gateway_url"] == stub.url
+
+
+def test_expired_token_sends_back_to_login_with_a_note(stub: StubGateway) -> None:
+    # The server refuses the token although the dashboard thinks it is still valid (revoked/expired).
+    at = signed_in_app(stub, "STAFF")
+    at.session_state["auth"] = AuthSession(token=stub.token("STAFF", ttl_s=-60), role="STAFF",
+                                           email="staff@pms.local", expires_at=time.time() + 600)
+    at.run()
+    assert not at.exception
+    assert "auth" not in at.session_state
+    assert any("session has expired" in t for t in texts(at.info))
+
+
+def test_locally_expired_session_goes_to_login_without_calling(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "STAFF")
+    at.session_state["auth"] = AuthSession(token=stub.token("STAFF"), role="STAFF", email="staff@pms.local",
+                                           expires_at=time.time() - 1)
+    at.run()
+    assert "auth" not in at.session_state
+    assert any("session has expired" in t for t in texts(at.info))
+    assert stub.state.calls["GET /api/patients"] == 0
+
+
+def test_gateway_down_shows_a_banner_and_recovers(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "STAFF")
+    stub.state.down = True
+    at.run()
+    assert not at.exception
+    assert any("not reachable" in t for t in texts(at.error))
+    stub.state.down = False
+    at.run()
+    assert not any("not reachable" in t for t in texts(at.error))
+    assert any("No patients yet" in t for t in texts(at.info))
+
+
+# --- role gating -----------------------------------------------------------------------------
+
+
+def test_analyst_sees_analytics_only(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ANALYST").run()
+    assert not at.exception
+    assert at.title[0].value.endswith("Analytics")
+    for page in ("app_pages/patients.py", "app_pages/register.py", "app_pages/users.py"):
+        with pytest.raises(ValueError, match="navigation page"):
+            at.switch_page(page)
+
+
+def test_audit_tab_is_for_admin_only(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    labels = {}
+    for role in ("STAFF", "ADMIN"):
+        at = signed_in_app(stub, role).run()
+        at.selectbox(key="patients_open").select(pid).run()
+        assert not at.exception
+        labels[role] = [t.label for t in at.tabs]
+    assert "Audit trail" not in labels["STAFF"]
+    assert "Audit trail" in labels["ADMIN"]
+    at.switch_page("app_pages/patients.py").run()
+    assert any("CREATE" in str(df.value.to_dict()) for df in at.dataframe)
+
+
+def test_users_page_refuses_non_admin_even_if_opened(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ADMIN").run()
+    at.switch_page("app_pages/users.py")
+    at.session_state["auth"] = AuthSession(token=stub.token("STAFF"), role="STAFF", email="staff@pms.local",
+                                           expires_at=time.time() + 600)
+    at.run()
+    assert stub.state.calls["GET /auth/users"] == 0
+
+
+# --- register --------------------------------------------------------------------------------
+
+
+def _fill_register(at, **values: object) -> None:  # type: ignore[no-untyped-def]
+    n = at.session_state["register_form_n"]
+    for name, value in values.items():
+        widget = at.date_input(key=f"reg_{n}_{name}") if name in ("dateOfBirth", "registeredDate") else (
+            at.selectbox(key=f"reg_{n}_{name}") if name == "gender" else at.text_input(key=f"reg_{n}_{name}"))
+        widget.set_value(value) if name == "gender" else widget.input(value) if isinstance(value, str) \
+            else widget.set_value(value)
+
+
+def test_register_shows_each_server_reason_under_its_field(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, email="not-an-email", phone="abc")
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    errors = texts(at.error)
+    for reason in ("Name is required", "Not a valid email address", "Address is required", "Field required",
+                   "Not a valid phone number"):
+        assert reason in errors, errors
+    # Each reason sits in the form column of its field, right after it.
+    left, right = (at.form[0].columns[i].children.values() for i in (0, 1))
+    assert [type(e).__name__ for e in left] == ["TextInput", "Error"] * 4  # name, email, phone, address
+    assert [type(e).__name__ for e in right] == ["TextInput", "DateInput", "Error", "Selectbox", "DateInput"]
+    assert not stub.state.patients
+
+
+def test_register_success_shows_mrn_and_billing_and_clears_the_form(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Ada Lovelace", email="ada@example.com", address="12 St James Sq", city="London",
+                   phone="+44 20 7946 0000", dateOfBirth=date(1965, 12, 10),
+                   gender="female")
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    [patient] = stub.state.patients.values()
+    assert patient["gender"] == "female" and patient["city"] == "London"
+    success = texts(at.success)
+    assert any(patient["mrn"] in t and "ACTIVE" in t for t in success), success
+    assert at.session_state["register_form_n"] == 1
+    assert at.text_input(key="reg_1_name").value == ""
+
+
+def test_register_duplicate_email_is_shown_on_the_email_field(stub: StubGateway) -> None:
+    _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Someone Else", email="P0@example.com", address="9 Road", dateOfBirth=date(1990, 1, 1))
+    at.form_submit_button[0].click().run()
+    assert "A patient with this email already exists" in texts(at.error)
+    assert len(stub.state.patients) == 1
+
+
+def test_possible_duplicates_are_shown_and_can_be_discarded(stub: StubGateway) -> None:
+    _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="patient 000", email="other@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    at.form_submit_button[0].click().run()
+    assert any("Possible duplicate" in t for t in texts(at.warning))
+    assert not at.success
+    at.button(key="dup_discard").click().run()
+    assert not at.exception
+    assert sum(1 for p in stub.state.patients.values() if not p.get("_deleted")) == 1
+
+
+def test_possible_duplicate_can_be_kept(stub: StubGateway) -> None:
+    _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Patient 000", email="keep@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    at.form_submit_button[0].click().run()
+    at.button(key="dup_keep").click().run()
+    assert any("registered" in t for t in texts(at.success))
+    assert sum(1 for p in stub.state.patients.values() if not p.get("_deleted")) == 2
+
+
+# --- patients --------------------------------------------------------------------------------
+
+
+def test_search_and_server_side_pagination(stub: StubGateway) -> None:
+    _seed(stub, 30)
+    at = signed_in_app(stub, "STAFF").run()
+    assert any("1 to 25" in t and "30" in t for t in texts(at.caption))
+    assert len(at.dataframe[0].value) == 25
+    at.button(key="patients_next").click().run()
+    assert any("26 to 30" in t for t in texts(at.caption))
+    assert len(at.dataframe[0].value) == 5
+    assert at.button(key="patients_next").disabled
+    assert stub.state.calls["GET /api/patients"] == 2
+    at.text_input(key="patients_q").input("p17@").run()
+    assert any("1 to 1" in t and "of **1**" in t for t in texts(at.caption))
+    assert at.dataframe[0].value["Name"].tolist() == ["Patient 017"]
+    at.text_input(key="patients_q").input("nobody-like-this").run()
+    assert any("No patient matches" in t for t in texts(at.info))
+
+
+def test_edit_saves_with_version_and_explains_a_conflict(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    form = at.form[0]
+    form.text_input[4].input("York")  # city
+    form.form_submit_button[0].click()
+    at.run()
+    assert not at.exception
+    assert stub.state.patients[pid]["city"] == "York" and stub.state.patients[pid]["version"] == 2
+    # A colleague saves in between: our form still holds version 2.
+    c = GatewayClient(stub.url, stub.token("ADMIN"))
+    c.update_patient(pid, {**{k: stub.state.patients[pid][k] for k in ("name", "email", "address", "dateOfBirth")},
+                           "city": "Hull"}, version=2)
+    at.form[0].text_input[4].input("Leeds")
+    at.form[0].form_submit_button[0].click()
+    at.run()
+    assert any("Someone else changed this record" in t for t in texts(at.warning))
+    assert stub.state.patients[pid]["city"] == "Hull"
+    assert at.form[0].text_input[4].value == "Hull"  # reloaded with their change
+
+
+def test_edit_shows_field_errors(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    at.form[0].text_input[1].input("broken")
+    at.form[0].form_submit_button[0].click()
+    at.run()
+    assert "Not a valid email address" in texts(at.error)
+    assert stub.state.patients[pid]["version"] == 1
+
+
+def test_delete_needs_confirmation(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    at.button(key="delete_patient").click().run()
+    assert not stub.state.patients[pid].get("_deleted")
+    at.button(key="delete_cancel").click().run()
+    at.button(key="delete_patient").click().run()
+    at.button(key="delete_confirm").click().run()
+    assert not at.exception
+    assert stub.state.patients[pid]["_deleted"]
+    assert any("No patients yet" in t for t in texts(at.info))
+
+
+def test_fhir_download_is_offered(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    assert stub.state.calls[f"GET /api/patients/{pid}/fhir"] == 1
+    assert at.get("download_button")
+
+
+# --- analytics -------------------------------------------------------------------------------
+
+
+def test_analytics_tiles_and_charts(stub: StubGateway) -> None:
+    _seed(stub, 12)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/analytics.py").run()
+    assert not at.exception
+    tiles = {m.label: m.value for m in at.metric}
+    assert tiles["Active patients"] == "12"
+    assert tiles["New today"] == "12"
+    assert len(at.get("vega_lite_chart")) == 3
+    badge = [t for t in texts(at.markdown) if "as of" in t]
+    assert badge and "lag 0 events" in badge[0] and "p99 freshness 180 ms" in badge[0]
+
+
+def test_analytics_empty_states_and_suppression_for_analyst(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ANALYST").run()
+    assert {m.label: m.value for m in at.metric}["Active patients"] == "0"
+    assert any("No city data yet" in t for t in texts(at.info))
+    _seed(stub, 3)
+    import streamlit as st
+
+    st.cache_data.clear()
+    at.run()
+    assert any("suppressed for privacy" in t for t in texts(at.caption))
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+def test_admin_creates_user_with_field_errors_then_changes_role(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ADMIN").run()
+    at.switch_page("app_pages/users.py").run()
+    assert not at.exception
+    assert any("3 accounts" in t for t in texts(at.caption))
+    at.text_input(key="user_0_email").input("new@pms.local")
+    at.text_input(key="user_0_password").input("short")
+    at.form_submit_button[0].click().run()
+    assert "Password must be at least 12 characters" in texts(at.error)
+    at.text_input(key="user_0_password").input("a-long-enough-password")
+    at.selectbox(key="user_0_role").select("ANALYST")
+    at.form_submit_button[0].click().run()
+    assert stub.state.users["new@pms.local"]["role"] == "ANALYST"
+    assert any("4 accounts" in t for t in texts(at.caption))
+    uid = stub.state.users["new@pms.local"]["id"]
+    at.selectbox(key="user_edit_id").select(uid).run()
+    at.selectbox(key=f"user_edit_role_{uid}").select("STAFF")
+    at.toggle(key=f"user_edit_active_{uid}").set_value(False)
+    at.button(key="user_edit_save").click().run()
+    assert not at.exception
+    assert stub.state.users["new@pms.local"]["role"] == "STAFF"
+    assert stub.state.users["new@pms.local"]["active"] is False
+
+
+def test_admin_cannot_demote_themselves_from_the_ui(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ADMIN").run()
+    at.switch_page("app_pages/users.py").run()
+    me = stub.state.users["admin@pms.local"]["id"]
+    at.selectbox(key="user_edit_id").select(me).run()
+    assert at.button(key="user_edit_save").disabled
