@@ -15,13 +15,13 @@ import pytest
 
 from pms import process
 from pms.settings import Settings
-from tests.fixtures.servers import ServerSet, start_servers
+from tests.fixtures.servers import ServerSet, server_data_dir, start_servers
 from tests.fixtures.services import ServiceProcess
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerSet]:
-    with start_servers(tmp_path_factory.mktemp("pms-data")) as running:
+def servers() -> Iterator[ServerSet]:
+    with server_data_dir() as data_dir, start_servers(data_dir) as running:
         yield running
 
 
