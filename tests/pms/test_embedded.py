@@ -1,12 +1,17 @@
-"""The embedded servers: databases, roles and extensions exist; restart keeps data."""
+"""The embedded servers: databases, roles and extensions exist; stop/restart/crash keep data."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
+import psutil
 import psycopg
 import pytest
 
-from pms.embedded import broker_ready, libpq_dsn
-from pms.settings import SERVICE_DATABASES
+from pms import process
+from pms.embedded import EmbeddedBroker, EmbeddedPostgres, PortInUseError, broker_ready, libpq_dsn
+from pms.settings import SERVICE_DATABASES, KafkaSettings, PostgresSettings, Settings
 from tests.fixtures.servers import ServerSet
 
 pytestmark = pytest.mark.integration
@@ -34,3 +39,84 @@ def test_analyst_role_reads_analytics_only(servers: ServerSet) -> None:
 
 def test_broker_answers(servers: ServerSet) -> None:
     assert broker_ready(servers.settings.bootstrap_servers)
+
+
+# -- lifecycle of servers of our own (the session's are shared by every test) -------------------
+
+
+@pytest.fixture
+def own_settings(data_dir: Path) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=data_dir,
+        postgres=PostgresSettings(port=process.free_port()),
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{process.free_port()}"),
+    )
+
+
+def _server_pids(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+
+
+def _gone(procs: list[psutil.Process]) -> bool:
+    return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+
+
+def test_postgres_start_stop_restart_and_crash_keep_data(own_settings: Settings) -> None:
+    postgres = EmbeddedPostgres(own_settings)
+    assert postgres.initialise() is True
+    assert postgres.initialise() is False  # an existing cluster is reused, never re-created
+    proc = postgres.start()
+    tree = _server_pids(proc)
+    dsn = libpq_dsn(own_settings.database_url_for("patients"))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO kept VALUES (1)")
+        with pytest.raises(PortInUseError, match="PMS_POSTGRES__PORT"):
+            EmbeddedPostgres(own_settings).start()
+
+        postgres.stop()
+        assert postgres.proc is None
+        assert _gone(tree)
+        assert not process.port_in_use("127.0.0.1", own_settings.postgres.port)
+
+        postgres.start()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT id FROM kept").fetchall() == [(1,)]
+            conn.execute("INSERT INTO kept VALUES (2)")  # committed, then the server is killed
+
+        postgres.kill()  # crash: PostgreSQL recovers from its WAL on the next start
+        postgres.start()
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT id FROM kept ORDER BY id").fetchall() == [(1,), (2,)]
+        assert postgres.is_ready()
+    finally:
+        postgres.stop()
+    assert not postgres.is_ready()
+
+
+def test_broker_restart_forgets_topics(own_settings: Settings) -> None:
+    """Tansu keeps topics in memory: why the outbox, not the broker, is the durable history."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    broker = EmbeddedBroker(own_settings)
+    proc = broker.start()
+    try:
+        with pytest.raises(PortInUseError, match="PMS_KAFKA__BOOTSTRAP_SERVERS"):
+            EmbeddedBroker(own_settings).start()
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+        for future in admin.create_topics([NewTopic("remember-me", num_partitions=1)]).values():
+            future.result(timeout=10)
+        assert "remember-me" in admin.list_topics(timeout=10).topics
+
+        tree = _server_pids(proc)
+        broker.stop()
+        assert _gone(tree)
+        assert not broker_ready(broker.bootstrap_servers)
+
+        broker.start()
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+        assert "remember-me" not in admin.list_topics(timeout=10).topics
+    finally:
+        broker.stop()

@@ -196,8 +196,8 @@ def _sha(value: str) -> str:
 # -- embedded: the whole lifecycle ---------------------------------------------------------------
 
 
-def test_up_runs_everything_and_sigint_leaves_no_process(tmp_path: Path, run_supervisor: Any) -> None:
-    settings = embedded_settings(tmp_path / "data")
+def test_up_runs_everything_and_sigint_leaves_no_process(data_dir: Path, run_supervisor: Any) -> None:
+    settings = embedded_settings(data_dir)
     run = run_supervisor(settings, {"services": STACK, "policy": FAST_POLICY})
     state = run.wait_ready()
 
@@ -237,8 +237,8 @@ def test_up_runs_everything_and_sigint_leaves_no_process(tmp_path: Path, run_sup
     assert _status(settings)[0] == EXIT_NOT_RUNNING
 
 
-def test_data_survives_restart_and_password_is_printed_once(tmp_path: Path, run_supervisor: Any) -> None:
-    settings = embedded_settings(tmp_path / "data")
+def test_data_survives_restart_and_password_is_printed_once(data_dir: Path, run_supervisor: Any) -> None:
+    settings = embedded_settings(data_dir)
     first = run_supervisor(settings, {"services": STACK[:2]})
     first.wait_ready()
     with psycopg.connect(libpq_dsn(settings.database_url_for("patients")), autocommit=True) as conn:
