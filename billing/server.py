@@ -22,15 +22,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
-from billing.servicer import BillingServicer
+from billing import servicer as billing_servicer
+from billing.servicer import SERVICE_NAME, BillingServicer
 from pms import db
-from pms.contracts import billing_pb2, billing_pb2_grpc
 from pms.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Fully qualified name of the service, as health checks and reflection name it.
-SERVICE_NAME: str = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 #: Seconds in-flight calls get to finish after SIGTERM (the supervisor waits 10 s before SIGKILL).
 GRACE_PERIOD_S = 5.0
 #: Largest accepted request: a BillingRequest is a UUID and two short strings.
@@ -109,7 +107,7 @@ def build_server(settings: Settings, *, port: int | None = None, engine: Engine 
             ("grpc.so_reuseport", 0),
         ],
     )
-    billing_pb2_grpc.add_BillingServiceServicer_to_server(servicer, server)
+    billing_servicer.add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -15,6 +15,7 @@ from datetime import UTC
 from typing import NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +26,8 @@ from pms.errors import BadRequest, NotFound, PMSError, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+SERVICE_NAME: str = billing_pb2.DESCRIPTOR.services_by_name["BillingService"].full_name
 
 #: pms.errors class -> gRPC status code (the gRPC twin of the HTTP error handler).
 _STATUS_CODES: dict[type[PMSError], grpc.StatusCode] = {
@@ -61,8 +64,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return self._ready
 
     def CreateBillingAccount(  # noqa: N802 (generated gRPC method name)
-        self, request: billing_pb2.BillingRequest, context: grpc.ServicerContext
+        self, request: billing_pb2.BillingRequest | _Malformed, context: grpc.ServicerContext
     ) -> billing_pb2.BillingResponse:
+        if isinstance(request, _Malformed):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed BillingRequest")
         account = self._run(context, "CreateBillingAccount", lambda: billing_service.create(
             sessions=self._sessions, patient_id=request.patient_id, name=request.name, email=request.email,
         ))
@@ -71,8 +76,10 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
         return _response(account)
 
     def GetBillingAccount(  # noqa: N802 (generated gRPC method name)
-        self, request: billing_pb2.GetBillingAccountRequest, context: grpc.ServicerContext
+        self, request: billing_pb2.GetBillingAccountRequest | _Malformed, context: grpc.ServicerContext
     ) -> billing_pb2.BillingResponse:
+        if isinstance(request, _Malformed):
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed GetBillingAccountRequest")
         account = self._run(context, "GetBillingAccount", lambda: billing_service.get_or_raise(
             sessions=self._sessions, patient_id=request.patient_id,
         ))
@@ -101,6 +108,45 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             # Type only: exception text can carry request values.
             log.error("unhandled error", extra={"fields": {"method": method, "exc_type": type(error).__name__}})
             _abort(context, grpc.StatusCode.INTERNAL, "internal error")
+
+
+class _Malformed:
+    """Stands in for a request whose bytes do not decode (e.g. invalid UTF-8 in a string field)."""
+
+
+_MALFORMED = _Malformed()
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | _Malformed]:
+    def parse(data: bytes) -> Message | _Malformed:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return parse
+
+
+def add_to_server(servicer: BillingServicer, server: grpc.Server) -> None:
+    """Register BillingService on ``server`` (instead of the generated ``add_..._to_server``).
+
+    Same handlers, but a request whose bytes do not decode reaches the servicer as a marker
+    and is answered ``INVALID_ARGUMENT``; grpcio's generated registration answers ``INTERNAL``.
+    """
+    handlers = {
+        "CreateBillingAccount": grpc.unary_unary_rpc_method_handler(
+            servicer.CreateBillingAccount,
+            request_deserializer=_lenient(billing_pb2.BillingRequest),
+            response_serializer=billing_pb2.BillingResponse.SerializeToString,
+        ),
+        "GetBillingAccount": grpc.unary_unary_rpc_method_handler(
+            servicer.GetBillingAccount,
+            request_deserializer=_lenient(billing_pb2.GetBillingAccountRequest),
+            response_serializer=billing_pb2.BillingResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:

@@ -146,6 +146,29 @@ def test_huge_request_is_refused_before_the_handler(stub, patient_id_factory, bi
     assert _accounts_of(billing_settings, patient_id) == 0
 
 
+@pytest.mark.parametrize("method", ["CreateBillingAccount", "GetBillingAccount"])
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"\x0a\x02\xff\xfe", id="invalid-utf8-string"),
+    pytest.param(b"\xff\xff\xff", id="garbage"),
+    pytest.param(b"\x0a\x05ab", id="truncated"),
+])
+def test_undecodable_bytes_are_invalid_argument(channel, method: str, raw: bytes) -> None:
+    call = channel.unary_unary(f"/billing.BillingService/{method}")
+    with pytest.raises(grpc.RpcError) as caught:
+        call(raw, timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed" in caught.value.details()
+
+
+def test_unknown_fields_are_ignored_as_protobuf_says(channel, patient_id_factory) -> None:
+    """Forward compatibility: a newer client's extra field does not break an older server."""
+    patient_id = patient_id_factory()
+    raw = billing_pb2.BillingRequest(patient_id=patient_id).SerializeToString() + b"\x50\x01"  # field 10 = 1
+    reply = billing_pb2.BillingResponse.FromString(
+        channel.unary_unary("/billing.BillingService/CreateBillingAccount")(raw, timeout=5))
+    assert reply.patient_id == patient_id and reply.created is True
+
+
 def test_empty_name_and_email_are_accepted(stub, patient_id_factory) -> None:
     reply = _create(stub, patient_id_factory(), name="", email="")
     assert reply.created is True
