@@ -37,3 +37,5 @@ def configure_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log prints raw query strings, which can hold patient names: silence it.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request's full URL (query included) at INFO: same risk, keep only its warnings.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
