@@ -1,0 +1,58 @@
+"""Gateway dependencies: the pooled client, the caller, the rate limit, the role check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from fastapi import Request
+
+from api.gateway.ratelimit import RateLimiter
+from api.gateway.rules import Access
+from pms.errors import Forbidden, TooManyRequests, Unauthorized
+from pms.security import Principal, bearer_token, decode_token, get_app_settings
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The verified principal, or why there is none (raised only where a route needs a token)."""
+
+    principal: Principal | None
+    error: Unauthorized | None
+
+
+def http_client(request: Request) -> httpx.AsyncClient:
+    return request.app.state.http_client
+
+
+def identify(request: Request) -> Caller:
+    """Verify the bearer token locally with the shared key (no round trip to auth)."""
+    try:
+        principal = decode_token(get_app_settings(request), bearer_token(request))
+    except Unauthorized as exc:
+        return Caller(None, exc)
+    request.state.principal = principal
+    return Caller(principal, None)
+
+
+def limit_rate(request: Request, caller: Caller) -> None:
+    """Count the request against its caller: the token subject, else the client address."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    if caller.principal is not None:
+        key = "sub:" + caller.principal.sub
+    else:
+        key = "addr:" + (request.client.host if request.client else "unknown")
+    wait = limiter.hit(key)
+    if wait is not None:
+        raise TooManyRequests("Too many requests; slow down", retry_after=wait)
+
+
+def authorize(caller: Caller, access: Access) -> Principal | None:
+    """Apply a route's role rule: 401 without a valid token, 403 for a role not allowed."""
+    if access.public:
+        return caller.principal
+    if caller.principal is None:
+        raise caller.error or Unauthorized()
+    if caller.principal.role not in access.roles:
+        raise Forbidden()
+    return caller.principal
