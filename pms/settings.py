@@ -52,9 +52,11 @@ class PatientSettings(HttpService):
     seed_demo_data: bool = True
     #: Outbox relay: idle poll interval and rows per publish batch.
     outbox_poll_interval_s: float = 0.2
+    #: Rows the outbox relay publishes per batch.
     outbox_batch_size: int = 500
     #: Billing retry worker: first and largest backoff between attempts.
     billing_retry_initial_s: float = 0.5
+    #: Largest backoff of the billing retry worker, seconds.
     billing_retry_max_s: float = 30.0
 
 
@@ -62,6 +64,7 @@ class AuthSettings(HttpService):
     port: int = 4005
     #: Failed logins allowed per account and per client address inside the window.
     max_failed_logins: int = 5
+    #: Window, seconds, over which failed logins are counted.
     failed_login_window_s: int = 300
 
 
@@ -69,9 +72,11 @@ class GatewaySettings(HttpService):
     port: int = 4004
     #: Seconds before an upstream call is answered with 504.
     upstream_timeout_s: float = 10.0
+    #: Largest accepted request body, bytes (larger -> 413).
     max_body_bytes: int = 1024 * 1024
     #: Requests per caller (token subject or client address) per minute.
     rate_limit_per_minute: int = 1200
+    #: Browser origins allowed to call the gateway (CORS), a JSON list.
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
 
 
@@ -86,6 +91,7 @@ class BillingSettings(BaseModel):
     port: int = 9001
     #: host:port the patient service dials; defaults to host:port.
     target: str | None = None
+    #: Threads serving gRPC calls.
     max_workers: int = 16
 
     @property
@@ -98,23 +104,29 @@ class DashboardSettings(HttpService):
 
 
 class PipelineSettings(BaseModel):
+    #: Kafka consumer group of the analytics pipeline.
     consumer_group: str = "analytics"
     #: Port of the pipeline's /health, /ready and /metrics endpoint.
     host: str = "127.0.0.1"
     port: int = 4010
     #: Largest batch the sink writes in one transaction, and how long it waits to fill one.
     batch_size: int = 5000
+    #: Seconds the sink waits to fill a batch before writing what it has.
     batch_timeout_s: float = 0.2
     #: Window (events) over which freshness p50/p99 are computed.
     freshness_window: int = 1000
 
 
 class KafkaSettings(BaseModel):
+    #: Address the embedded Tansu broker listens on (PMS_KAFKA_BOOTSTRAP_SERVERS overrides it for clients).
     bootstrap_servers: str = "127.0.0.1:9092"
+    #: Topic of the patient events (protobuf PatientEvent, key = patient id).
     topic: str = "patient"
+    #: Partitions of the patient topic when pms creates it.
     partitions: int = 3
     #: Consumer group timings that make groups join in seconds on Tansu (DESIGN.md section 5).
     session_timeout_ms: int = 6000
+    #: Consumer heartbeat interval; short, so a group notices a lost member quickly.
     heartbeat_interval_ms: int = 500
     #: Topic retention passed explicitly because Tansu does not report it (-1 = keep forever).
     retention_ms: int = -1
@@ -123,9 +135,13 @@ class KafkaSettings(BaseModel):
 class JWTSettings(BaseModel):
     #: HMAC key, at least 32 bytes. Generated into the data dir in embedded mode.
     secret: SecretStr | None = None
+    #: Signing algorithm; verifiers accept this one only.
     algorithm: str = "HS256"
+    #: Token lifetime, seconds.
     ttl_s: int = 3600
+    #: ``iss`` claim the auth service signs and every verifier requires.
     issuer: str = "pms-auth"
+    #: ``aud`` claim the auth service signs and every verifier requires.
     audience: str = "pms"
 
 
@@ -139,20 +155,31 @@ class PostgresSettings(BaseModel):
 class InfraSettings(BaseModel):
     """AWS deployment (``pms infra``): the knobs of the desired stack in ``infra/stack.py``."""
 
+    #: Name prefix of every AWS resource of the stack.
     stack_name: str = "pms"
+    #: AWS region.
     region: str = "us-east-1"
     #: Image every task runs (an ECR URI on real AWS).
     image: str = "pms:latest"
+    #: Tasks per ECS service.
     desired_count: int = 1
+    #: CPU units per task (1024 = one vCPU).
     task_cpu: int = 512
+    #: Memory per task, MiB.
     task_memory: int = 1024
+    #: Address range of the stack's VPC.
     vpc_cidr: str = "10.80.0.0/16"
+    #: RDS instance class of the PostgreSQL database.
     db_instance_class: str = "db.t4g.micro"
+    #: RDS storage, GiB.
     db_allocated_storage_gb: int = 20
+    #: RDS PostgreSQL major version.
     db_engine_version: str = "18"
+    #: CloudWatch log retention, days.
     log_retention_days: int = 30
     #: How long deploy waits for RDS and for every ECS service to reach steady state.
     wait_timeout_s: float = 1200.0
+    #: Seconds between status polls while deploy waits.
     poll_interval_s: float = 5.0
 
 
@@ -179,7 +206,9 @@ class Settings(BaseSettings):
     jwt: JWTSettings = JWTSettings()
     #: First admin; in embedded mode generated and printed once by ``pms up`` when unset.
     admin_email: str = "admin@pms.local"
+    #: Password of the first admin; unset in embedded mode: generated into <data_dir>/secrets/admin.password.
     admin_password: SecretStr | None = None
+    #: Log level of every process (JSON lines on stderr; never patient data).
     log_level: str = "INFO"
 
     postgres: PostgresSettings = PostgresSettings()
