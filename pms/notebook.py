@@ -167,7 +167,11 @@ def process_env(settings: Settings, base: Mapping[str, str] | None = None) -> di
 
 def lab_command(*, port: int | None = None, open_browser: bool = True, token: str | None = None) -> list[str]:
     """The JupyterLab command line ``pms notebooks`` runs (from this environment's Python)."""
-    argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={NOTEBOOK_DIR}"]
+    argv = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={NOTEBOOK_DIR}",
+            # No calls home: the machine may be offline, and it is a clinic's analysis box.
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    if os.geteuid() == 0:  # containers often run as root; Jupyter refuses that unless told
+        argv.append("--allow-root")
     if port is not None:
         argv.append(f"--ServerApp.port={port}")
     if not open_browser:
