@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
+from infra.stack import address_environment, service_port
 from pms.registry import SERVICES, ServiceSpec
-from pms.settings import Settings
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 IMAGE = "${PMS_IMAGE:-pms:latest}"
@@ -40,16 +40,6 @@ HEADER = """\
 """
 
 
-def section_defaults(spec: ServiceSpec) -> Any:
-    """The default settings section of ``spec`` (host/port/url), without building a Settings."""
-    return Settings.model_fields[spec.section].default
-
-
-def internal_address(spec: ServiceSpec) -> tuple[str, int]:
-    """Host name and port other containers use to reach ``spec`` (its compose service name)."""
-    return spec.name, int(section_defaults(spec).port)
-
-
 def service_environment(services: tuple[ServiceSpec, ...] = SERVICES) -> dict[str, str]:
     """``PMS_*`` variables shared by every service container: servers, secrets, addresses."""
     env: dict[str, str] = {
@@ -63,17 +53,8 @@ def service_environment(services: tuple[ServiceSpec, ...] = SERVICES) -> dict[st
         "PMS_ADMIN_PASSWORD": "${PMS_ADMIN_PASSWORD:?set it in .env}",
         "PMS_LOG_LEVEL": "${PMS_LOG_LEVEL:-INFO}",
     }
-    for spec in services:
-        host, port = internal_address(spec)
-        prefix = f"PMS_{spec.section.upper()}__"
-        fields = type(section_defaults(spec)).model_fields
-        env[prefix + "HOST"] = "0.0.0.0"
-        env[prefix + "PORT"] = str(port)
-        if "url" in fields:
-            env[prefix + "URL"] = f"http://{host}:{port}"
-        if "target" in fields:
-            env[prefix + "TARGET"] = f"{host}:{port}"
-    return env
+    # Containers reach each other by compose service name.
+    return env | address_environment(services, lambda spec: spec.name)
 
 
 def _healthcheck(test: list[str], *, interval: str = "10s", retries: int = 10, start: str = "30s") -> dict[str, Any]:
@@ -182,7 +163,7 @@ def _service(spec: ServiceSpec, env: dict[str, str]) -> dict[str, Any]:
     if depends:
         service["depends_on"] = depends
     if spec.public:
-        _, port = internal_address(spec)
+        port = service_port(spec)
         service["ports"] = [f"${{PMS_{spec.name.upper()}_PUBLISHED_PORT:-{port}}}:{port}"]
     return service
 
