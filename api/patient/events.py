@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from typing import Protocol
 
 from api.patient.models import OutboxEvent, Patient
 from pms.contracts import patient_events_pb2
@@ -13,7 +14,21 @@ UPDATED = "PATIENT_UPDATED"
 DELETED = "PATIENT_DELETED"
 
 
-def build_event(patient: Patient, *, event_type: str, occurred_at: datetime) -> patient_events_pb2.PatientEvent:
+class PatientState(Protocol):
+    """What an event is built from: a ``Patient`` row or the bulk path's plain values."""
+
+    id: uuid.UUID
+    version: int
+    name: str
+    email: str
+    gender: str | None
+    date_of_birth: date
+    registered_date: date
+    city: str | None
+    billing_status: str
+
+
+def build_event(patient: PatientState, *, event_type: str, occurred_at: datetime) -> patient_events_pb2.PatientEvent:
     """The event describing ``patient`` as it is now (after the change)."""
     return patient_events_pb2.PatientEvent(
         event_id=str(uuid.uuid4()),

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
@@ -283,6 +284,26 @@ def billing_failed(*, session: Session, patient_id: uuid.UUID, settings: Setting
     return attempts
 
 
+@dataclass(slots=True)
+class _BulkPatient:
+    """Plain values of one bulk-created patient (ORM objects cost ~10x more per row)."""
+
+    id: uuid.UUID
+    mrn: str
+    name: str
+    email: str
+    address: str
+    city: str | None
+    gender: str | None
+    phone: str | None
+    date_of_birth: date
+    registered_date: date
+    billing_status: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
 def create_many(*, session: Session, items: Sequence[PatientCreate], actor: str) -> int:
     """Register many patients in one transaction through the bulk path (COPY), with outbox and audit.
 
@@ -294,19 +315,23 @@ def create_many(*, session: Session, items: Sequence[PatientCreate], actor: str)
         return 0
     now = datetime.now(UTC)
     mrns = patient_repository.next_mrns(session, len(items))
-    patients: dict[uuid.UUID, Patient] = {}
+    patients: dict[uuid.UUID, _BulkPatient] = {}
     rows = []
     for item, mrn in zip(items, mrns, strict=True):
-        patient = Patient(id=uuid.uuid4(), mrn=mrn, **item.model_dump(include=set(EDITABLE_FIELDS)),
-                          billing_status=BillingStatus.PENDING, version=1, created_at=now, updated_at=now)
+        patient = _BulkPatient(
+            id=uuid.uuid4(), mrn=mrn, name=item.name, email=item.email, address=item.address, city=item.city,
+            gender=item.gender, phone=item.phone, date_of_birth=item.date_of_birth,
+            registered_date=item.registered_date, billing_status=BillingStatus.PENDING, version=1,
+            created_at=now, updated_at=now,
+        )
         patients[patient.id] = patient
         rows.append(tuple(getattr(patient, column) for column in patient_repository.PATIENT_COPY_COLUMNS))
     inserted = patient_repository.bulk_insert_patients(session, rows)
     outbox, audit_rows = [], []
     for patient_id in (pid for pid in patients if pid in inserted):
         patient = patients[patient_id]
-        event = patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now)
-        outbox.append((event.event_id, patient_id, 1, event.event_type, event.payload, now))
+        event = patient_events.build_event(patient, event_type=patient_events.CREATED, occurred_at=now)
+        outbox.append((event.event_id, patient_id, 1, patient_events.CREATED, event.SerializeToString(), now))
         fields = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
         audit_rows.append((patient_id, actor, "create", fields, 1, now))
     patient_repository.copy_rows(session, "patient_outbox", patient_repository.OUTBOX_COPY_COLUMNS, outbox)
