@@ -154,9 +154,11 @@ def migrate_until_done(settings: Settings, *, stop: threading.Event, max_backoff
 def run(settings: Settings) -> None:
     """Serve billing until SIGTERM/SIGINT (the registry's ``billing.server:run``)."""
     stop_requested = threading.Event()
+    received: list[int] = []
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("billing stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+        # Only record it here: logging from a signal handler can interleave with the main thread's.
+        received.append(signum)
         stop_requested.set()
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -169,6 +171,7 @@ def run(settings: Settings) -> None:
             billing.mark_serving()
             log.info("billing serving", extra={"fields": {"migrated_in_s": round(time.monotonic() - started, 3)}})
         stop_requested.wait()
+        log.info("billing stopping", extra={"fields": {"signal": signal.Signals(received[0]).name}})
     finally:
         billing.stop(GRACE_PERIOD_S)
         for sig, handler in previous.items():

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr
 
-from billing.client import BillingClient
+from billing.client import BillingClient, BillingUnavailable
 from billing.server import GRACE_PERIOD_S, SERVICE_NAME
-from pms.settings import Settings
+from pms import process
+from pms.settings import Settings, to_env
+from tests.fixtures.servers import ServerSet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -62,3 +68,39 @@ def test_sigint_stops_it_too(start_service, settings: Settings) -> None:
     assert svc.proc is not None
     os.kill(svc.proc.pid, signal.SIGINT)
     assert svc.proc.wait(timeout=GRACE_PERIOD_S + 5) == 0, svc.log_tail()
+
+
+def test_database_down_at_start_keeps_it_alive_not_serving_until_stopped(
+    servers: ServerSet, tmp_path: Path
+) -> None:
+    """No crash loop when PostgreSQL is not there yet: it keeps retrying the migration, NOT_SERVING."""
+    dead_db = f"postgresql://pms:unused@127.0.0.1:{process.free_port()}/postgres"
+    settings = servers.make_settings(
+        database_url=SecretStr(dead_db), billing={"host": "127.0.0.1", "port": process.free_port()})
+    address = f"127.0.0.1:{settings.billing.port}"
+    log_path = tmp_path / "billing.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(settings)}
+    proc = process.spawn([sys.executable, "-m", "pms.cli", "serve", "billing"], log_path=log_path, env=env)
+    try:
+        alive = lambda: proc.poll() is None  # noqa: E731
+        process.wait_until(lambda: _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                           timeout=60, interval=0.1, message="billing to answer NOT_SERVING", alive=alive)
+        process.wait_until(lambda: log_path.read_text().count("billing migration failed; retrying") >= 2,
+                           timeout=30, message="two failed migration attempts", alive=alive)
+        assert _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with BillingClient(address) as client, pytest.raises(BillingUnavailable):
+            client.get_account(patient_id=str(uuid.uuid4()), timeout=5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=GRACE_PERIOD_S + 5) == 0, log_path.read_text()[-2000:]
+        assert "unused" not in log_path.read_text()  # the database password never reaches the log
+    finally:
+        process.stop(proc, timeout=5)
+
+
+def _health(address: str) -> int | None:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+            return reply.status
+    except grpc.RpcError:
+        return None
