@@ -225,3 +225,33 @@ def test_ops_endpoints(auth_http: httpx.Client) -> None:
     assert ready.status_code == 200 and ready.json()["checks"] == {"database": True}
     assert "http_requests_total" in auth_http.get("/metrics").text
     assert "/login" in auth_http.get("/openapi.json").json()["paths"]
+
+
+def test_failed_logins_cost_the_same_whether_or_not_the_user_exists(
+    auth_http: httpx.Client, user_factory: Callable[..., AuthUser]
+) -> None:
+    """No user enumeration by timing: unknown, wrong-password and inactive all pay one argon2 verify.
+
+    Medians of interleaved rounds, with a wide band: without the dummy verification an unknown
+    user answers several times faster than a wrong password, which this catches.
+    """
+    import statistics
+    import time
+
+    active = user_factory("STAFF")
+    inactive = user_factory("STAFF", active=False)
+    cases = {
+        "unknown": (unique_email("ghost"), STRONG_PASSWORD),
+        "wrong": (active.email, STRONG_PASSWORD + "!"),
+        "inactive": (inactive.email, inactive.password),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in cases}
+    for round_no in range(7):
+        for name, (email, password) in cases.items():
+            started = time.perf_counter()
+            reply = login(auth_http, email, password, **{"X-Forwarded-For": f"10.77.{round_no}.{len(name)}"})
+            timings[name].append(time.perf_counter() - started)
+            assert reply.status_code == 401
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    for name in ("unknown", "inactive"):
+        assert 0.5 < medians[name] / medians["wrong"] < 2.0, medians
