@@ -293,7 +293,7 @@ class GatewayClient:
     # users (ADMIN)
 
     def list_users(self) -> list[dict[str, Any]]:
-        body = self._json(self._request("GET", "/auth/users"))
+        body = self._json(self._request("GET", "/auth/users", params={"limit": 500}))
         return list(body.get("items", []) if isinstance(body, dict) else body)
 
     def create_user(self, *, email: str, password: str, role: str) -> dict[str, Any]:

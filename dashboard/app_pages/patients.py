@@ -164,7 +164,8 @@ def _edit(patient: dict[str, Any]) -> None:
         return
     data = {k: (v.isoformat() if isinstance(v, date) else (v.strip() if isinstance(v, str) else v))
             for k, v in values.items()}
-    data = {k: v for k, v in data.items() if v not in ("", None) or k in ("name", "email", "address")}
+    # An emptied optional field is sent as null, which clears it (an omitted field keeps its value).
+    data = {k: (None if v == "" and k not in ("name", "email", "address") else v) for k, v in data.items()}
     for stale in ("edit_conflict", "edit_errors"):
         st.session_state.pop(stale, None)
     try:

@@ -62,9 +62,12 @@ if submitted:
         "name": name.strip(),
         "email": email.strip(),
         "address": address.strip(),
-        "dateOfBirth": dob.isoformat() if dob else None,
-        "registeredDate": registered.isoformat() if registered else None,
     }
+    # A date left empty is omitted, so the server answers "Field required" for it.
+    if dob:
+        data["dateOfBirth"] = dob.isoformat()
+    if registered:
+        data["registeredDate"] = registered.isoformat()
     if phone.strip():
         data["phone"] = phone.strip()
     if city.strip():
@@ -100,7 +103,10 @@ if isinstance(result, Created):
             )
             st.dataframe(
                 [{"MRN": d.get("mrn"), "Name": d.get("name"), "Date of birth": d.get("dateOfBirth"),
-                  "Phone": d.get("phone"), "City": d.get("city")} for d in result.possible_duplicates],
+                  "Phone": d.get("phone"),
+                  "Why": ", ".join(r.replace("_", " ") for r in d.get("reasons") or []) or "similar record",
+                  "Name similarity": f"{float(d['score']):.0%}" if d.get("score") is not None else "—"}
+                 for d in result.possible_duplicates],
                 hide_index=True, width="stretch",
             )
             keep, discard = st.columns(2)

@@ -215,14 +215,17 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
         data = _validate(body, create=True)
         if _email_taken(data["email"]):
             raise Conflict("Email already used", errors={"email": "A patient with this email already exists"})
-        duplicates = [_public(x) for x in _active() if x.get("dateOfBirth") == data["dateOfBirth"]
+        duplicates = [{"id": x["id"], "mrn": x["mrn"], "name": x["name"], "dateOfBirth": x["dateOfBirth"],
+                       "phone": x.get("phone"), "reasons": ["similar_name"], "score": 1.0}
+                      for x in _active() if x.get("dateOfBirth") == data["dateOfBirth"]
                       and x["name"].lower() == data["name"].lower()]
         pid = str(uuid.uuid4())
         state.next_mrn += 1
         patient = {"id": pid, **data, "mrn": f"MRN-{state.next_mrn:07d}", "billingStatus": "ACTIVE",
                    "billingAccountId": f"BA-{state.next_mrn}", "version": 1, "createdAt": _now(), "updatedAt": _now()}
         state.patients[pid] = patient
-        state.audit[pid] = [{"at": _now(), "actor": p.sub, "action": "CREATE", "fields": sorted(data)}]
+        state.audit[pid] = [{"at": _now(), "actor": p.sub, "action": "CREATE", "fields": sorted(data),
+                            "version": 1, "requestId": None}]
         response.headers["Location"] = f"/api/patients/{pid}"
         return {**_public(patient), "possibleDuplicates": duplicates}
 
@@ -248,7 +251,8 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
         patient.update(data)
         patient["version"] += 1
         patient["updatedAt"] = _now()
-        state.audit[pid].append({"at": _now(), "actor": p.sub, "action": "UPDATE", "fields": changed})
+        state.audit[pid].append({"at": _now(), "actor": p.sub, "action": "UPDATE", "fields": changed,
+                                 "version": patient["version"], "requestId": None})
         return _public(patient)
 
     @app.delete("/api/patients/{pid}", status_code=204)
@@ -257,7 +261,8 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
         patient = _live(pid)
         patient["_deleted"] = True
         patient["_removed_on"] = date.today().isoformat()
-        state.audit[pid].append({"at": _now(), "actor": p.sub, "action": "DELETE", "fields": []})
+        state.audit[pid].append({"at": _now(), "actor": p.sub, "action": "DELETE", "fields": [],
+                                 "version": patient["version"] + 1, "requestId": None})
         return Response(status_code=204)
 
     @app.get("/api/patients/{pid}/audit")
