@@ -326,3 +326,19 @@ def test_create_racing_an_uncommitted_insert_waits_and_returns_the_winner(
     assert reply.created is False
     assert reply.account_id == str(winner_account)
     assert _accounts_of(billing_settings, patient_id) == 1
+
+
+def test_create_server_returns_a_migrated_server_on_a_free_port(billing_settings: Settings, patient_id_factory) -> None:
+    """The interface other teams' tests use: ``create_server(settings) -> (server, port)``."""
+    from billing.server import create_server
+
+    server, port = create_server(billing_settings)  # billing.port is 0 in these settings
+    assert port > 0
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+            health = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert _create(billing_pb2_grpc.BillingServiceStub(chan), patient_id_factory()).created is True
+    finally:
+        server.stop(0).wait()
