@@ -94,9 +94,14 @@ def export(
     to: Annotated[Path, typer.Option(help="Output folder.")] = Path("export"),
 ) -> None:
     """Write the analytics tables to Parquet or CSV files."""
+    from pms.errors import PMSError
     from stream_processing import export as analytics_export
 
-    analytics_export.run(get_settings(), fmt=fmt.value, tables=table, out_dir=to)
+    try:
+        analytics_export.run(get_settings(), fmt=fmt.value, tables=table, out_dir=to)
+    except PMSError as exc:  # e.g. an unknown table: say which are valid, no traceback
+        console.print(exc.message, style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -191,5 +191,5 @@ def run(
     finally:
         engine.dispose()
     for item in written:
-        console.print(f"[green]exported[/] {item.table}: {item.rows} rows -> {item.path}")
+        console.print(f"[green]exported[/] {item.table}: {item.rows} rows -> {item.path}", soft_wrap=True)
     return written
