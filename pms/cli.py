@@ -14,13 +14,26 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pms.settings import get_settings
+from pms.settings import Settings, get_settings
 
 app = typer.Typer(help="Patient management & analytics platform.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 infra_app = typer.Typer(help="Deploy the containers to AWS ECS (or LocalStack / moto).", no_args_is_help=True)
 app.add_typer(infra_app, name="infra")
 console = Console(stderr=True)
+
+
+def _settings_or_exit() -> Settings:
+    """The settings, or one readable line per problem and exit code 2 (no traceback)."""
+    from pydantic import ValidationError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = "__".join(str(part) for part in error["loc"]).upper()
+            console.print(f"[red]error:[/] invalid configuration{' PMS_' + where if where else ''}: {error['msg']}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -30,15 +43,15 @@ def up(
     """Start embedded PostgreSQL + broker and every service; Ctrl-C stops everything."""
     from pms.supervisor import Supervisor
 
-    raise typer.Exit(Supervisor(get_settings(), only=only).run())
+    raise typer.Exit(Supervisor(_settings_or_exit(), only=only).run())
 
 
 @app.command()
 def status() -> None:
-    """Show which services of a running `pms up` answer, and where."""
+    """Show which services of a running `pms up` answer, and where (exit 0 all up, 1 some down, 3 not running)."""
     from pms.supervisor import print_status
 
-    raise typer.Exit(print_status(get_settings()))
+    raise typer.Exit(print_status(_settings_or_exit()))
 
 
 @app.command()

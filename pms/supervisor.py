@@ -255,6 +255,7 @@ class Supervisor:
         command: argv for a service (default ``python -m pms.cli serve NAME``).
         policy: restart policy for children that die.
         ready_timeout_s: how long one service may take to answer its probe.
+        stop_timeout_s: how long one service may take to exit after SIGTERM before SIGKILL.
         console: where status and messages go (default: stderr).
     """
 
@@ -268,6 +269,7 @@ class Supervisor:
         policy: RestartPolicy | None = None,
         ready_timeout_s: float = 120.0,
         poll_interval_s: float = 0.1,
+        stop_timeout_s: float = 10.0,
         console: Console | None = None,
     ) -> None:
         self.settings = settings
@@ -277,6 +279,7 @@ class Supervisor:
         self.policy = policy or RestartPolicy()
         self.ready_timeout_s = ready_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.stop_timeout_s = stop_timeout_s
         self.console = console or Console(stderr=True)
         self.children: list[Child] = []
         self.postgres: Any = None
@@ -521,7 +524,11 @@ class Supervisor:
         stopped_any = False
         for child in reversed(self.children):
             if child.proc is not None:
-                process.stop(child.proc, timeout=10)
+                began = time.monotonic()
+                code = process.stop(child.proc, timeout=self.stop_timeout_s)
+                if time.monotonic() - began >= self.stop_timeout_s:
+                    self.console.print(f"[yellow]{child.spec.name} ignored SIGTERM for {self.stop_timeout_s:.0f}s "
+                                       f"and was killed[/] ({describe_exit(code)})")
                 child.proc = None
                 stopped_any = True
             child.state = State.STOPPED
@@ -559,7 +566,7 @@ class Supervisor:
 
     def _show_tail(self, name: str, log_path: Path, *, since: int = 0) -> None:
         self.console.print(Text(f"--- last lines of {log_path} ({name}) ---", style="dim"))
-        self.console.print(Text(tail(log_path, since=since)), highlight=False)
+        self.console.print(Text(tail(log_path, since=since)), highlight=False, soft_wrap=True)
         self.console.print(Text("---", style="dim"))
 
     def _table(self) -> Table:

@@ -5,7 +5,8 @@
   secrets it received (so a test can check the children share the supervisor's config);
 - ``grpc``: a gRPC server whose standard health service answers SERVING;
 - ``crash``: prints a failure line and exits with code 3 (like a module that cannot import);
-- ``never-ready``: listens, but ``/ready`` answers 503 forever.
+- ``never-ready``: listens, but ``/ready`` answers 503 forever;
+- ``stubborn``: like ``http`` but ignores SIGTERM (only SIGKILL stops it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -78,6 +80,8 @@ def main(argv: list[str]) -> None:
     if mode == "crash":
         print(CRASH_MESSAGE, file=sys.stderr, flush=True)
         sys.exit(CRASH_EXIT_CODE)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode == "grpc":
         serve_grpc(port)
     else:

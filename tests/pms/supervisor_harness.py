@@ -2,7 +2,7 @@
 
 ``python -m tests.pms.supervisor_harness`` reads its settings from ``PMS_*`` (as ``pms up``
 does) and the stand-ins from ``PMS_TEST_SUPERVISOR`` (JSON): ``services`` (name, mode,
-section, probe, depends_on), optional ``only``, ``policy`` and ``ready_timeout_s``.
+section, probe, depends_on), optional ``only``, ``policy``, ``ready_timeout_s`` and ``stop_timeout_s``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> int:
         command=command,
         policy=RestartPolicy(**config.get("policy", {})),
         ready_timeout_s=float(config.get("ready_timeout_s", 30.0)),
+        stop_timeout_s=float(config.get("stop_timeout_s", 10.0)),
         console=Console(stderr=True, width=200, force_terminal=False, color_system=None),
     )
     return supervisor.run()

@@ -330,6 +330,19 @@ def test_service_that_never_gets_ready_fails_the_start(
     assert not process.port_in_use("127.0.0.1", settings.auth.port)
 
 
+def test_child_that_ignores_sigterm_is_killed_on_stop(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    settings = external_settings(servers, tmp_path / "data")
+    services = [{"name": "auth", "mode": "stubborn", "section": "auth"}]
+    run = run_supervisor(settings, {"services": services, "stop_timeout_s": 1.0})
+    run.wait_ready()
+    tree = run.descendants()
+    assert run.stop(signal.SIGINT) == EXIT_OK, run.output()
+    assert "auth ignored SIGTERM for 1s and was killed (was killed by SIGKILL)" in run.output()
+    assert _alive(tree) == []
+
+
 # -- in-process: paths that end before anything starts ----------------------------------------------
 
 
@@ -425,3 +438,15 @@ def test_pms_status_command_exit_code(tmp_path: Path) -> None:
                             text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == EXIT_NOT_RUNNING, result.stderr
     assert "not running" in result.stdout
+
+
+def test_pms_up_with_invalid_settings_says_why_without_a_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
+    env.update(PMS_DATA_DIR=str(tmp_path / "data"), PMS_DATABASE_URL="postgresql://pms@db.example/postgres",
+               COLUMNS="200")
+    result = subprocess.run([sys.executable, "-m", "pms.cli", "up"], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == EXIT_USAGE
+    assert "PMS_JWT__SECRET is required" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
