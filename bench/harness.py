@@ -58,7 +58,8 @@ class Report:
         for row in self.rows:
             base = f"{row.baseline:.2f}" if row.baseline is not None else ""
             ratio = f"{row.ratio:.2f}x" if row.ratio is not None else ""
-            lines.append(f"| {row.bench} | {row.metric} | {row.value:.2f} {row.unit} | {base} | {ratio} | {row.target} |")
+            value = f"{row.value:.2f} {row.unit}"
+            lines.append(f"| {row.bench} | {row.metric} | {value} | {base} | {ratio} | {row.target} |")
         return "\n".join(lines)
 
     def write(self) -> Path:

@@ -1,0 +1,37 @@
+"""``python -m bench [NAME ...]``: run benchmarks on fresh embedded servers and print a table.
+
+Results go to bench/results/<time>.md|json and bench/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bench.harness import Report, embedded_servers
+
+BENCHES = ("billing", "write_path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all): {BENCHES}")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(BENCHES)
+    if unknown:
+        parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHES}")
+    report = Report()
+    for name in args.names or BENCHES:
+        print(f"== {name}", file=sys.stderr)
+        module = importlib.import_module(f"bench.{name}")
+        with embedded_servers() as settings:
+            module.run(settings, report)
+    path = report.write()
+    print(report.markdown())
+    print(f"\nwritten to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Write path: patients created per second through the gateway vs a bare FastAPI + psycopg insert.
+
+Target (issue 9): gateway >= 0.5x of the bare endpoint at 16 in flight.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import httpx
+
+from bench.harness import Report, Row, run_load, services
+from pms import process
+from pms.embedded import libpq_dsn
+from pms.security import Role, encode_token
+from pms.settings import Settings
+
+CONCURRENCY = (1, 16, 64)
+
+
+def _payload(i: int, tag: str) -> dict[str, str]:
+    return {
+        "name": f"Bench Patient {tag}{i}",
+        "email": f"bench.{tag}.{i}@example.org",
+        "address": f"{i} Bench Street",
+        "dateOfBirth": "1980-01-01",
+        "registeredDate": "2024-01-01",
+    }
+
+
+def run(settings: Settings, report: Report, *, total: int = 1000) -> None:
+    bare_port = process.free_port()
+    bare = process.spawn([sys.executable, "-m", "bench.bare_app",
+                          libpq_dsn(settings.database_url_for("patients")), str(bare_port)],
+                         log_path=settings.logs_dir / "bare.log")
+    bare_url = f"http://127.0.0.1:{bare_port}"
+    try:
+        with services(settings, ["billing", "auth", "patient", "gateway"]):
+            process.wait_until(lambda: _ok(bare_url + "/ready"), timeout=30, message="bare app")
+            token = encode_token(settings, sub="bench@pms.local", role=Role.ADMIN, ttl_s=3600)
+            headers = {"Authorization": f"Bearer {token}"}
+            local = threading.local()
+
+            def client() -> httpx.Client:
+                if not hasattr(local, "client"):
+                    local.client = httpx.Client(timeout=30, headers=headers)
+                return local.client
+
+            gateway = settings.gateway.base_url + "/api/patients"
+            for concurrency in CONCURRENCY:
+                tag = f"c{concurrency}"
+
+                def via_gateway(i: int, tag: str = tag) -> bool:
+                    return client().post(gateway, json=_payload(i, tag)).status_code == 201
+
+                def via_bare(i: int, tag: str = tag) -> bool:
+                    return client().post(bare_url + "/patients", json=_payload(i, tag)).status_code == 201
+
+                base = run_load(via_bare, total=total, concurrency=concurrency)
+                real = run_load(via_gateway, total=total, concurrency=concurrency)
+                target = ">= 0.5x" if concurrency == 16 else ""
+                report.add(Row("write path", f"creates/s via gateway @{concurrency}", real.qps, "req/s",
+                               baseline=base.qps, target=target,
+                               note=f"errors {real.errors}; baseline bare FastAPI+psycopg insert"))
+                report.add(Row("write path", f"create p50 @{concurrency}", real.p50, "ms", baseline=base.p50))
+                report.add(Row("write path", f"create p99 @{concurrency}", real.p99, "ms", baseline=base.p99))
+    finally:
+        process.stop(bare)
+
+
+def _ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
