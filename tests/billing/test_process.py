@@ -62,6 +62,13 @@ def test_serve_billing_process_serves_then_stops_cleanly_on_sigterm(
     assert "Zyxwvut" not in log and "zyxwvut" not in log.lower()
     print(f"billing process: ready in {startup_s:.2f}s, stopped in {stop_s:.2f}s")
 
+    # Restarted at once on the same port (what the patient service's retry worker waits for),
+    # it still knows the account.
+    again_svc = start_service("billing", settings)
+    with BillingClient(again_svc.address) as client:
+        found = client.get_account(patient_id=patient_id, timeout=5)
+    assert found is not None and found.account_id == first.account_id
+
 
 def test_sigint_stops_it_too(start_service, settings: Settings) -> None:
     svc = start_service("billing", settings)
