@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 
 from api.auth.models import LoginFailure, User
@@ -39,6 +39,12 @@ def add_user(session: Session, user: User) -> User:
     session.add(user)
     session.flush()
     return user
+
+
+def lock_keys(session: Session, *, keys: Sequence[str]) -> None:
+    """Serialise logins that share a key until the transaction ends (sorted: no deadlocks)."""
+    for key in sorted(set(keys)):
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": key})
 
 
 def count_failures(session: Session, *, keys: Sequence[str], since: datetime) -> dict[str, tuple[int, datetime]]:

@@ -58,6 +58,7 @@ def _check_not_locked(*, session: Session, settings: Settings, keys: Sequence[st
         if count >= settings.auth.max_failed_logins
     ]
     if waits:
+        session.rollback()  # release the key locks now, not when the request's session closes
         raise TooManyRequests("Too many failed logins; try again later", retry_after=math.ceil(max(waits)))
 
 
@@ -73,6 +74,9 @@ def login(*, session: Session, settings: Settings, data: LoginRequest, client_ad
     now = datetime.now(UTC)
     account_key = _account_key(settings, data.email)
     keys = [account_key, _address_key(client_address)]
+    # Parallel guesses at one account (or from one address) are checked one after another,
+    # so a burst of concurrent attempts cannot slip past the limit before failures are recorded.
+    auth_repository.lock_keys(session, keys=keys)
     _check_not_locked(session=session, settings=settings, keys=keys, now=now)
     user = auth_repository.get_user_by_email(session, data.email.strip())
     password_ok = verify_password(user.password_hash if user else None, data.password)

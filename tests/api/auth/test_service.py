@@ -6,6 +6,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -64,6 +65,21 @@ def test_brute_force_per_account_then_success_after_the_window(
             lambda: _login(client, user.email, user.password, "10.1.0.101").status_code == 200,
             timeout=WINDOW_S + 10, interval=0.25, message="login to be allowed again",
         )
+
+
+def test_parallel_guesses_cannot_exceed_the_limit(
+    strict_auth: ServiceProcess, user_factory: Callable[..., AuthUser]
+) -> None:
+    user = user_factory("STAFF")
+    attempts = 8
+
+    def guess(i: int) -> int:
+        with httpx.Client(base_url=strict_auth.base_url, timeout=30) as client:
+            return _login(client, user.email, f"wrong-guess-{i:06d}", f"10.4.0.{i + 1}").status_code
+
+    with ThreadPoolExecutor(max_workers=attempts) as pool:
+        codes = sorted(pool.map(guess, range(attempts)))
+    assert codes == [401] * MAX_FAILED + [429] * (attempts - MAX_FAILED)
 
 
 def test_brute_force_per_client_address(strict_auth: ServiceProcess) -> None:
