@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge
 from quixstreams import Application
 from quixstreams.models import TopicConfig
@@ -71,24 +71,25 @@ def build_application(settings: Settings) -> Application:
 
 
 class WatermarkProbe:
-    """Broker high watermarks for the lag figures, from a side consumer that never joins the group."""
+    """High watermarks for the lag figures, as last reported by the pipeline's own fetches.
 
-    def __init__(self, settings: Settings) -> None:
-        self._consumer = Consumer({
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"{settings.pipeline.consumer_group}-watermarks",
-            "enable.auto.commit": False,
-        })
+    Fetch responses carry the partition's high watermark, so the cached value costs no
+    round trip. (A ListOffsets request would be fresher, but Tansu 0.6 answers it wrongly:
+    it reports the start of the last record batch + 1 instead of the log end.)
+    """
+
+    def __init__(self) -> None:
+        self.application: Application | None = None
 
     def __call__(self, topic: str, partition: int) -> int | None:
-        try:
-            _, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=0.5, cached=False)
-        except KafkaException:
+        consumer = getattr(self.application, "_consumer", None)  # Quix keeps its consumer private
+        if consumer is None:
             return None
-        return int(high) if high >= 0 else None
-
-    def close(self) -> None:
-        self._consumer.close()
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+        except (KafkaException, RuntimeError):
+            return None
+        return int(high) if high is not None and high >= 0 else None
 
 
 def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink) -> threading.Thread:
@@ -119,12 +120,13 @@ def run(settings: Settings) -> None:
     """Run the pipeline until SIGTERM/SIGINT (Quix stops after committing its checkpoint)."""
     db.migrate(settings, "analytics")
     engine = db.make_engine(settings.database_url_for("analytics"), pool_size=2, max_overflow=2)
-    probe = WatermarkProbe(settings)
+    probe = WatermarkProbe()
     sink = AnalyticsSink(engine, freshness_window=settings.pipeline.freshness_window, watermarks=probe)
     ready: dict[str, Any] = {"running": False}
     _serve_status(settings, ready, sink)
 
     app = build_application(settings)
+    probe.application = app
     topic = app.topic(
         settings.kafka.topic,
         value_deserializer=PatientEventDeserializer(),
@@ -140,6 +142,5 @@ def run(settings: Settings) -> None:
         app.run()
     finally:
         ready["running"] = False
-        probe.close()
         engine.dispose()
         log.info("pipeline stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})

@@ -172,7 +172,7 @@ class BatchPlan:
 
     new_facts: pl.DataFrame
     old_facts: pl.DataFrame
-    applied: pl.DataFrame  # events above the stored version (for freshness)
+    applied: pl.DataFrame  # distinct (patient, version) events above the stored version
     stale: int
 
 
@@ -186,7 +186,8 @@ def plan_batch(events: pl.DataFrame, stored: pl.DataFrame) -> BatchPlan:
     stored_versions = stored.select("patient_id", pl.col("version").alias("stored_version"))
     tagged = events.join(stored_versions, on="patient_id", how="left")
     fresh_mask = pl.col("stored_version").is_null() | (pl.col("version") > pl.col("stored_version"))
-    applied = tagged.filter(fresh_mask).drop("stored_version")
+    # A redelivered copy inside the batch is as stale as one arriving later.
+    applied = tagged.filter(fresh_mask).drop("stored_version").unique(["patient_id", "version"], keep="first")
     stale = tagged.height - applied.height
     if applied.is_empty():
         return BatchPlan(facts_frame(), facts_frame(), applied, stale)

@@ -1,0 +1,229 @@
+"""The pipeline as real ``pms serve pipeline`` processes on the real broker and PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from sqlalchemy import Engine, text
+
+from pms.process import free_port, wait_until
+from pms.settings import Settings
+from tests.fixtures.services import ServiceProcess
+from tests.stream_processing.helpers import BASE_TIME, Event, PatientState, history, oracle, read_tables, status
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CITIES = ["Oslo", "Bergen", "Tromsø", "Bodø", ""]
+
+
+def pipeline_settings(settings: Settings, *, partitions: int = 3, batch_size: int = 200) -> Settings:
+    """Settings with a topic and consumer group of this test only."""
+    tag = uuid.uuid4().hex[:8]
+    return settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"topic": f"patient-{tag}", "partitions": partitions}),
+        "pipeline": settings.pipeline.model_copy(update={"consumer_group": f"analytics-{tag}",
+                                                         "batch_size": batch_size}),
+    })
+
+
+def create_topic(settings: Settings) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    futures = admin.create_topics([NewTopic(settings.kafka.topic, num_partitions=settings.kafka.partitions,
+                                            replication_factor=1,
+                                            config={"retention.ms": "-1", "retention.bytes": "-1"})])
+    for future in futures.values():
+        future.result(timeout=10)
+
+
+def produce(settings: Settings, messages: list[tuple[str, bytes]]) -> dict[int, int]:
+    """Publish ``messages`` (key, value); returns partition -> next offset, from delivery reports."""
+    ends: dict[int, int] = {}
+
+    def delivered(err: object, msg: object) -> None:
+        assert err is None, err
+        ends[msg.partition()] = max(ends.get(msg.partition(), 0), msg.offset() + 1)  # type: ignore[attr-defined]
+
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers, "enable.idempotence": True,
+                         "linger.ms": 5})
+    for key, value in messages:
+        producer.produce(settings.kafka.topic, key=key.encode(), value=value, on_delivery=delivered)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    return ends
+
+
+def random_events(count_patients: int, seed: int) -> list[Event]:
+    """Per-patient histories (creates, updates, some deletes), interleaved across patients."""
+    rng = random.Random(seed)
+    per_patient = []
+    for i in range(count_patients):
+        states = [PatientState(gender=rng.choice(["female", "male", "other"]),
+                               dob=f"{rng.randint(1930, 2020)}-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+                               city=rng.choice(CITIES), registered=f"2026-11-0{rng.randint(1, 9)}",
+                               billing=rng.choice(["PENDING", "ACTIVE"]))
+                  for _ in range(rng.randint(1, 3))]
+        per_patient.append(history(str(uuid.UUID(int=rng.getrandbits(128))), states, delete=rng.random() < 0.2,
+                                   start=BASE_TIME + timedelta(seconds=i)))
+    events: list[Event] = []
+    while per_patient:  # interleave while keeping each patient's order (as keyed partitions do)
+        patient = rng.choice(per_patient)
+        events.append(patient.pop(0))
+        if not patient:
+            per_patient.remove(patient)
+    return events
+
+
+def as_messages(events: list[Event]) -> list[tuple[str, bytes]]:
+    return [(e.patient_id, e.raw()) for e in events]
+
+
+def caught_up(engine: Engine, settings: Settings, ends: dict[int, int]) -> Callable[[], bool]:
+    """True once every partition's stored position reached the offsets we produced up to."""
+
+    def check() -> bool:
+        with engine.connect() as conn:
+            stored = dict(conn.execute(text("SELECT partition, next_offset FROM pipeline_partitions"
+                                            " WHERE topic = :t"), {"t": settings.kafka.topic}).all())
+        return all(stored.get(p, 0) >= end for p, end in ends.items())
+
+    return check
+
+
+class Log:
+    """Partition end offsets of everything a test produced so far."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ends: dict[int, int] = {}
+
+    def produce(self, messages: list[tuple[str, bytes]]) -> None:
+        for partition, end in produce(self.settings, messages).items():
+            self.ends[partition] = max(self.ends.get(partition, 0), end)
+
+
+def alive(*services: ServiceProcess) -> Callable[[], bool]:
+    return lambda: all(s.proc is not None and s.proc.poll() is None for s in services)
+
+
+def assert_exact(engine: Engine, events: list[Event]) -> None:
+    expected = oracle(events)
+    actual = read_tables(engine)
+    for table, rows in expected.items():
+        assert actual[table] == rows, table
+
+
+def test_pipeline_process_applies_events_dead_letters_and_serves_ops_endpoints(
+    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+) -> None:
+    cfg = pipeline_settings(settings)
+    create_topic(cfg)
+    log = Log(cfg)
+    events = random_events(300, seed=1)
+    messages = as_messages(events)
+    messages.insert(10, (str(uuid.uuid4()), b"\x00garbage\xff"))
+    unknown = events[0].proto()
+    unknown.event_type = 9
+    messages.insert(20, (unknown.patient_id, unknown.SerializeToString()))
+    messages += as_messages(events[:100])  # redelivery of the first hundred
+    log.produce(messages)
+
+    pipeline = start_service("pipeline", cfg)
+    wait_until(caught_up(analytics, cfg, log.ends), timeout=60, interval=0.2, message="pipeline to catch up",
+               alive=alive(pipeline))
+    assert status(analytics)["events_processed"] == len(messages)
+    assert_exact(analytics, events)
+    with analytics.connect() as conn:
+        reasons = sorted(r[0] for r in conn.execute(text("SELECT reason FROM dead_letters")))
+    assert reasons == ["not a PatientEvent (protobuf decode failed)", "unknown event type 9"]
+    counters = status(analytics)
+    assert counters["events_stale"] == 100
+    assert counters["dead_letters"] == 2
+    assert counters["lag_messages"] == 0
+    assert counters["freshness_p99_ms"] is not None
+
+    base = pipeline.base_url
+    assert httpx.get(f"{base}/health").json()["status"] == "UP"
+    ready = httpx.get(f"{base}/ready")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": True, "consumer": True}
+    assert "pipeline_batches_committed" in httpx.get(f"{base}/metrics").text
+
+    # Events produced while it runs arrive too (fresh: occurred_at is now).
+    later = history(str(uuid.uuid4()), [PatientState(city="Narvik")], start=datetime.now(UTC))
+    log.produce(as_messages(later))
+    wait_until(lambda: ("Narvik", 1) in read_tables(analytics)["geography"], timeout=30,
+               message="the new event to be applied")
+    assert_exact(analytics, events + later)
+
+
+def test_kill_9_mid_stream_then_restart_is_exact_and_replay_into_empty_tables_reproduces(
+    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+) -> None:
+    cfg = pipeline_settings(settings, batch_size=50)
+    create_topic(cfg)
+    log = Log(cfg)
+    events = random_events(1500, seed=2)
+    half = len(events) // 2
+    log.produce(as_messages(events[:half]))
+    pipeline = start_service("pipeline", cfg)
+    wait_until(lambda: status(analytics)["events_processed"] >= 200, timeout=60, interval=0.02,
+               message="pipeline to be mid-stream", alive=alive(pipeline))
+    pipeline.kill()  # SIGKILL: no checkpoint, no clean shutdown
+    log.produce(as_messages(events[half:]))  # the stream goes on while it is down
+    pipeline = start_service("pipeline", cfg)
+    wait_until(caught_up(analytics, cfg, log.ends), timeout=90, interval=0.2, message="restart to catch up",
+               alive=alive(pipeline))
+    assert_exact(analytics, events)
+    before = read_tables(analytics)
+
+    # `pms replay`: analytics emptied, the whole history republished; the running pipeline rebuilds it.
+    with analytics.begin() as conn:
+        conn.execute(text("TRUNCATE patient_facts, daily_registrations, demographics, geography,"
+                          " billing_status_counts"))
+    log.produce(as_messages(events))
+    wait_until(caught_up(analytics, cfg, log.ends), timeout=90, interval=0.2, message="replay to be applied",
+               alive=alive(pipeline))
+    assert read_tables(analytics) == before
+
+
+def test_two_processes_share_partitions_and_survive_one_being_killed(
+    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+) -> None:
+    cfg = pipeline_settings(settings, partitions=4, batch_size=50)
+    create_topic(cfg)
+    log = Log(cfg)
+    first = start_service("pipeline", cfg)
+    second_cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"port": free_port()})})
+    second = start_service("pipeline", second_cfg)
+    events = random_events(1600, seed=3)
+    chunks = [events[i:i + 100] for i in range(0, len(events), 100)]
+
+    def consumers() -> set[str]:
+        with analytics.connect() as conn:
+            return {r[0] for r in conn.execute(text("SELECT DISTINCT consumer FROM pipeline_partitions"))}
+
+    sent = 0
+    def both_working() -> bool:  # keep producing until both processes have written positions
+        nonlocal sent
+        if sent < len(chunks) // 2:
+            log.produce(as_messages(chunks[sent]))
+            sent += 1
+        return len(consumers()) == 2
+
+    wait_until(both_working, timeout=60, interval=0.3, message="both processes to receive partitions",
+               alive=alive(first, second))
+    second.kill()  # mid-stream: the survivor takes its partitions after the session timeout
+    for chunk in chunks[sent:]:
+        log.produce(as_messages(chunk))
+    wait_until(caught_up(analytics, cfg, log.ends), timeout=90, interval=0.2, message="survivor to catch up",
+               alive=alive(first))
+    assert_exact(analytics, events)
+    with analytics.connect() as conn:
+        owners = {r[0] for r in conn.execute(text("SELECT DISTINCT consumer FROM pipeline_partitions"))}
+    assert len(owners) == 1  # every partition's latest position was written by the survivor
