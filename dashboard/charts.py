@@ -88,7 +88,7 @@ def registrations_chart(frame: pl.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("period:T", title=None),
-            y=alt.Y("patients:Q", title="Patients", axis=alt.Axis(format=",d")),
+            y=alt.Y("patients:Q", title="Patients", axis=alt.Axis(format=",d", tickMinStep=1)),
             color=alt.Color("kind:N", title=None, scale=alt.Scale(range=["#2563eb", "#dc2626"])),
             xOffset="kind:N",
             tooltip=[alt.Tooltip("period:T", title="Period"), alt.Tooltip("kind:N", title=""),
@@ -115,7 +115,7 @@ def pyramid_chart(frame: pl.DataFrame) -> alt.Chart:
         .encode(
             y=alt.Y("age_band:N", sort=bands, title="Age band"),
             x=alt.X("signed:Q", title="Patients (men ← → women, others stacked right)",
-                    axis=alt.Axis(labelExpr="abs(datum.value)")),
+                    axis=alt.Axis(labelExpr="abs(datum.value)", tickMinStep=1)),
             color=alt.Color("gender:N", title="Gender"),
             tooltip=["age_band:N", "gender:N", alt.Tooltip("patients:Q", format=",d")],
         )
@@ -130,7 +130,7 @@ def cities_chart(frame: pl.DataFrame) -> alt.Chart:
         .mark_bar(color="#0d9488")
         .encode(
             y=alt.Y("city:N", sort="-x", title=None),
-            x=alt.X("patients:Q", title="Active patients", axis=alt.Axis(format=",d")),
+            x=alt.X("patients:Q", title="Active patients", axis=alt.Axis(format=",d", tickMinStep=1)),
             tooltip=["city:N", alt.Tooltip("patients:Q", format=",d")],
         )
         .properties(height=320)

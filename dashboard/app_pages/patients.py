@@ -73,7 +73,7 @@ patient_id = st.session_state.get("patient_id")
 
 def _show_detail(patient: dict[str, Any]) -> None:
     st.subheader(f":material/person: {patient.get('name', '')}")
-    st.caption(f"MRN {patient.get('mrn', '—')} · version {patient.get('version', '—')} · "
+    st.caption(f"{patient.get('mrn') or 'No MRN'} · version {patient.get('version', '—')} · "
                f"updated {ui.fmt_date(patient.get('updatedAt'))}")
     tabs = ["Overview", "Edit"] + (["Audit trail"] if auth.role == ui.ADMIN else []) + ["FHIR"]
     tab = dict(zip(tabs, st.tabs(tabs), strict=True))

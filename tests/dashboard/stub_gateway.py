@@ -221,7 +221,7 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
                       and x["name"].lower() == data["name"].lower()]
         pid = str(uuid.uuid4())
         state.next_mrn += 1
-        patient = {"id": pid, **data, "mrn": f"MRN-{state.next_mrn:07d}", "billingStatus": "ACTIVE",
+        patient = {"id": pid, **data, "mrn": f"MRN{state.next_mrn}", "billingStatus": "ACTIVE",
                    "billingAccountId": f"BA-{state.next_mrn}", "version": 1, "createdAt": _now(), "updatedAt": _now()}
         state.patients[pid] = patient
         state.audit[pid] = [{"at": _now(), "actor": p.sub, "action": "CREATE", "fields": sorted(data),
