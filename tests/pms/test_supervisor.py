@@ -337,6 +337,22 @@ def test_child_that_ignores_sigterm_is_killed_on_stop(
     assert _alive(tree) == []
 
 
+def test_killed_supervisor_takes_its_children_with_it(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    """kill -9 of the supervisor cannot run its cleanup: the parent-death signal stops the children."""
+    settings = external_settings(servers, tmp_path / "data")
+    run = run_supervisor(settings, {"services": STACK})
+    run.wait_ready()
+    tree = run.descendants()
+    assert len(tree) >= len(STACK)
+    run.proc.kill()
+    run.wait(timeout=30)
+    process.wait_until(lambda: not _alive(tree), timeout=30, message="orphans to die")
+    assert state_path(settings).exists()  # left behind, but stale ...
+    assert _status(settings)[0] == EXIT_NOT_RUNNING  # ... so status does not believe it
+
+
 # -- in-process: paths that end before anything starts ----------------------------------------------
 
 
