@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select, text, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -60,11 +60,17 @@ def search(session: Session, *, q: str | None, phone: str | None, limit: int, of
            ) -> tuple[Sequence[Patient], int]:
     """One page in the stable order (created_at, id) and the total number of matches."""
     condition = search_condition(q, phone=phone)
-    total = session.execute(select(func.count()).select_from(Patient).where(condition)).scalar_one()
-    rows = session.execute(
-        select(Patient).where(condition).order_by(Patient.created_at, Patient.id).limit(limit).offset(offset)
-    ).scalars().all()
+    total = session.execute(count_statement(condition)).scalar_one()
+    rows = session.execute(page_statement(condition, limit=limit, offset=offset)).scalars().all()
     return rows, int(total)
+
+
+def count_statement(condition: Any) -> Select[tuple[int]]:
+    return select(func.count()).select_from(Patient).where(condition)
+
+
+def page_statement(condition: Any, *, limit: int, offset: int) -> Select[tuple[Patient]]:
+    return select(Patient).where(condition).order_by(Patient.created_at, Patient.id).limit(limit).offset(offset)
 
 
 def duplicate_candidates_sql(*, with_phone: bool) -> str:

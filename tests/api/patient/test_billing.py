@@ -1,0 +1,66 @@
+"""Billing over real gRPC: accounts on create, PENDING while billing is down, retries after."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from billing.client import BillingClient
+from pms import process
+from pms.settings import Settings
+from tests.api.patient.conftest import Api, new_patient_body, patient_settings, start_patient
+from tests.fixtures.servers import ServerSet
+from tests.fixtures.services import ServiceProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_billing_outage_leaves_patients_pending_until_the_retry_worker_opens_one_account_each(
+    servers: ServerSet, start_service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    settings: Settings = patient_settings(servers)
+    billing = start_service("billing", settings)
+    patient_svc = start_patient(settings, tmp_path)
+    try:
+        with Api(settings, patient_svc.base_url).client() as client:
+            online = client.post("/patients", json=new_patient_body())
+            assert online.status_code == 201
+            assert online.json()["billingStatus"] == "ACTIVE" and online.json()["billingAccountId"]
+            assert online.json()["version"] == 1  # the account was opened inside the create
+
+            billing.stop()
+            created = []
+            for i in range(100):
+                response = client.post("/patients", json=new_patient_body(name=f"Unbilled {i}"))
+                assert response.status_code == 201, response.text
+                assert response.json()["billingStatus"] == "PENDING"
+                assert response.json()["billingAccountId"] is None
+                created.append(response.json()["id"])
+
+            billing = start_service("billing", settings)
+
+            def all_active() -> bool:
+                page = [client.get(f"/patients/{pid}").json() for pid in created]
+                return all(p["billingStatus"] == "ACTIVE" for p in page)
+
+            process.wait_until(all_active, timeout=60, interval=0.5, message="every patient billed")
+            patients = [client.get(f"/patients/{pid}").json() for pid in created]
+        accounts = [p["billingAccountId"] for p in patients]
+        assert len(set(accounts)) == 100 and all(accounts)
+        assert all(p["version"] == 2 for p in patients)  # activation is a change: new version + event
+        with BillingClient(billing.address) as billing_client:
+            for patient in patients[:: 10]:
+                account = billing_client.get_account(patient_id=patient["id"], timeout=5)
+                assert account is not None and account.account_id == patient["billingAccountId"]
+            # Idempotent: asking again returns the same account, never a second one.
+            again = billing_client.create_account(patient_id=patients[0]["id"], name="x", email="x@example.com",
+                                                  timeout=5)
+            assert again.account_id == patients[0]["billingAccountId"] and not again.created
+        with Api(settings, patient_svc.base_url).client("ADMIN") as admin:
+            trail = admin.get(f"/patients/{created[0]}/audit").json()
+        assert [(e["action"], e["actor"], e["fields"]) for e in trail][-1] == (
+            "update", "system:billing-retry", ["billingAccountId", "billingStatus"])
+    finally:
+        patient_svc.stop()
