@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
 from api.gateway.router import router
 from pms.settings import Settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=gateway.max_body_bytes,
     )
     app.state.rate_limiter = RateLimiter(gateway.rate_limit_per_minute)
+    app.state.upstream_errors = proxy.upstream_error_counter(app.state.metrics_registry)
     app.include_router(router)
     app.add_middleware(SecurityHeaders)  # type: ignore[arg-type]
     origins = list(dict.fromkeys([*gateway.cors_origins, settings.dashboard.base_url]))

@@ -7,6 +7,7 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import Request, Response
+from prometheus_client import CollectorRegistry, Counter
 
 from api.gateway.rules import Upstream, gateway_location, upstream_path
 from pms.errors import BadGateway, GatewayTimeout
@@ -26,6 +27,12 @@ COPY_RESPONSE_HEADERS = (
     "cache-control", "content-disposition", "link", "allow", "content-language", "vary",
 )
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def upstream_error_counter(registry: CollectorRegistry) -> Counter:
+    """``gateway_upstream_errors_total{upstream, kind}``: how often each upstream was down or slow."""
+    return Counter("gateway_upstream_errors", "Upstream calls answered 502/504 by the gateway",
+                   ["upstream", "kind"], registry=registry)
 
 
 def upstream_target(upstream: Upstream, subpath: str) -> str:
@@ -73,14 +80,17 @@ async def forward(
             reply = await client.request(request.method, url, headers=headers, content=body)
             break
         except httpx.TimeoutException as exc:
+            _count(request, upstream, "timeout")
             log.warning("upstream timeout", extra={"fields": {"upstream": str(upstream), "error": type(exc).__name__}})
             raise GatewayTimeout(f"The {upstream} service did not answer in time") from exc
         except httpx.RemoteProtocolError as exc:
             # A pooled keep-alive connection the upstream closed (e.g. it restarted): retry once if safe.
             if attempt + 1 < attempts:
                 continue
+            _count(request, upstream, "unavailable")
             raise _bad_gateway(upstream, exc) from exc
         except httpx.TransportError as exc:
+            _count(request, upstream, "unavailable")
             raise _bad_gateway(upstream, exc) from exc
     response = Response(content=reply.content, status_code=reply.status_code)
     for name in COPY_RESPONSE_HEADERS:
@@ -91,6 +101,12 @@ async def forward(
             value = gateway_location(upstream, value, base_url)
         response.headers[name] = value
     return response
+
+
+def _count(request: Request, upstream: Upstream, kind: str) -> None:
+    counter: Counter | None = getattr(request.app.state, "upstream_errors", None)
+    if counter is not None:
+        counter.labels(str(upstream), kind).inc()
 
 
 def _bad_gateway(upstream: Upstream, exc: Exception) -> BadGateway:

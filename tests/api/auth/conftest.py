@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from api.auth import service as auth_service
 from pms import db, process
-from pms.settings import Settings
+from pms.settings import Mode, Settings
 from tests.fixtures.servers import ServerSet
 from tests.fixtures.services import ServiceProcess
 
@@ -28,9 +29,21 @@ class AuthUser:
     role: str
 
 
+#: Only used where the servers are external (docker/external backends): embedded mode generates its own.
+EXTERNAL_ADMIN_PASSWORD = "External-Test-Admin-Phrase-5"
+
+
+def auth_test_settings(servers: ServerSet, **overrides: object) -> Settings:
+    """Settings for an auth process; outside embedded mode they carry an admin password, so an admin exists."""
+    settings = servers.make_settings(**overrides)
+    if settings.mode is not Mode.EMBEDDED and settings.admin_password is None:
+        settings = servers.make_settings(admin_password=SecretStr(EXTERNAL_ADMIN_PASSWORD), **overrides)
+    return settings
+
+
 @pytest.fixture(scope="module")
 def auth_settings(servers: ServerSet) -> Settings:
-    return servers.make_settings(auth={"port": process.free_port(), "max_failed_logins": 50})
+    return auth_test_settings(servers, auth={"port": process.free_port(), "max_failed_logins": 50})
 
 
 @pytest.fixture(scope="module")

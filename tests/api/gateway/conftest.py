@@ -12,6 +12,7 @@ import pytest
 from api.auth import service as auth_service
 from pms import process
 from pms.settings import Settings
+from tests.api.auth.conftest import auth_test_settings
 from tests.api.gateway.standins import Seen, ThreadServer, analytics_app, patient_app
 from tests.fixtures.servers import ServerSet
 from tests.fixtures.services import ServiceProcess
@@ -39,7 +40,8 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(servers: ServerSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = process.free_port
-    settings = servers.make_settings(
+    settings = auth_test_settings(
+        servers,
         auth={"port": port(), "max_failed_logins": 50},
         patient={"port": port()},
         analytics={"port": port()},

@@ -329,6 +329,7 @@ def test_upstream_stopped_is_502_fast_and_recovers(stack: Stack, gw: httpx.Clien
         assert reply.json() == {"message": "The patient service is unavailable", "errors": {}}
         assert elapsed < 1.0  # refused at once, well before the 1 s upstream timeout
         assert gw.get("/api/analytics/summary", headers=staff).status_code == 200  # others unaffected
+        assert 'gateway_upstream_errors_total{kind="unavailable",upstream="patient"}' in gw.get("/metrics").text
     finally:
         stack.patient.start()
     process.wait_until(lambda: gw.get("/api/patients", headers=staff).status_code == 200,
