@@ -230,6 +230,15 @@ def test_up_then_sigint_leaves_nothing_and_a_restart_keeps_the_data(data_dir: Pa
         conn.execute("CREATE TABLE survivor (id int PRIMARY KEY, note text)")
         conn.execute("INSERT INTO survivor VALUES (1, 'still here')")
 
+    # A crashed PostgreSQL is restarted by the same policy as the services (and recovers its WAL).
+    old_pg = state["servers"]["postgres"]["pid"]
+    os.kill(old_pg, signal.SIGKILL)
+    process.wait_until(lambda: (run.state() or {}).get("servers", {}).get("postgres", {}).get("pid", old_pg)
+                       != old_pg, timeout=60, message="postgres restarted", alive=run.alive)
+    assert f"postgres (pid {old_pg}) was killed by SIGKILL" in run.output()
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients"))) as conn:
+        assert conn.execute("SELECT count(*) FROM survivor").fetchone() == (1,)
+
     tree = run.descendants()
     names = " ".join(p.name() for p in tree)
     assert "postgres" in names and "tansu" in names and "python" in names, names
