@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint format clean proto notebooks bench install
+.PHONY: up test lint format clean proto notebooks bench install config-table
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Regenerate README.md's configuration table from pms/settings.py (tests/test_readme_config.py checks it).
+config-table: $(STAMP)
+	$(BIN)/python -m pms.config_doc --write README.md
 
 proto: $(STAMP)
 	$(BIN)/python -m pms.contracts

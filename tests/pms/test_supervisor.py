@@ -218,6 +218,7 @@ def test_up_then_sigint_leaves_nothing_and_a_restart_keeps_the_data(data_dir: Pa
     assert app_password not in out
     assert f"http://127.0.0.1:{settings.gateway.port}/api-docs/patient" in out
     assert f"127.0.0.1:{settings.billing.port}" in out
+    assert "Traceback" not in out and "RuntimeDirWarning" not in out
 
     # Children see the supervisor's configuration and secrets, including the generated admin password.
     config = httpx.get(f"http://127.0.0.1:{settings.auth.port}/config", timeout=5).json()
