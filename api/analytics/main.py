@@ -1,0 +1,34 @@
+"""The analytics API: ``create_app(settings)`` (registry target ``api.analytics.main:create_app``).
+
+Read-only: it connects as the analyst role (``settings.analyst_url()``) and answers from the
+pre-aggregated tables the pipeline maintains, so it stays fast however many patients exist.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.analytics.router import router
+from pms import db
+from pms.settings import Settings, get_settings
+from pms.web import create_service_app
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the analytics API on the read-only analyst connection."""
+    settings = settings or get_settings()
+    # One snapshot per request: asOf and every number of an answer come from the same commit.
+    engine = db.make_engine(settings.analyst_url(), pool_size=5, max_overflow=10,
+                            isolation_level="REPEATABLE READ")
+    app = create_service_app(
+        name="analytics",
+        settings=settings,
+        title="Analytics API",
+        description="Read-only analytics over patient events: summary, registrations, demographics, "
+                    "geography, billing, freshness. Small counts are suppressed for ANALYST callers.",
+        ready=lambda: {"database": db.database_reachable(engine)},
+    )
+    app.state.engine = engine
+    app.state.session_factory = db.session_factory(engine)
+    app.include_router(router)
+    return app

@@ -1,0 +1,54 @@
+"""SQL of the analytics API: reads of the pre-aggregated tables only (never a scan of facts)."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from stream_processing import models as analytics_models
+
+m = analytics_models
+
+
+def status(*, session: Session) -> dict[str, Any] | None:
+    row = session.execute(select(m.pipeline_status).where(m.pipeline_status.c.id == 1)).mappings().first()
+    return dict(row) if row else None
+
+
+def partitions(*, session: Session) -> list[dict[str, Any]]:
+    table = m.pipeline_partitions
+    rows = session.execute(select(table).order_by(table.c.topic, table.c.partition)).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def registrations_between(*, session: Session, start: date, end: date) -> list[tuple[date, int, int]]:
+    """Daily (day, registrations, removals) rows with ``start <= day <= end`` (missing days are zero)."""
+    t = m.daily_registrations
+    rows = session.execute(
+        select(t.c.day, t.c.registrations, t.c.removals).where(t.c.day.between(start, end)).order_by(t.c.day)
+    ).all()
+    return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+
+def removals_total(*, session: Session) -> int:
+    return int(session.execute(select(func.coalesce(func.sum(m.daily_registrations.c.removals), 0))).scalar_one())
+
+
+def demographics(*, session: Session) -> list[tuple[int | None, str, int]]:
+    t = m.demographics
+    return [(r[0], r[1], int(r[2])) for r in session.execute(select(t.c.birth_year, t.c.gender, t.c.patients))]
+
+
+def geography(*, session: Session) -> list[tuple[str, int]]:
+    t = m.geography
+    rows = session.execute(select(t.c.city, t.c.patients).order_by(t.c.patients.desc(), t.c.city))
+    return [(r[0], int(r[1])) for r in rows]
+
+
+def billing(*, session: Session) -> list[tuple[str, int]]:
+    t = m.billing_status_counts
+    rows = session.execute(select(t.c.billing_status, t.c.patients).order_by(t.c.billing_status))
+    return [(r[0], int(r[1])) for r in rows]
