@@ -20,7 +20,7 @@ import pytest
 
 from pms import process
 from pms.settings import Settings
-from tests.dashboard.stack import ADMIN_EMAIL, ADMIN_PASSWORD, ANALYTICS, CORE, missing_services, running_stack
+from tests.dashboard.stack import ADMIN_EMAIL, ADMIN_PASSWORD, ANALYTICS, CORE, missing_services
 from tests.dashboard.stub_gateway import PASSWORD, StubGateway
 from tests.fixtures.services import ServiceProcess
 
@@ -47,10 +47,8 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         pytest.skip("Debian chromium is not installed (/usr/bin/chromium): apt-get install -y chromium")
     logs = tmp_path_factory.mktemp("dash-e2e-logs")
     if not missing_services(CORE + ANALYTICS):
-        servers = request.getfixturevalue("servers")
-        with running_stack(servers, logs) as stack:
-            settings = stack.settings
-            yield from _with_dashboard(settings, logs, "real stack", ADMIN_EMAIL, ADMIN_PASSWORD)
+        stack = request.getfixturevalue("real_stack")  # shared with test_real_stack.py: started once
+        yield from _with_dashboard(stack.settings, logs, "real stack", ADMIN_EMAIL, ADMIN_PASSWORD)
         return
     stub_settings: Settings = request.getfixturevalue("stub_settings")
     stub = StubGateway(stub_settings).start()
