@@ -87,6 +87,9 @@ def access_for(upstream: Upstream, subpath: str) -> Access | None:
     if upstream is Upstream.AUTH:
         return auth_access(subpath)
     if upstream is Upstream.PATIENT:
+        # The audit trail is ADMIN-only at the patient service too; refuse it here first.
+        if subpath.rstrip("/").endswith("/audit"):
+            return Access(ADMIN_ONLY)
         return Access(PATIENT_ROLES)
     return Access(ANALYTICS_ROLES)
 
