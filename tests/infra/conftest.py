@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,11 +25,15 @@ def moto_endpoint() -> Iterator[str]:
     with pytest.MonkeyPatch.context() as mp:
         # Fargate tasks "run" at once in moto (it starts no containers), so steady state is reachable.
         mp.setenv("MOTO_ECS_SERVICE_RUNNING", "1")
+        # The task execution role attaches AWS's managed AmazonECSTaskExecutionRolePolicy.
+        mp.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+        mp.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
             mp.delenv(name, raising=False)
         mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
         port = process.free_port()
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per AWS call otherwise
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         try:
