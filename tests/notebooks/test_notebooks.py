@@ -42,8 +42,8 @@ def test_registrations_over_a_range_by_month(servers: ServerSet, synthetic: dict
     registered = [f["registered_date"] for f in facts if start <= f["registered_date"] <= end]
     removed = [f["removed_on"] for f in facts if f["removed_on"] and start <= f["removed_on"] <= end]
     per_month = Counter(d.replace(day=1).isoformat() for d in registered)
-    for day in removed:  # a month with only removals is still a period (with 0 registrations)
-        per_month.setdefault(day.replace(day=1).isoformat(), 0)
+    for month in (3, 4, 5, 6):  # every period of the range is listed, zero when nobody registered
+        per_month.setdefault(date(2026, month, 1).isoformat(), 0)
     by_weekday = Counter(d.weekday() for d in registered)
     busiest = WEEKDAYS[min(by_weekday, key=lambda w: (-by_weekday[w], w))]
     active_days = set(registered) | set(removed)
@@ -65,21 +65,30 @@ def test_registrations_rejects_an_unknown_granularity(servers: ServerSet, synthe
                              parameters={"granularity": "fortnight"})
 
 
+def band(birth_year: int | None) -> str:
+    if birth_year is None or birth_year > 2026:
+        return "unknown"
+    age = 2026 - birth_year
+    return "0-17" if age < 18 else "18-39" if age < 40 else "40-64" if age < 65 else "65+"
+
+
 def test_demographics(servers: ServerSet, synthetic: dict[str, Any]) -> None:
     active = [f for f in synthetic["patient_facts"] if f["active"]]
-    bands = Counter("unknown" if f["birth_year"] is None else
-                    f"{(2026 - f['birth_year']) // 10 * 10}-{(2026 - f['birth_year']) // 10 * 10 + 9}"
-                    for f in active)
-    cities = Counter("(unknown)" if f["city"] == "" else f["city"] for f in active)
+    bands = Counter(band(f["birth_year"]) for f in active)
+    cities = Counter("unknown" if f["city"] == "" else f["city"] for f in active)
     genders = Counter(f["gender"] for f in active)
 
-    report = run("demographics", servers, as_of_year=2026, band_width=10, top_cities=3, period="month")
+    report = run("demographics", servers, as_of_year=2026, age_bands=[0, 40, 18, 65], top_cities=3,
+                 period="month")
 
     assert report["active_patients"] == len(active)
     assert report["by_gender"] == {g: genders.get(g, 0) for g in ("female", "male", "other", "unknown")}
     assert report["age_bands"] == dict(bands)
     assert report["unknown_age"] == bands["unknown"]
     assert report["cities"] == dict(cities)
+    top = sorted(cities.items(), key=lambda item: (-item[1], item[0]))
+    assert report["top_cities"] == dict(top[:3])
+    assert report["other_cities"] == sum(n for _, n in top[3:])
     assert report["new_patients_in_range"] == len(active)
 
 
