@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
+from sqlalchemy import Engine, text
 
 from api.patient import demo as patient_demo
 from api.patient.billing_sync import BillingGateway, BillingRetryWorker
@@ -57,8 +59,32 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         lifespan=lifespan,
         max_body_bytes=settings.patient.max_body_bytes,
     )
+    _backlog_gauges(app, engine)
     app.state.engine = engine
     app.state.session_factory = factory
     app.state.billing = BillingGateway(settings)
     app.include_router(router)
     return app
+
+
+def _backlog_gauges(app: FastAPI, engine: Engine) -> None:
+    """/metrics: events waiting in the outbox and patients waiting for a billing account.
+
+    Both counts read a partial index, so a scrape stays cheap with millions of patients.
+    """
+    queries = {
+        "patient_outbox_unsent_events": ("Outbox events not yet published",
+                                         "SELECT count(*) FROM patient_outbox WHERE sent_at IS NULL"),
+        "patient_billing_pending_patients": ("Active patients still without a billing account",
+                                             "SELECT count(*) FROM patients "
+                                             "WHERE billing_status = 'PENDING' AND deleted_at IS NULL"),
+    }
+    for name, (doc, sql) in queries.items():
+        def _count(sql: str = sql) -> float:
+            try:
+                with engine.connect() as conn:
+                    return float(conn.execute(text(sql)).scalar_one())
+            except Exception:  # database down: report "unknown", /ready says why
+                return float("nan")
+
+        Gauge(name, doc, registry=app.state.metrics_registry).set_function(_count)

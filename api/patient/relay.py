@@ -114,6 +114,7 @@ class OutboxRelay:
                 log.warning("outbox relay round failed", extra={"fields": {"error": type(exc).__name__}})
                 self._close_clients()
                 self._release_leadership_if_broken()
+                self._last_check = 0.0  # next round: topic check first, so a down broker is not produced to
                 published = 0
                 self._stop.wait(min(1.0, self.poll_interval * 5))
                 continue

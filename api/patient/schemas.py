@@ -22,6 +22,7 @@ EARLIEST_BIRTH_DATE = date(1900, 1, 1)
 #: Region used for phone numbers written without a +country prefix (the seed's data is US-style).
 DEFAULT_PHONE_REGION = "US"
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _iso_date(value: Any) -> Any:
@@ -73,6 +74,13 @@ class _PatientFields(_Camel):
     gender: Gender | None = None
     phone: str | None = Field(default=None, max_length=32, strict=True)
     city: str | None = Field(default=None, max_length=100, strict=True)
+
+    @field_validator("name", "address", "city")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and _CONTROL.search(value):
+            raise ValueError("Must not contain control characters")
+        return value
 
     @field_validator("email")
     @classmethod

@@ -179,7 +179,7 @@ def update(
         values.pop("registered_date")
     changed = [field for field, value in values.items() if getattr(patient, field) != value]
     if not changed:
-        session.rollback()
+        session.commit()  # nothing to write: just release the row lock
         return patient
     for field in changed:
         setattr(patient, field, values[field])

@@ -126,8 +126,13 @@ def read_events(settings: Settings, *, until: Callable[[list[Received]], bool], 
                          "enable.auto.commit": False, "auto.offset.reset": "earliest", "log_level": 3})
     received: list[Received] = []
     try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        # The relay creates the topic; a consumer asking too early sees none (and must not create it).
+        def _partitions() -> list[int]:
+            metadata = consumer.list_topics(topic, timeout=5).topics.get(topic)
+            return [] if metadata is None or metadata.error is not None else list(metadata.partitions)
+
+        process.wait_until(lambda: bool(_partitions()), timeout=timeout, interval=0.1, message=f"topic {topic}")
+        consumer.assign([TopicPartition(topic, p, 0) for p in _partitions()])
 
         def _done() -> bool:
             for message in consumer.consume(num_messages=1000, timeout=0.2):

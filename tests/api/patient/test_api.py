@@ -250,6 +250,8 @@ BAD_INPUTS: list[tuple[str, str, str, Any, int, str, dict[str, str]]] = [
     ("name missing", "POST", "", _body(name=_MISSING), 400, "Validation failed", {"name": "Field required"}),
     ("name blank", "POST", "", _body(name="   "), 400, "Validation failed", {"name": "at least 1 character"}),
     ("name too long", "POST", "", _body(name="x" * 101), 400, "Validation failed", {"name": "at most 100"}),
+    ("name with control characters", "POST", "", _body(name="Eve\u0000Null"), 400, "Validation failed",
+     {"name": "control characters"}),
     ("name a number", "POST", "", _body(name=42), 400, "Validation failed", {"name": "valid string"}),
     ("email missing", "POST", "", _body(email=_MISSING), 400, "Validation failed", {"email": "Field required"}),
     ("email invalid", "POST", "", _body(email="not-an-email"), 400, "Validation failed",
@@ -355,7 +357,9 @@ def test_ops_endpoints(api: Api) -> None:
         assert client.get("/health").json()["status"] == "UP"
         ready = client.get("/ready")
         assert ready.status_code == 200 and ready.json()["checks"] == {"database": True}
-        assert "http_requests_total" in client.get("/metrics").text
+        metrics = client.get("/metrics").text
+        assert "http_requests_total" in metrics
+        assert "patient_outbox_unsent_events" in metrics and "patient_billing_pending_patients" in metrics
         spec = client.get("/openapi.json").json()
         assert {"/patients", "/patients/{patient_id}", "/patients/{patient_id}/fhir",
                 "/patients/{patient_id}/audit", "/patients/{patient_id}/duplicates"} <= set(spec["paths"])
