@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from subprocess import Popen
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from pydantic import SecretStr
@@ -58,6 +58,9 @@ ADMIN_PASSWORD_FILE = "admin.password"
 #: Marker in the data dir: the generated admin password has been printed once.
 ADMIN_SHOWN_MARKER = ".admin-password-shown"
 LOG_TAIL_LINES = 20
+
+if TYPE_CHECKING:
+    from pms.embedded import EmbeddedBroker, EmbeddedPostgres
 
 CommandFactory = Callable[[ServiceSpec], list[str]]
 
@@ -282,8 +285,8 @@ class Supervisor:
         self.stop_timeout_s = stop_timeout_s
         self.console = console or Console(stderr=True)
         self.children: list[Child] = []
-        self.postgres: Any = None
-        self.broker: Any = None
+        self.postgres: EmbeddedPostgres | None = None
+        self.broker: EmbeddedBroker | None = None
         self._infra_restarts: dict[str, deque[float]] = {"postgres": deque(), "broker": deque()}
         self._stop = threading.Event()
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
@@ -367,12 +370,12 @@ class Supervisor:
             self.broker = EmbeddedBroker(self.settings)
             self._start_server("broker", self.broker)
 
-    def _start_server(self, name: str, server: Any) -> None:
+    def _start_server(self, name: str, server: EmbeddedPostgres | EmbeddedBroker) -> None:
         from pms.embedded import PortInUseError
 
         with self.console.status(f"starting {name} ..."):
             try:
-                server.start()
+                proc = server.start()
             except PortInUseError as exc:
                 self._error(str(exc))
                 raise _GiveUp(EXIT_FAILED) from exc
@@ -380,7 +383,7 @@ class Supervisor:
                 self._error(f"{name} did not start: {exc}")
                 self._show_tail(name, server.log_path)
                 raise _GiveUp(EXIT_FAILED) from exc
-        self.console.print(f"[green]ready[/] {name} (pid {server.proc.pid})")
+        self.console.print(f"[green]ready[/] {name} (pid {proc.pid})")
 
     def _child_env(self) -> dict[str, str]:
         """The environment of every service: ours without PMS_*, plus the settings as PMS_*."""
@@ -499,7 +502,7 @@ class Supervisor:
             restarts.popleft()
         return restarts
 
-    def _check_server(self, name: str, server: Any) -> bool:
+    def _check_server(self, name: str, server: EmbeddedPostgres | EmbeddedBroker | None) -> bool:
         """Restart an embedded server that died (same policy as services); True if it did."""
         if server is None or server.proc is None or server.proc.poll() is None:
             return False
