@@ -50,6 +50,12 @@ def test_seed_tutorial_crud_round_trip(staff: httpx.Client) -> None:
     assert again.status_code == 200
     assert again.json()["version"] == 2 and again.json()["gender"] == "female"
 
+    # Taking another active patient's email (any case) on update is a conflict, never a 500.
+    other = staff.post("/patients", json=new_patient_body()).json()
+    clash = staff.put(f"/patients/{patient['id']}", json={**update, "email": other["email"].upper()})
+    assert clash.status_code == 409 and clash.json()["errors"] == {"email": "Already used by another patient"}
+    assert staff.get(f"/patients/{patient['id']}").json()["version"] == 2
+
     deleted = staff.delete(f"/patients/{patient['id']}")
     assert deleted.status_code == 204 and deleted.content == b""
     assert staff.get(f"/patients/{patient['id']}").status_code == 404
