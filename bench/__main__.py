@@ -9,15 +9,20 @@ import argparse
 import importlib
 import sys
 
-from bench.harness import Report, embedded_servers
+from bench.harness import OPTIONS, Report, embedded_servers
 
-BENCHES = ("billing", "write_path")
+BENCHES = ("billing", "write_path", "read_path", "relay", "pipeline", "catchup", "footprint")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all): {BENCHES}")
+    parser.add_argument("--big", action="store_true",
+                        help="read_path: also measure at 1,000,000 patients (or PMS_BENCH_BIG=1)")
+    parser.add_argument("--patients", type=int, default=None, metavar="N",
+                        help="catchup: patients to catch up after a broker restart (issue 5 asks 1,000,000)")
     args = parser.parse_args(argv)
+    OPTIONS.update(big=args.big, patients=args.patients)
     unknown = set(args.names) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {BENCHES}")

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
@@ -23,6 +24,11 @@ from pms.registry import Probe, by_name
 from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+#: Run-wide options set by ``python -m bench`` (``--big``, ``--patients N``); benches read them.
+OPTIONS: dict[str, Any] = {"big": False, "patients": None}
+#: The embedded servers of the current ``embedded_servers()`` block, for benches that restart one.
+CURRENT: dict[str, Any] = {}
 
 
 @dataclass
@@ -47,6 +53,13 @@ class Row:
 @dataclass
 class Report:
     rows: list[Row] = field(default_factory=list)
+    #: Free-form sections (EXPLAIN plans, profiles) appended below the table.
+    sections: list[tuple[str, str]] = field(default_factory=list)
+
+    def section(self, title: str, body: str) -> None:
+        """Keep ``body`` (preformatted text) for the written results and echo it to stderr."""
+        self.sections.append((title, body))
+        print(f"--- {title}\n{body}", file=sys.stderr)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -68,8 +81,10 @@ class Report:
         (RESULTS_DIR / f"{stamp}.json").write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in self.rows],
                                                               indent=2))
         path = RESULTS_DIR / f"{stamp}.md"
-        path.write_text(self.markdown() + "\n")
-        (RESULTS_DIR / "latest.md").write_text(self.markdown() + "\n")
+        text = self.markdown() + "\n" + "".join(f"\n#### {title}\n\n```\n{body}\n```\n"
+                                                 for title, body in self.sections)
+        path.write_text(text)
+        (RESULTS_DIR / "latest.md").write_text(text)
         return path
 
 
@@ -142,9 +157,11 @@ def embedded_servers() -> Iterator[Settings]:
         postgres, broker = EmbeddedPostgres(settings), EmbeddedBroker(settings)
         postgres.start()
         broker.start()
+        CURRENT.update(postgres=postgres, broker=broker)
         try:
             yield settings
         finally:
+            CURRENT.clear()
             broker.stop()
             postgres.stop()
 
@@ -182,3 +199,48 @@ def services(settings: Settings, names: list[str]) -> Iterator[None]:
     finally:
         for proc in reversed(started):
             process.stop(proc)
+
+
+def pg_connect(settings: Settings, database: str) -> Any:
+    """An autocommit psycopg connection to one service database (as the application role)."""
+    import psycopg
+
+    from pms.embedded import libpq_dsn
+
+    return psycopg.connect(libpq_dsn(settings.database_url_for(database)), autocommit=True)
+
+
+def pipeline_processed(settings: Settings) -> int:
+    """``pipeline_status.events_processed`` (0 before the pipeline made its table or row)."""
+    import psycopg
+
+    try:
+        with pg_connect(settings, "analytics") as conn:
+            row = conn.execute("SELECT events_processed FROM pipeline_status WHERE id = 1").fetchone()
+    except psycopg.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def http_load(url: str, *, headers: dict[str, str], total: int, concurrency: int = 1,
+              params: dict[str, Any] | None = None) -> LoadResult:
+    """GET ``url`` ``total`` times (after 5 warm-up calls); success = 200."""
+    import httpx
+
+    with httpx.Client(timeout=60, headers=headers) as client:
+        for _ in range(5):
+            client.get(url, params=params)
+        return run_load(lambda _i: client.get(url, params=params).status_code == 200, total=total,
+                        concurrency=concurrency)
+
+
+def timed(fn: Callable[[], Any], *, repeat: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of ``repeat`` calls of ``fn`` after ``warmup`` unmeasured calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
