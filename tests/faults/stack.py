@@ -1,0 +1,109 @@
+"""A private full stack for the fault suite: its own PostgreSQL and broker, every service a real process.
+
+The fault module kills PostgreSQL and the broker, so it never uses the session servers that
+other test modules share: :func:`private_stack` starts a fresh embedded PostgreSQL + Tansu
+on free ports in a new data dir (outside pytest's temp root, see tests/fixtures/servers.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pms import process
+from pms.embedded import EmbeddedBroker, EmbeddedPostgres, libpq_dsn
+from pms.security import encode_token
+from pms.settings import KafkaSettings, PostgresSettings, Settings
+from tests.fixtures.servers import server_data_dir
+from tests.fixtures.services import ServiceProcess
+
+#: Start order of the services (each after what it depends on).
+STACK = ("billing", "auth", "patient", "pipeline", "analytics", "gateway")
+#: Test-speed knobs: fast outbox polling and billing retries, and no rate limit in the way of the load.
+PATIENT_KNOBS: dict[str, Any] = {
+    "seed_demo_data": False, "outbox_poll_interval_s": 0.05, "billing_retry_initial_s": 0.2,
+    "billing_retry_max_s": 1.0, "billing_timeout_s": 1.0,
+}
+
+
+def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Settings with free ports for the servers and every service, and test-speed knobs."""
+    port = process.free_port
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "postgres": PostgresSettings(port=port()),
+        "kafka": KafkaSettings(bootstrap_servers=f"127.0.0.1:{port()}"),
+        "patient": {"port": port(), **PATIENT_KNOBS},
+        "auth": {"port": port()},
+        "gateway": {"port": port(), "rate_limit_per_minute": 1_000_000, "upstream_timeout_s": 10.0},
+        "analytics": {"port": port()},
+        "billing": {"port": port()},
+        "dashboard": {"port": port()},
+        "pipeline": {"port": port()},
+        "log_level": "WARNING",
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class Stack:
+    """The running stack: servers, services by name, and the settings they share."""
+
+    settings: Settings
+    postgres: EmbeddedPostgres | None
+    broker: EmbeddedBroker | None
+    log_dir: Path
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def gateway_url(self) -> str:
+        return self.services["gateway"].base_url
+
+    def token(self, role: str, sub: str = "fault-suite") -> str:
+        return encode_token(self.settings, sub=sub, role=role)
+
+    def start_service(self, name: str, *, timeout: float = 90.0) -> ServiceProcess:
+        svc = ServiceProcess(name, self.settings, self.log_dir / f"{name}.log").start(timeout=timeout)
+        self.services[name] = svc
+        return svc
+
+    def all_ready(self) -> bool:
+        return all(svc.proc is not None and svc.is_ready() for svc in self.services.values())
+
+    def wait_all_ready(self, *, timeout: float = 60.0) -> None:
+        process.wait_until(self.all_ready, timeout=timeout, interval=0.1, message="every service to be ready")
+
+    def sql(self, database: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with psycopg.connect(libpq_dsn(self.settings.database_url_for(database)), connect_timeout=5) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def log_tails(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {name} ---\n{svc.log_tail(lines)}" for name, svc in self.services.items())
+
+    def stop(self) -> None:
+        for svc in reversed(list(self.services.values())):
+            svc.stop()
+
+
+@contextmanager
+def private_stack(names: tuple[str, ...] = STACK, **overrides: Any) -> Iterator[Stack]:
+    """Fresh embedded PostgreSQL + broker and ``names`` started as real processes; all stopped afterwards."""
+    with ExitStack() as cleanup:
+        data_dir = cleanup.enter_context(server_data_dir(prefix="pms-faults-"))
+        settings = stack_settings(data_dir, **overrides)
+        postgres, broker = EmbeddedPostgres(settings), EmbeddedBroker(settings)
+        postgres.start()
+        cleanup.callback(lambda: postgres.stop())
+        broker.start()
+        cleanup.callback(lambda: broker.stop())
+        stack = Stack(settings, postgres, broker, settings.logs_dir)
+        cleanup.callback(stack.stop)
+        for name in names:
+            stack.start_service(name)
+        yield stack
