@@ -1,14 +1,17 @@
-"""docker/postgres/10-pms-databases.sh on a real, fresh PostgreSQL: what compose's Postgres gets.
+"""Database bootstrap outside embedded mode, on real, fresh PostgreSQL servers.
 
-The embedded server (pms.embedded) and the container (this script) must give the services the
-same databases, roles and extensions; the script is run here with the bundled psql against a
-brand-new cluster whose own bootstrap is switched off, so only the script creates anything.
+Compose's Postgres runs docker/postgres/10-pms-databases.sh; on RDS the db-init task runs
+``python -m infra.dbinit``. Both must give the services what the embedded server gives them:
+the same databases, roles and extensions. Each runs here against its own brand-new cluster
+whose built-in bootstrap is switched off, so only the tool under test creates anything, and
+the same checks apply to both.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,12 +36,17 @@ class BarePostgres(EmbeddedPostgres):
         return None
 
 
-@pytest.fixture(scope="module")
-def bare_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BarePostgres]:
-    data = tmp_path_factory.mktemp("pg-init")
+def _start_bare(tmp_path_factory: pytest.TempPathFactory, label: str) -> BarePostgres:
+    data = tmp_path_factory.mktemp(label)
     settings = Settings(_env_file=None, data_dir=data, postgres={"port": process.free_port()})  # type: ignore[call-arg]
     server = BarePostgres(settings)
     server.start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def bare_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BarePostgres]:
+    server = _start_bare(tmp_path_factory, "pg-init-script")
     try:
         yield server
     finally:
@@ -68,11 +76,41 @@ def connect(server: BarePostgres, *, user: str, password: str, dbname: str) -> p
     )
 
 
-@pytest.fixture(scope="module")
-def initialised(bare_postgres: BarePostgres) -> BarePostgres:
-    result = run_script(bare_postgres)
-    assert result.returncode == 0, result.stderr
-    return bare_postgres
+def run_dbinit(server: BarePostgres, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+    url = server.superuser_url()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PMS_")},
+        # The URL form the deploy writes into Secrets Manager (db-master-url).
+        "PMS_DBINIT_SUPERUSER_URL": url.set(drivername="postgresql").render_as_string(hide_password=False),
+        "PMS_DB_APP_PASSWORD": APP_PASSWORD,
+        "PMS_DB_ANALYST_PASSWORD": ANALYST_PASSWORD,
+        **env_overrides,
+    }
+    return subprocess.run([sys.executable, "-m", "infra.dbinit"], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module", params=["compose-script", "ecs-dbinit"])
+def initialised(request: pytest.FixtureRequest, bare_postgres: BarePostgres,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[BarePostgres]:
+    if request.param == "compose-script":
+        result = run_script(bare_postgres)
+        assert result.returncode == 0, result.stderr
+        yield bare_postgres
+        return
+    server = _start_bare(tmp_path_factory, "pg-init-dbinit")
+    try:
+        result = run_dbinit(server)
+        assert result.returncode == 0, result.stderr
+        yield server
+    finally:
+        server.stop()
+
+
+def test_dbinit_refuses_to_run_without_its_secrets(bare_postgres: BarePostgres) -> None:
+    result = run_dbinit(bare_postgres, PMS_DB_ANALYST_PASSWORD="")
+    assert result.returncode == 2
+    assert "PMS_DB_ANALYST_PASSWORD" in result.stderr
 
 
 def test_refuses_to_run_without_passwords(bare_postgres: BarePostgres) -> None:
@@ -114,8 +152,9 @@ def test_app_role_can_create_tables_and_analyst_reads_analytics_only(initialised
 
 
 def test_second_run_changes_nothing_and_keeps_working(initialised: BarePostgres) -> None:
-    result = run_script(initialised)
-    assert result.returncode == 0, result.stderr
+    # Either tool may run on a server the other (or an earlier run) bootstrapped.
+    for result in (run_script(initialised), run_dbinit(initialised)):
+        assert result.returncode == 0, result.stderr
     with connect(initialised, user="pms", password=APP_PASSWORD, dbname="patients") as conn:
         assert conn.execute("SELECT similarity('abc', 'abd') > 0").fetchone() == (True,)
 
