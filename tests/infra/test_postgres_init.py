@@ -76,8 +76,11 @@ def connect(server: BarePostgres, *, user: str, password: str, dbname: str) -> p
     )
 
 
-def run_dbinit(server: BarePostgres, **env_overrides: str) -> subprocess.CompletedProcess[str]:
+def run_dbinit(server: BarePostgres, *, login: tuple[str, str] | None = None,
+               **env_overrides: str) -> subprocess.CompletedProcess[str]:
     url = server.superuser_url()
+    if login is not None:
+        url = url.set(username=login[0], password=login[1])
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PMS_")},
         # The URL form the deploy writes into Secrets Manager (db-master-url).
@@ -100,7 +103,11 @@ def initialised(request: pytest.FixtureRequest, bare_postgres: BarePostgres,
         return
     server = _start_bare(tmp_path_factory, "pg-init-dbinit")
     try:
-        result = run_dbinit(server)
+        # Like RDS's master user: CREATEROLE and CREATEDB, but not a superuser.
+        with psycopg.connect(host=server.host, port=server.port, user="postgres",
+                             password=server.superuser_url().password, dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE ROLE rds_master LOGIN CREATEROLE CREATEDB PASSWORD 'master-pw'")
+        result = run_dbinit(server, login=("rds_master", "master-pw"))
         assert result.returncode == 0, result.stderr
         yield server
     finally:
