@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import Column, Connection, Table, func, select, types
+from sqlalchemy import Column, Connection, Table, Text, cast, func, select, types
 
 from pms import errors
 from pms.notebook import analyst_engine
@@ -87,21 +87,15 @@ def _order_by(table: Table) -> list[Column[object]]:
 
 def _chunks(conn: Connection, table: Table, chunk_rows: int) -> Iterator[pl.DataFrame]:
     schema = table_schema(table)
-    uuid_columns = {c.name for c in table.columns if isinstance(c.type, types.Uuid)}
+    # UUIDs are cast to text by the server, so every value arrives as a type Polars takes as is.
+    columns = [cast(c, Text).label(c.name) if isinstance(c.type, types.Uuid) else c for c in table.columns]
     result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
-        select(table).order_by(*_order_by(table))
+        select(*columns).order_by(*_order_by(table))
     )
-    names = list(schema)
     for rows in result.partitions():
-        columns: dict[str, list[object]] = {name: [] for name in names}
-        for row in rows:
-            for name, value in zip(names, row, strict=True):
-                if value is not None and name in uuid_columns:
-                    value = str(value)
-                elif isinstance(value, memoryview):
-                    value = bytes(value)
-                columns[name].append(value)
-        yield pl.DataFrame(columns, schema=schema)
+        values = list(zip(*rows, strict=True)) if rows else [() for _ in schema]
+        yield pl.DataFrame([pl.Series(name, list(column), dtype=dtype)
+                            for (name, dtype), column in zip(schema.items(), values, strict=True)])
 
 
 def _for_csv(frame: pl.DataFrame) -> pl.DataFrame:
