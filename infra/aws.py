@@ -28,7 +28,7 @@ from infra.stack import (
     ANALYST_ROLE,
     APP_ROLE,
     HEALTH_GRACE_S,
-    LISTENER_PORT,
+    HTTPS_PORT,
     STACK_TAG,
     Stack,
     Task,
@@ -37,6 +37,8 @@ from pms import process
 
 #: DB instance tag set once the db-init task succeeded (so later deploys skip it).
 DB_INITIALISED_TAG = "pms:db-initialised"
+#: AWS's current recommended TLS policy for ALB HTTPS listeners (TLS 1.2 and 1.3 only).
+TLS_POLICY = "ELBSecurityPolicy-TLS13-1-2-2021-06"
 EXECUTION_POLICY_ARN = "arn:aws:iam::aws:policy/service-role/AmazonECSTaskExecutionRolePolicy"
 
 
@@ -672,23 +674,41 @@ class Deployer:
             self.ids.target_group_arns[tg.service] = arn
 
         default = next(tg for tg in stack.target_groups if tg.paths is None)
-        default_action = [{"Type": "forward", "TargetGroupArn": self.ids.target_group_arns[default.service]}]
-        listeners = [li for li in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]
-                     if li["Port"] == LISTENER_PORT]
-        if not listeners:
-            listener_arn = elb.create_listener(
-                LoadBalancerArn=lb["LoadBalancerArn"], Protocol="HTTP", Port=LISTENER_PORT,
-                DefaultActions=default_action, Tags=_kv_tags(stack),
-            )["Listeners"][0]["ListenerArn"]
-            self.report.add("listener", f"{stack.load_balancer}:{LISTENER_PORT}", "create")
-        else:
-            listener_arn = listeners[0]["ListenerArn"]
-            current = [a.get("TargetGroupArn") for a in listeners[0]["DefaultActions"]]
-            if current != [default_action[0]["TargetGroupArn"]]:
-                elb.modify_listener(ListenerArn=listener_arn, DefaultActions=default_action)
-                self.report.add("listener", f"{stack.load_balancer}:{LISTENER_PORT}", "update")
+        forward = [{"Type": "forward", "TargetGroupArn": self.ids.target_group_arns[default.service]}]
+        redirect = [{"Type": "redirect", "RedirectConfig": {"Protocol": "HTTPS", "Port": str(HTTPS_PORT),
+                                                             "StatusCode": "HTTP_301"}}]
+        existing = {li["Port"]: li for li in elb.describe_listeners(LoadBalancerArn=lb["LoadBalancerArn"])[
+            "Listeners"]}
+        listener_arn = ""
+        for listener in stack.listeners:
+            actions = redirect if listener.redirect_to_https else forward
+            certificates = [{"CertificateArn": listener.certificate_arn}] if listener.certificate_arn else []
+            label = f"{stack.load_balancer}:{listener.port}"
+            current = existing.pop(listener.port, None)
+            if current is None:
+                arn = elb.create_listener(
+                    LoadBalancerArn=lb["LoadBalancerArn"], Protocol=listener.protocol, Port=listener.port,
+                    DefaultActions=actions, Tags=_kv_tags(stack),
+                    **({"Certificates": certificates, "SslPolicy": TLS_POLICY} if certificates else {}),
+                )["Listeners"][0]["ListenerArn"]
+                self.report.add("listener", label, "create")
             else:
-                self.report.add("listener", f"{stack.load_balancer}:{LISTENER_PORT}", "unchanged")
+                arn = current["ListenerArn"]
+                if (current["Protocol"] != listener.protocol
+                        or _action_key(current["DefaultActions"]) != _action_key(actions)
+                        or [c["CertificateArn"] for c in current.get("Certificates", [])]
+                        != [c["CertificateArn"] for c in certificates]):
+                    elb.modify_listener(ListenerArn=arn, Protocol=listener.protocol, DefaultActions=actions,
+                                        **({"Certificates": certificates, "SslPolicy": TLS_POLICY}
+                                           if certificates else {}))
+                    self.report.add("listener", label, "update")
+                else:
+                    self.report.add("listener", label, "unchanged")
+            if not listener.redirect_to_https:
+                listener_arn = arn
+        for port, leftover in existing.items():  # e.g. HTTPS was switched off
+            elb.delete_listener(ListenerArn=leftover["ListenerArn"])
+            self.report.add("listener", f"{stack.load_balancer}:{port}", "delete")
 
         rules = {r["Priority"]: r for r in elb.describe_rules(ListenerArn=listener_arn)["Rules"]}
         for tg in stack.target_groups:
@@ -780,6 +800,18 @@ def _permissions(keys: set[tuple[str, int, int, str]]) -> list[dict[str, Any]]:
             perm["IpRanges"] = [{"CidrIp": source}]
         result.append(perm)
     return result
+
+
+def _action_key(actions: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """What a listener's default actions do, ignoring the fields AWS fills in."""
+    key = []
+    for action in actions:
+        if action["Type"] == "redirect":
+            config = action.get("RedirectConfig", {})
+            key.append(("redirect", f"{config.get('Protocol')}:{config.get('Port')}"))
+        else:
+            key.append((action["Type"], str(action.get("TargetGroupArn"))))
+    return key
 
 
 def _rule_paths(rule: dict[str, Any]) -> list[str]:

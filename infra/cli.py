@@ -88,8 +88,12 @@ def deploy(settings: Settings, endpoint_url: str | None = None, *, console: Cons
                   f"{len(report.changes) - len(report.changed)} resource(s) already as desired.")
     else:
         out.print(f"[green]No changes:[/] all {len(report.changes)} resources already match the desired stack.")
-    out.print(f"Load balancer: [bold]http://{deployed.load_balancer_dns}[/] "
+    scheme = "https" if settings.infra.certificate_arn else "http"
+    out.print(f"Load balancer: [bold]{scheme}://{deployed.load_balancer_dns}[/] "
               f"(dashboard at /, REST API at /api, /auth)")
+    if not settings.infra.certificate_arn:
+        out.print("[yellow]Warning:[/] plain HTTP: set PMS_INFRA__CERTIFICATE_ARN (ACM) before real patient "
+                  "data goes through this load balancer.")
     out.print(f"Admin password: secret [bold]{stack.secret('admin-password').name}[/] in Secrets Manager.")
     return report
 

@@ -30,7 +30,8 @@ PUBLIC_ROUTES: dict[str, tuple[str, ...] | None] = {
     "gateway": ("/api/*", "/auth/*", "/api-docs/*"),
     "dashboard": None,
 }
-LISTENER_PORT = 80
+HTTP_PORT = 80
+HTTPS_PORT = 443
 POSTGRES_PORT = 5432
 DB_MASTER_USER = "pms_master"
 APP_ROLE = "pms"
@@ -112,6 +113,16 @@ class TargetGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class Listener:
+    """A load balancer listener: it either forwards (default route + path rules) or redirects to HTTPS."""
+
+    port: int
+    protocol: str
+    certificate_arn: str | None = None
+    redirect_to_https: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Task:
     """One container = one task definition family (+ one ECS service unless ``one_off``)."""
 
@@ -153,6 +164,7 @@ class Stack:
     namespace: str
     execution_role: str
     load_balancer: str
+    listeners: tuple[Listener, ...]
     target_groups: tuple[TargetGroup, ...]
     database: Database
     secrets: tuple[SecretSpec, ...]
@@ -172,6 +184,10 @@ class Stack:
     @property
     def db_init(self) -> Task:
         return next(t for t in self.tasks if t.one_off)
+
+    @property
+    def forwarding_listener(self) -> Listener:
+        return next(li for li in self.listeners if not li.redirect_to_https)
 
     def secret(self, key: str) -> SecretSpec:
         return next(s for s in self.secrets if s.key == key)
@@ -231,6 +247,10 @@ def _subnets(stack: str, cidr: str) -> tuple[Subnet, ...]:
         Subnet(f"{stack}-private-a", str(blocks[2]), 0, False),
         Subnet(f"{stack}-private-b", str(blocks[3]), 1, False),
     )
+
+
+def _port(listener: Listener) -> int:
+    return listener.port
 
 
 def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SERVICES) -> Stack:
@@ -294,11 +314,19 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
     if sum(1 for tg in target_groups if tg.paths is None) != 1:
         raise StackError("exactly one public service must be the load balancer's default route")
 
+    if infra.certificate_arn:
+        listeners: tuple[Listener, ...] = (
+            Listener(HTTPS_PORT, "HTTPS", certificate_arn=infra.certificate_arn),
+            Listener(HTTP_PORT, "HTTP", redirect_to_https=True),
+        )
+    else:
+        listeners = (Listener(HTTP_PORT, "HTTP"),)
+
     service_ports = sorted({service_port(s) for s in services})
     public_ports = sorted({service_port(s) for s in services if s.public})
     security_groups = (
-        SecurityGroup(f"{stack}-alb", "load balancer: HTTP from anywhere",
-                      (Ingress(LISTENER_PORT, LISTENER_PORT, cidr="0.0.0.0/0"),)),
+        SecurityGroup(f"{stack}-alb", "load balancer: its listener ports from anywhere",
+                      tuple(Ingress(li.port, li.port, cidr="0.0.0.0/0") for li in sorted(listeners, key=_port))),
         SecurityGroup(
             f"{stack}-services", "ECS services: from the load balancer and from each other",
             (
@@ -320,6 +348,7 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
         namespace=namespace,
         execution_role=f"{stack}-task-execution",
         load_balancer=f"{stack}-alb",
+        listeners=listeners,
         target_groups=tuple(target_groups),
         database=Database(
             identifier=f"{stack}-postgres",

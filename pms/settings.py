@@ -177,6 +177,8 @@ class InfraSettings(BaseModel):
     db_engine_version: str = "18"
     #: CloudWatch log retention, days.
     log_retention_days: int = 30
+    #: ACM certificate for HTTPS on the load balancer (port 80 then only redirects); unset = plain HTTP.
+    certificate_arn: str | None = None
     #: How long deploy waits for RDS and for every ECS service to reach steady state.
     wait_timeout_s: float = 1200.0
     #: Seconds between status polls while deploy waits.

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import boto3
 import pytest
 from rich.console import Console
 
@@ -379,6 +380,12 @@ def stuck(moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                         kafka_bootstrap_servers=KAFKA,
                         infra={"stack_name": "gone", "region": REGION, "image": IMAGE, "poll_interval_s": 0.01,
                                "wait_timeout_s": 0.3, "vpc_cidr": "10.81.0.0/16"})
+    # It also serves HTTPS, so the TLS listener wiring is checked on a real (moto) certificate.
+    acm = boto3.client("acm", region_name=REGION, endpoint_url=moto_endpoint,
+                       aws_access_key_id="test", aws_secret_access_key="test")
+    certificate = acm.request_certificate(DomainName="pms.example.org")["CertificateArn"]
+    settings = settings.model_copy(update={"infra": settings.infra.model_copy(
+        update={"certificate_arn": certificate})})
     console = Console(file=io.StringIO(), width=300)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOTO_ECS_SERVICE_RUNNING", "0")  # moto: services report no running task
@@ -396,6 +403,30 @@ def test_services_that_never_run_fail_the_deploy_with_their_names(stuck: Stuck, 
     state = aws.status(desired_stack(stuck.settings), aws.Clients.connect(REGION, moto_endpoint))
     assert state.exists and not state.healthy
     assert {s.running for s in state.services} == {0}
+
+
+def test_https_listener_forwards_and_http_redirects(stuck: Stuck, moto_endpoint: str) -> None:
+    clients = aws.Clients.connect(REGION, moto_endpoint)
+    stack = desired_stack(stuck.settings)
+    lb = aws.find_load_balancer(clients, stack)
+    assert lb is not None
+    listeners = {li["Port"]: li for li in clients.elbv2.describe_listeners(
+        LoadBalancerArn=lb["LoadBalancerArn"])["Listeners"]}
+    assert set(listeners) == {80, 443}
+    https, http = listeners[443], listeners[80]
+    assert https["Protocol"] == "HTTPS" and https["SslPolicy"] == aws.TLS_POLICY
+    assert [c["CertificateArn"] for c in https["Certificates"]] == [stuck.settings.infra.certificate_arn]
+    dashboard = aws.find_target_group(clients, "gone-dashboard")
+    assert dashboard is not None
+    assert https["DefaultActions"][0]["TargetGroupArn"] == dashboard["TargetGroupArn"]
+    assert http["DefaultActions"][0]["Type"] == "redirect"
+    assert http["DefaultActions"][0]["RedirectConfig"]["Protocol"] == "HTTPS"
+    rules = [r for r in clients.elbv2.describe_rules(ListenerArn=https["ListenerArn"])["Rules"] if not r["IsDefault"]]
+    assert [aws._rule_paths(r) for r in rules] == [["/api/*", "/auth/*", "/api-docs/*"]]
+    alb_group = clients.ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": ["gone-alb"]}])["SecurityGroups"][0]
+    assert aws._permission_keys(alb_group["IpPermissions"]) == {
+        ("tcp", 80, 80, "0.0.0.0/0"), ("tcp", 443, 443, "0.0.0.0/0")}
 
 
 # -- destroy ---------------------------------------------------------------------------------------

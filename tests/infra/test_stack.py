@@ -73,3 +73,14 @@ def test_refuses_a_vpc_too_small_for_four_subnets(infra_settings: Callable[..., 
         desired_stack(infra_settings("s", vpc_cidr="10.0.0.0/24"))
     subnets = desired_stack(infra_settings("s", vpc_cidr="10.9.0.0/22")).subnets
     assert [s.cidr for s in subnets] == ["10.9.0.0/24", "10.9.1.0/24", "10.9.2.0/24", "10.9.3.0/24"]
+
+
+def test_certificate_turns_on_https_and_a_redirect(infra_settings: Callable[..., Settings]) -> None:
+    plain = desired_stack(infra_settings("s"))
+    assert [(li.port, li.protocol) for li in plain.listeners] == [(80, "HTTP")]
+    tls = desired_stack(infra_settings("s", certificate_arn="arn:aws:acm:eu-west-1:1:certificate/x"))
+    assert [(li.port, li.protocol, li.redirect_to_https) for li in tls.listeners] == [
+        (443, "HTTPS", False), (80, "HTTP", True)]
+    assert tls.forwarding_listener.certificate_arn == "arn:aws:acm:eu-west-1:1:certificate/x"
+    alb = next(g for g in tls.security_groups if g.name == "s-alb")
+    assert [(r.port_from, r.cidr) for r in alb.ingress] == [(80, "0.0.0.0/0"), (443, "0.0.0.0/0")]
