@@ -39,17 +39,35 @@ def _count(row: dict[str, Any], keys: tuple[str, ...] = _COUNT_KEYS) -> int | No
     return None
 
 
+def count_value(value: Any) -> tuple[int | None, bool]:
+    """``(count, suppressed)`` from a plain number or the API's ``{"value", "suppressed"}`` object."""
+    if isinstance(value, dict):
+        suppressed = bool(value.get("suppressed"))
+        raw = value.get("value")
+        return (None if suppressed or raw is None else int(raw)), suppressed
+    return (None if value is None else int(value)), False
+
+
 def registrations_frame(body: dict[str, Any]) -> pl.DataFrame:
-    """Columns ``period`` (date), ``registrations``, ``removals``; one row per period, gaps as zero."""
+    """Columns ``period`` (date), ``registrations``, ``removals`` (null when suppressed), ``suppressed``."""
+
+    def _n(row: dict[str, Any], key: str) -> int | None:
+        if row.get(f"{key}Suppressed"):
+            return None
+        value = row.get(key)
+        return int(value) if value is not None else (0 if key == "removals" else int(row.get("count") or 0))
+
     data = [
         {
             "period": str(r.get("period") or r.get("day") or r.get("date") or r.get("bucket") or r.get("start")),
-            "registrations": int(r.get("registrations") or r.get("count") or 0),
-            "removals": int(r.get("removals") or 0),
+            "registrations": _n(r, "registrations"),
+            "removals": _n(r, "removals"),
+            "suppressed": bool(r.get("registrationsSuppressed") or r.get("removalsSuppressed")),
         }
         for r in rows(body)
     ]
-    frame = pl.DataFrame(data, schema={"period": pl.String, "registrations": pl.Int64, "removals": pl.Int64})
+    frame = pl.DataFrame(data, schema={"period": pl.String, "registrations": pl.Int64, "removals": pl.Int64,
+                                       "suppressed": pl.Boolean})
     return frame.with_columns(pl.col("period").str.slice(0, 10).str.to_date(strict=False)).sort("period")
 
 
@@ -82,7 +100,7 @@ def geography_frame(body: dict[str, Any]) -> pl.DataFrame:
 
 def registrations_chart(frame: pl.DataFrame) -> alt.Chart:
     long = frame.unpivot(index="period", on=["registrations", "removals"], variable_name="kind",
-                         value_name="patients")
+                         value_name="patients").drop_nulls("patients")
     return (
         alt.Chart(long)
         .mark_bar()

@@ -89,6 +89,12 @@ class GatewayUnavailable(GatewayError):
     status = 503
 
 
+class ServerError(GatewayError):
+    """500 or another 5xx that is not an upstream outage: the request reached a service that failed."""
+
+    status = 500
+
+
 _BY_STATUS: dict[int, type[GatewayError]] = {
     400: InvalidInput,
     401: NotAuthenticated,
@@ -118,7 +124,7 @@ def error_from_response(response: httpx.Response) -> GatewayError:
         if isinstance(raw, dict):
             errors = {str(k): str(v) for k, v in raw.items()}
     status = response.status_code
-    cls = _BY_STATUS.get(status, GatewayUnavailable if status >= 500 else GatewayError)
+    cls = _BY_STATUS.get(status, ServerError if status >= 500 else GatewayError)
     if cls is RateLimited:
         retry = response.headers.get("Retry-After", "")
         return RateLimited(message, status=status, errors=errors, retry_after=int(retry) if retry.isdigit() else None)
@@ -283,8 +289,8 @@ class GatewayClient:
     # analytics
 
     def analytics(self, name: str, **params: Any) -> dict[str, Any]:
-        """One of ``summary``, ``registrations``, ``demographics``, ``geography``, ``freshness``."""
-        if name not in ("summary", "registrations", "demographics", "geography", "freshness"):
+        """One of ``summary``, ``registrations``, ``demographics``, ``geography``, ``billing``, ``freshness``."""
+        if name not in ("summary", "registrations", "demographics", "geography", "billing", "freshness"):
             raise ValueError(f"unknown analytics view {name!r}")
         clean = {k: v.isoformat() if isinstance(v, date) else v for k, v in params.items()}
         body = self._json(self._request("GET", f"/api/analytics/{name}", params=clean))

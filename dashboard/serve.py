@@ -2,8 +2,9 @@
 
 The Streamlit server replaces this process (``exec``), so the supervisor's PID, its SIGTERM
 and the parent-death signal reach Streamlit itself and nothing is left behind. The gateway
-URL and every other setting travel as ``PMS_*`` variables, which the app reads through
-:func:`pms.settings.get_settings`.
+URL is passed as a script argument (``-- --gateway-url=…``). The dashboard is the public,
+browser-facing process and only ever calls the gateway, so the platform's secrets (JWT
+signing key, database URLs, the first admin's password) are removed from its environment.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 from pms.settings import Settings, to_env
 
 APP = Path(__file__).resolve().parent / "streamlit_app.py"
+GATEWAY_ARG = "--gateway-url="
+#: Settings the dashboard must not hold: it never signs tokens or opens a database.
+SECRET_VARIABLES = ("PMS_JWT__SECRET", "PMS_DATABASE_URL", "PMS_ANALYST_DATABASE_URL", "PMS_ADMIN_PASSWORD")
 
 
 def command(settings: Settings) -> list[str]:
@@ -32,12 +36,16 @@ def command(settings: Settings) -> list[str]:
         "--client.showErrorDetails=none",
         "--theme.primaryColor=#2563eb",
         "--logger.level=warning",
+        "--",
+        f"{GATEWAY_ARG}{settings.gateway.base_url}",
     ]
 
 
 def environment(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
     env.update(to_env(settings))
+    for name in SECRET_VARIABLES:
+        env.pop(name, None)
     env["PMS_GATEWAY__URL"] = settings.gateway.base_url
     env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
     return env

@@ -7,6 +7,7 @@ sent back to the login page with a note instead of a stack trace.
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ AUTH_KEY = "auth"
 NOTE_KEY = "login_note"
 #: Tests (and ``pms serve dashboard``) may point the app at another gateway through this key.
 GATEWAY_KEY = "gateway_url"
+GATEWAY_ARG = "--gateway-url="
 
 ADMIN, STAFF, ANALYST = "ADMIN", "STAFF", "ANALYST"
 PATIENT_ROLES = frozenset({ADMIN, STAFF})
@@ -27,10 +29,14 @@ SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
 
 
 def gateway_url() -> str:
-    """The gateway base URL: a per-session override, else the platform settings."""
+    """The gateway base URL: a per-session override (tests), the ``--gateway-url=`` script argument
+    that ``pms serve dashboard`` passes, else the platform settings (``streamlit run`` by hand)."""
     override = st.session_state.get(GATEWAY_KEY)
     if override:
         return str(override)
+    for arg in sys.argv[1:]:
+        if arg.startswith(GATEWAY_ARG):
+            return arg.removeprefix(GATEWAY_ARG)
     from pms.settings import get_settings
 
     return get_settings().gateway.base_url

@@ -32,21 +32,26 @@ def _view(name: str, **params: Any) -> dict[str, Any]:
     return cached_analytics(ui.gateway_url(), auth.token, name, tuple(sorted(params.items())))
 
 
+def _tile(column: Any, label: str, body: dict[str, Any], *keys: str) -> None:
+    value, suppressed = charts.count_value(_pick(body, *keys))
+    column.metric(label, "Suppressed" if suppressed else ui.fmt_int(value), border=True,
+                  help="Hidden for privacy: a small count could identify a person." if suppressed else None)
+
+
 @st.fragment(run_every=REFRESH_S if auto else None)
 def kpis() -> None:
     """Tiles and freshness; re-run alone on the auto-refresh timer."""
     summary = _view("summary")
     freshness = _view("freshness")
     tiles = st.columns(4)
-    tiles[0].metric("Active patients", ui.fmt_int(_pick(summary, "activePatients", "active")), border=True)
-    tiles[1].metric("New today", ui.fmt_int(_pick(summary, "newToday", "today")), border=True)
-    tiles[2].metric("New in 7 days", ui.fmt_int(_pick(summary, "new7d", "new7Days", "newLast7Days")), border=True)
-    tiles[3].metric("New in 30 days", ui.fmt_int(_pick(summary, "new30d", "new30Days", "newLast30Days")),
-                    border=True)
+    _tile(tiles[0], "Active patients", summary, "activePatients", "active")
+    _tile(tiles[1], "New today", summary, "newToday", "today")
+    _tile(tiles[2], "New in 7 days", summary, "new7d", "new7Days", "newLast7Days")
+    _tile(tiles[3], "New in 30 days", summary, "new30d", "new30Days", "newLast30Days")
     as_of = _pick(freshness, "asOf") or _pick(summary, "asOf")
     lag = _pick(freshness, "lagMessages", "lag")
-    p99 = _pick(freshness, "freshnessP99Ms", "p99Ms")
-    last_event = _pick(freshness, "lastEventAt", "lastCommitAt")
+    p99 = _pick(freshness, "p99Ms", "freshnessP99Ms")
+    last_event = _pick(freshness, "lastEventAt", "lastCommitAt") or _pick(summary, "lastEventAt")
     stale = lag not in (None, 0)
     parts = [f"as of {ui.fmt_ago(as_of)}", f"last event {ui.fmt_ago(last_event)}"]
     if lag is not None:
@@ -55,6 +60,10 @@ def kpis() -> None:
         parts.append(f"p99 freshness {float(p99):,.0f} ms")
     st.badge(" · ".join(parts), icon=":material/schedule:" if stale else ":material/bolt:",
              color="orange" if stale else "green")
+    suppression = summary.get("suppression") or {}
+    if suppression.get("applied"):
+        st.caption(f":material/visibility_off: Counts below {suppression.get('threshold')} are suppressed "
+                   "for your role (small-count suppression).")
 
 
 kpis()
@@ -73,12 +82,14 @@ with reg_col:
         _view("registrations", **{"from": start.isoformat(), "to": end.isoformat(), "granularity": granularity})
     )
     moved = int(registrations["registrations"].sum()) + int(registrations["removals"].sum())
-    if registrations.is_empty() or moved == 0:
+    if registrations.is_empty() or (moved == 0 and not registrations["suppressed"].any()):
         ui.empty_state("No registrations in this period.", "Widen the date range.", icon=":material/event_busy:")
     else:
         st.altair_chart(charts.registrations_chart(registrations), width="stretch")
+        hidden = int(registrations["suppressed"].sum())
         st.caption(f"{ui.fmt_int(registrations['registrations'].sum())} registrations, "
-                   f"{ui.fmt_int(registrations['removals'].sum())} removals in the period")
+                   f"{ui.fmt_int(registrations['removals'].sum())} removals in the period"
+                   + (f" · {hidden} period(s) suppressed for privacy" if hidden else ""))
 
 demo_col, geo_col = st.columns(2)
 with demo_col:
@@ -103,3 +114,12 @@ with geo_col:
         hidden = int(geography["suppressed"].sum())
         if hidden:
             st.caption(f":material/visibility_off: {hidden} city count(s) suppressed for privacy.")
+
+billing = charts.rows(_view("billing"))
+if billing:
+    parts = []
+    for row in billing:
+        value, suppressed = charts.count_value({"value": row.get("patients"), "suppressed": row.get("suppressed")})
+        status = row.get("billingStatus") or "unknown"
+        parts.append(f"**{status}** {'suppressed' if suppressed else ui.fmt_int(value)}")
+    st.caption(":material/receipt_long: Billing accounts of active patients: " + " · ".join(parts))

@@ -280,54 +280,75 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
                              "name": [{"text": x["name"]}], "birthDate": x["dateOfBirth"]},
                             media_type="application/fhir+json")
 
-    def _analytics(p: Principal) -> None:
+    # Analytics in the shapes of api/analytics/schemas.py: counts as {"value", "suppressed"},
+    # rows under buckets/cells/cities/statuses, and a suppression object.
+    def _analytics(p: Principal) -> dict[str, Any]:
         need(p, "ADMIN", "STAFF", "ANALYST")
+        return {"applied": str(p.role) == "ANALYST", "threshold": 10}
+
+    def _hide(n: int, suppression: dict[str, Any]) -> bool:
+        return bool(suppression["applied"]) and 0 < n < suppression["threshold"]
 
     @app.get("/api/analytics/summary")
     def summary(p: Principal = Depends(principal)) -> dict[str, Any]:
-        _analytics(p)
+        sup = _analytics(p)
         today = date.today()
         regs = [date.fromisoformat(x["registeredDate"]) for x in _active()]
-        return {"activePatients": len(regs), "newToday": sum(d == today for d in regs),
-                "new7d": sum(d > today - timedelta(days=7) for d in regs),
-                "new30d": sum(d > today - timedelta(days=30) for d in regs),
-                "removed": sum(1 for x in state.patients.values() if x.get("_deleted")), "asOf": _now()}
+
+        def count(n: int) -> dict[str, Any]:
+            return {"value": None if _hide(n, sup) else n, "suppressed": _hide(n, sup)}
+
+        return {"asOf": _now(), "activePatients": count(len(regs)), "newToday": count(sum(d == today for d in regs)),
+                "new7d": count(sum(d > today - timedelta(days=7) for d in regs)),
+                "new30d": count(sum(d > today - timedelta(days=30) for d in regs)),
+                "removedTotal": count(sum(1 for x in state.patients.values() if x.get("_deleted"))),
+                "lastEventAt": _now(), "lagMessages": 0, "suppression": sup}
 
     @app.get("/api/analytics/registrations")
-    def registrations(p: Principal = Depends(principal), granularity: str = "day",
-                      start: str | None = None, end: str | None = None) -> dict[str, Any]:
-        _analytics(p)
+    def registrations(p: Principal = Depends(principal), granularity: str = "day") -> dict[str, Any]:
+        sup = _analytics(p)
         if granularity not in ("day", "week", "month"):
             raise BadRequest("Validation failed", errors={"granularity": "Must be day, week or month"})
         per_day = Counter(x["registeredDate"] for x in state.patients.values())
-        return {"granularity": granularity, "asOf": _now(),
-                "items": [{"period": d, "registrations": n, "removals": 0} for d, n in sorted(per_day.items())]}
+        return {"asOf": _now(), "granularity": granularity, "suppression": sup, "buckets": [
+            {"period": d, "registrations": None if _hide(n, sup) else n, "removals": 0,
+             "registrationsSuppressed": _hide(n, sup), "removalsSuppressed": False}
+            for d, n in sorted(per_day.items())]}
 
     @app.get("/api/analytics/demographics")
     def demographics(p: Principal = Depends(principal)) -> dict[str, Any]:
-        _analytics(p)
+        sup = _analytics(p)
         cells: Counter[tuple[str, str]] = Counter()
         for x in _active():
             age = date.today().year - int(x["dateOfBirth"][:4])
-            band = f"{age // 10 * 10}-{age // 10 * 10 + 9}"
+            band = next(b for lo, b in ((80, "80+"), (65, "65-79"), (50, "50-64"), (35, "35-49"), (18, "18-34"),
+                                        (0, "0-17")) if age >= lo)
             cells[(band, x.get("gender") or "unknown")] += 1
-        suppress = str(p.role) == "ANALYST"
-        return {"asOf": _now(), "items": [
-            {"ageBand": b, "gender": g, "patients": None if suppress and n < 10 else n,
-             "suppressed": suppress and n < 10} for (b, g), n in sorted(cells.items())]}
+        return {"asOf": _now(), "suppression": sup, "cells": [
+            {"ageBand": b, "gender": g, "patients": None if _hide(n, sup) else n, "suppressed": _hide(n, sup)}
+            for (b, g), n in sorted(cells.items())]}
 
     @app.get("/api/analytics/geography")
     def geography(p: Principal = Depends(principal), top: int = 10) -> dict[str, Any]:
-        _analytics(p)
-        cities = Counter(x.get("city") or "" for x in _active())
-        return {"asOf": _now(), "items": [{"city": c, "patients": n, "suppressed": False}
-                                          for c, n in cities.most_common(top)]}
+        sup = _analytics(p)
+        cities = Counter(x.get("city") or "unknown" for x in _active())
+        return {"asOf": _now(), "suppression": sup, "cities": [
+            {"city": c, "patients": None if _hide(n, sup) else n, "suppressed": _hide(n, sup)}
+            for c, n in cities.most_common(top)]}
+
+    @app.get("/api/analytics/billing")
+    def billing(p: Principal = Depends(principal)) -> dict[str, Any]:
+        sup = _analytics(p)
+        statuses = Counter(x.get("billingStatus") or "unknown" for x in _active())
+        return {"asOf": _now(), "suppression": sup, "statuses": [
+            {"billingStatus": b, "patients": None if _hide(n, sup) else n, "suppressed": _hide(n, sup)}
+            for b, n in sorted(statuses.items())]}
 
     @app.get("/api/analytics/freshness")
     def freshness(p: Principal = Depends(principal)) -> dict[str, Any]:
         _analytics(p)
-        return {"asOf": _now(), "lastEventAt": _now(), "lagMessages": 0, "freshnessP50Ms": 40.0,
-                "freshnessP99Ms": 180.0, "eventsProcessed": len(state.patients)}
+        return {"asOf": _now(), "lastEventAt": _now(), "lagMessages": 0, "p50Ms": 40.0, "p99Ms": 180.0,
+                "samples": len(state.patients), "eventsProcessed": len(state.patients)}
 
     @app.get("/boom")
     def boom() -> None:

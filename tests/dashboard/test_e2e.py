@@ -104,8 +104,9 @@ def _nav(page: object, title: str) -> None:
 
 def _active_patients(page: object) -> int:
     tile = page.get_by_test_id("stMetric").filter(has_text="Active patients")  # type: ignore[attr-defined]
-    text = tile.get_by_test_id("stMetricValue").inner_text(timeout=15_000)
-    return int(re.sub(r"[^0-9]", "", text) or "0")
+    text = tile.get_by_test_id("stMetricValue").inner_text(timeout=15_000).strip()
+    assert re.fullmatch(r"\d{1,3}(,\d{3})*", text), f"active patients tile shows {text!r}, not a number"
+    return int(text.replace(",", ""))
 
 
 def test_sign_in_register_search_see_tile_rise_sign_out(target: Target, browser: object) -> None:

@@ -112,6 +112,18 @@ def test_gateway_down_shows_a_banner_and_recovers(stub: StubGateway) -> None:
 # --- role gating -----------------------------------------------------------------------------
 
 
+def test_server_refusal_is_a_banner_not_a_stack_trace(stub: StubGateway) -> None:
+    # The session still says ADMIN but the token is a STAFF one (role changed since sign-in).
+    at = signed_in_app(stub, "ADMIN")
+    at.session_state["auth"] = AuthSession(token=stub.token("STAFF"), role="ADMIN", email="admin@pms.local",
+                                           expires_at=time.time() + 600)
+    at.run()
+    at.switch_page("app_pages/users.py").run()
+    assert not at.exception
+    assert any("Your role does not allow this" in t for t in texts(at.error))
+    assert stub.state.calls["GET /auth/users"] == 1
+
+
 def test_analyst_sees_analytics_only(stub: StubGateway) -> None:
     at = signed_in_app(stub, "ANALYST").run()
     assert not at.exception
@@ -310,6 +322,7 @@ def test_analytics_tiles_and_charts(stub: StubGateway) -> None:
     assert tiles["Active patients"] == "12"
     assert tiles["New today"] == "12"
     assert len(at.get("vega_lite_chart")) == 3
+    assert any("Billing accounts of active patients: **ACTIVE** 12" in t for t in texts(at.caption))
     badge = [t for t in texts(at.markdown) if "as of" in t]
     assert badge and "lag 0 events" in badge[0] and "p99 freshness 180 ms" in badge[0]
 
@@ -323,7 +336,14 @@ def test_analytics_empty_states_and_suppression_for_analyst(stub: StubGateway) -
 
     st.cache_data.clear()
     at.run()
-    assert any("suppressed for privacy" in t for t in texts(at.caption))
+    assert not at.exception
+    tiles = {m.label: m.value for m in at.metric}
+    assert tiles["Active patients"] == "Suppressed"  # 3 < threshold 10: never shown to an ANALYST
+    captions = texts(at.caption)
+    assert any("Counts below 10 are suppressed" in t for t in captions)
+    assert any("small cell(s) suppressed for privacy" in t for t in captions)
+    assert any("period(s) suppressed for privacy" in t for t in captions)
+    assert "3" not in tiles.values()
 
 
 # --- users -----------------------------------------------------------------------------------

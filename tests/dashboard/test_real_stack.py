@@ -91,3 +91,16 @@ def test_analyst_is_gated_in_the_ui_and_refused_by_the_server(stack: Stack) -> N
         at.switch_page("app_pages/patients.py")
     with pytest.raises(PermissionDenied):
         GatewayClient(stack.gateway_url, at.session_state["auth"].token).list_patients()
+
+
+def test_analytics_page_reads_the_real_analytics_api(stack: Stack) -> None:
+    if not stack.has_analytics:
+        pytest.skip("pipeline/analytics API not available in this checkout")
+    at = login(new_app(stack.gateway_url), ADMIN_EMAIL, ADMIN_PASSWORD)
+    at.switch_page("app_pages/analytics.py").run()
+    assert not at.exception
+    assert not texts(at.error), texts(at.error)
+    tiles = {m.label: m.value for m in at.metric}
+    assert set(tiles) == {"Active patients", "New today", "New in 7 days", "New in 30 days"}
+    assert all(v.replace(",", "").isdigit() for v in tiles.values()), tiles
+    assert any(t.startswith("as of") for t in texts(at.markdown))
