@@ -7,6 +7,8 @@ in the same run (a bare endpoint, a raw loop) and reports the ratio next to the 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from typing import Any
 
 from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
-from pms.registry import Probe, by_name
+from pms.registry import Probe, ServiceSpec, by_name
 from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -139,21 +141,27 @@ def run_load(op: Callable[[int], bool], *, total: int, concurrency: int) -> Load
     return LoadResult(total, time.perf_counter() - start, latencies, errors)
 
 
+def bench_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Embedded-mode settings on ``data_dir`` with a free port for every server and service."""
+    port = process.free_port
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=data_dir,
+        postgres=PostgresSettings(port=port()),
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port()}"),
+        patient={"port": port(), "seed_demo_data": False},
+        auth={"port": port()}, gateway={"port": port(), "rate_limit_per_minute": 10_000_000},
+        analytics={"port": port()}, billing={"port": port()}, dashboard={"port": port()},
+        pipeline={"port": port()},
+        **overrides,
+    )
+
+
 @contextmanager
 def embedded_servers() -> Iterator[Settings]:
     """Fresh embedded PostgreSQL + broker in a temp dir, free ports for everything."""
     with tempfile.TemporaryDirectory(prefix="pms-bench-") as tmp:
-        port = process.free_port
-        settings = Settings(
-            _env_file=None,  # type: ignore[call-arg]
-            data_dir=Path(tmp),
-            postgres=PostgresSettings(port=port()),
-            kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port()}"),
-            patient={"port": port(), "seed_demo_data": False},
-            auth={"port": port()}, gateway={"port": port(), "rate_limit_per_minute": 10_000_000},
-            analytics={"port": port()}, billing={"port": port()}, dashboard={"port": port()},
-            pipeline={"port": port()},
-        )
+        settings = bench_settings(Path(tmp))
         postgres, broker = EmbeddedPostgres(settings), EmbeddedBroker(settings)
         postgres.start()
         broker.start()
@@ -166,39 +174,57 @@ def embedded_servers() -> Iterator[Settings]:
             postgres.stop()
 
 
+def probe_ready(spec: ServiceSpec, settings: Settings) -> bool:
+    """The registry's readiness probe of one service (HTTP /ready or gRPC health SERVING)."""
+    import httpx
+
+    if spec.probe is Probe.GRPC:
+        from tests.fixtures.services import grpc_serving
+
+        return grpc_serving(f"{spec.host(settings)}:{spec.port(settings)}")
+    try:
+        url = f"http://{spec.host(settings)}:{spec.port(settings)}{spec.probe_path}"
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def profiled(argv: list[str], name: str) -> list[str]:
+    """``argv`` under ``py-spy record`` (wall clock, per thread) into results/profile-<name>.txt.
+
+    Enabled per service with ``PMS_BENCH_PROFILE=patient,pipeline``; summarise the collapsed
+    stacks with ``python -m bench.profile results/profile-<name>.txt``.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"profile-{name}.txt"
+    return [spy, "record", "--idle", "--threads", "--rate", "200", "--format", "raw", "-o", str(out), "--", *argv]
+
+
 @contextmanager
 def services(settings: Settings, names: list[str]) -> Iterator[None]:
     """Start registry services as real processes (in order), stop them afterwards."""
     import os
 
-    import httpx
-
     started = []
+    profiling: set[int] = set()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(settings)}
     try:
         for name in names:
             spec = by_name(name)
-            proc = process.spawn([sys.executable, "-m", "pms.cli", "serve", name],
-                                 log_path=settings.logs_dir / f"{name}.log", env=env)
+            argv = [sys.executable, "-m", "pms.cli", "serve", name]
+            if name in os.environ.get("PMS_BENCH_PROFILE", "").split(","):
+                argv = profiled(argv, name)
+                profiling.add(len(started))
+            proc = process.spawn(argv, log_path=settings.logs_dir / f"{name}.log", env=env)
             started.append(proc)
-            url = f"http://{spec.host(settings)}:{spec.port(settings)}{spec.probe_path}"
-
-            def ready(spec=spec, url=url) -> bool:
-                if spec.probe is Probe.GRPC:
-                    from tests.fixtures.services import grpc_serving
-
-                    return grpc_serving(f"{spec.host(settings)}:{spec.port(settings)}")
-                try:
-                    return httpx.get(url, timeout=1).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            process.wait_until(ready, timeout=90, interval=0.2, message=f"{name} ready",
-                               alive=lambda proc=proc: proc.poll() is None)
+            process.wait_until(lambda spec=spec: probe_ready(spec, settings), timeout=90, interval=0.2,
+                               message=f"{name} ready", alive=lambda proc=proc: proc.poll() is None)
         yield
     finally:
-        for proc in reversed(started):
-            process.stop(proc)
+        for index in reversed(range(len(started))):
+            # py-spy writes its profile on SIGINT, which the service also takes as a clean stop.
+            process.stop(started[index], sig=signal.SIGINT if index in profiling else signal.SIGTERM, timeout=30)
 
 
 def pg_connect(settings: Settings, database: str) -> Any:
@@ -244,3 +270,74 @@ def timed(fn: Callable[[], Any], *, repeat: int, warmup: int = 2) -> list[float]
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return times
+
+
+def paced(op: Callable[[int], Any], *, rate: float, total: int, workers: int = 8) -> float:
+    """Start ``op(i)`` at ``rate`` per second (i-th call due at start + i/rate); return the seconds taken.
+
+    The pacing waits on an Event with a deadline -- it sets the offered load, it does not
+    synchronise with anything.
+    """
+    import threading
+
+    pause = threading.Event()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = []
+        for i in range(total):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                pause.wait(delay)
+            futures.append(pool.submit(op, i))
+        for future in futures:
+            future.result()
+    return time.perf_counter() - start
+
+
+def raw_produce_consume_latency(settings: Settings, *, topic: str, rate: float, total: int) -> list[float]:
+    """Milliseconds from ``produce()`` to a consumer's ``poll()`` over the embedded broker at ``rate``/s.
+
+    The floor any relay or pipeline on this broker can reach: a producer configured like the
+    outbox relay's, a consumer assigned to the partition (no group), nothing else.
+    """
+    import struct
+    import threading
+
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from api.patient.relay import producer_config
+
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 3})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=10)
+    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"bench-{topic}",
+                         "enable.auto.commit": False, "log_level": 3, "fetch.wait.max.ms": 10})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    producer = Producer(producer_config(settings))
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while len(latencies) < total and not done.is_set():
+            message = consumer.poll(0.1)
+            if message is None or message.error():
+                continue
+            (sent,) = struct.unpack("!d", message.value())
+            latencies.append((time.time() - sent) * 1000)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        def send(_i: int) -> None:
+            producer.produce(topic, value=struct.pack("!d", time.time()))
+            producer.poll(0)
+
+        paced(send, rate=rate, total=total, workers=1)
+        producer.flush(10)
+        process.wait_until(lambda: len(latencies) >= total, timeout=30, interval=0.05,
+                           message="raw consumer to read every message")
+    finally:
+        done.set()
+        reader.join(5)
+        consumer.close()
+    return latencies
