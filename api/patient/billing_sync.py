@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -94,14 +95,21 @@ def backoff(settings: Settings, attempts: int) -> timedelta:
 
 
 class BillingRetryWorker:
-    """Background thread that opens the accounts of PENDING patients when billing answers."""
+    """Background thread that opens the accounts of PENDING patients when billing answers.
+
+    Each round probes billing with the most overdue patient; only when that succeeds does it
+    call for the rest of the batch, ``concurrency`` calls at a time, and record all outcomes
+    in one transaction. A billing outage therefore costs one call per round, and a backlog
+    (a million seeded patients) drains at thousands of accounts per second, not dozens.
+    """
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session], gateway: BillingGateway,
-                 *, batch_size: int = 100) -> None:
+                 *, batch_size: int = 200, concurrency: int = 8) -> None:
         self.settings = settings
         self.factory = factory
         self.gateway = gateway
         self.batch_size = batch_size
+        self.concurrency = concurrency
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="billing-retry", daemon=True)
 
@@ -114,33 +122,38 @@ class BillingRetryWorker:
 
     def _run(self) -> None:
         idle = max(0.05, self.settings.patient.billing_retry_initial_s)
-        while not self._stop.is_set():
-            try:
-                done = self.run_once()
-            except Exception as exc:  # the database may be restarting: try again later
-                log.warning("billing retry round failed", extra={"fields": {"error": type(exc).__name__}})
-                done = 0
-            if done == 0:
-                self._stop.wait(idle)
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="billing-call") as pool:
+            while not self._stop.is_set():
+                try:
+                    done = self.run_once(pool)
+                except Exception as exc:  # the database may be restarting: try again later
+                    log.warning("billing retry round failed", extra={"fields": {"error": type(exc).__name__}})
+                    done = 0
+                if done == 0:
+                    self._stop.wait(idle)
 
-    def run_once(self) -> int:
-        """Try every due PENDING patient once; return how many accounts were opened."""
+    def _open(self, due: tuple[uuid.UUID, str, str]) -> OpenedAccount | None:
+        patient_id, name, email = due
+        return self.gateway.open_account(patient_id=patient_id, name=name, email=email, in_request=False)
+
+    def run_once(self, pool: ThreadPoolExecutor | None = None) -> int:
+        """Try the due PENDING patients once; return how many accounts were opened."""
         with self.factory() as session:
             due = patient_repository.pending_billing(session, now=datetime.now(UTC), limit=self.batch_size)
-        opened = 0
-        for patient_id, name, email in due:
-            if self._stop.is_set():
-                break
-            account = self.gateway.open_account(patient_id=patient_id, name=name, email=email, in_request=False)
+        if not due:
+            return 0
+        first = self._open(due[0])
+        if first is None:  # billing is down: postpone the probe patient, leave the rest alone
             with self.factory() as session:
-                if account is None:
-                    attempts = patient_service.billing_failed(session=session, patient_id=patient_id,
-                                                              settings=self.settings)
-                    log.debug("billing still unavailable",
-                             extra={"fields": {"patient_id": str(patient_id), "attempts": attempts}})
-                    break  # billing is down: do not hammer it with the rest of the batch
-                patient_service.billing_opened(session=session, patient_id=patient_id,
-                                               account_id=account.account_id, status=account.status,
-                                               actor=WORKER_ACTOR)
-                opened += 1
-        return opened
+                patient_service.billing_failed(session=session, patient_ids=[due[0][0]], settings=self.settings)
+            return 0
+        rest = list(pool.map(self._open, due[1:])) if pool is not None else [self._open(d) for d in due[1:]]
+        outcomes = dict(zip((d[0] for d in due), [first, *rest], strict=True))
+        opened = {pid: (acct.account_id, acct.status) for pid, acct in outcomes.items() if acct is not None}
+        failed = [pid for pid, acct in outcomes.items() if acct is None]
+        with self.factory() as session:
+            count = patient_service.billing_opened(session=session, accounts=opened, actor=WORKER_ACTOR)
+        if failed:
+            with self.factory() as session:
+                patient_service.billing_failed(session=session, patient_ids=failed, settings=self.settings)
+        return count

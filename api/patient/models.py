@@ -7,6 +7,7 @@ from datetime import date, datetime
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Date,
     DateTime,
     Identity,
@@ -73,6 +74,9 @@ class Patient(Base):
         Index("ix_patients_date_of_birth", "date_of_birth"),
         # The list's stable order (created_at, id) over active rows.
         Index("ix_patients_active_order", "created_at", "id", postgresql_where=text("deleted_at IS NULL")),
+        # Every PENDING patient has a due time, so the retry worker's queue (below) misses nobody.
+        CheckConstraint("billing_status <> 'PENDING' OR billing_next_attempt_at IS NOT NULL",
+                        name="pending_has_due_time"),
         # The billing retry worker's queue.
         Index("ix_patients_billing_pending", "billing_next_attempt_at",
               postgresql_where=text("billing_status = 'PENDING' AND deleted_at IS NULL")),

@@ -125,7 +125,7 @@ def audit_trail(session: Session, patient_id: uuid.UUID) -> Sequence[AuditEntry]
 
 PATIENT_COPY_COLUMNS = (
     "id", "mrn", "name", "email", "address", "city", "gender", "phone", "date_of_birth", "registered_date",
-    "billing_status", "version", "created_at", "updated_at",
+    "billing_status", "billing_next_attempt_at", "version", "created_at", "updated_at",
 )
 OUTBOX_COPY_COLUMNS = ("event_id", "patient_id", "version", "event_type", "payload", "occurred_at")
 AUDIT_COPY_COLUMNS = ("patient_id", "actor", "action", "fields", "version", "at")
@@ -162,15 +162,36 @@ def copy_rows(session: Session, table: str, columns: Sequence[str], rows: list[t
 # -- billing retry queue ----------------------------------------------------------------
 
 def pending_billing(session: Session, *, now: datetime, limit: int) -> list[tuple[uuid.UUID, str, str]]:
-    """Active patients still without a billing account whose next attempt is due (oldest first)."""
+    """Active patients still without a billing account whose next attempt is due (most overdue first).
+
+    Reads the partial index ``ix_patients_billing_pending`` in order, so a round costs the
+    same with ten or a million patients waiting.
+    """
     rows = session.execute(
         select(Patient.id, Patient.name, Patient.email)
         .where(Patient.billing_status == BillingStatus.PENDING, Patient.deleted_at.is_(None),
-               or_(Patient.billing_next_attempt_at.is_(None), Patient.billing_next_attempt_at <= now))
-        .order_by(Patient.billing_next_attempt_at.nulls_first(), Patient.created_at)
+               Patient.billing_next_attempt_at <= now)
+        .order_by(Patient.billing_next_attempt_at)
         .limit(limit)
     ).all()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def lock_pending_billing(session: Session, patient_ids: list[uuid.UUID]) -> Sequence[Patient]:
+    """Lock the still PENDING, active patients among ``patient_ids`` (in id order: no deadlocks)."""
+    if not patient_ids:
+        return []
+    return session.execute(
+        select(Patient)
+        .where(Patient.id.in_(patient_ids), Patient.billing_status == BillingStatus.PENDING,
+               Patient.deleted_at.is_(None))
+        .order_by(Patient.id).with_for_update().execution_options(populate_existing=True)
+    ).scalars().all()
+
+
+def billing_attempts(session: Session, patient_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    rows = session.execute(select(Patient.id, Patient.billing_attempts).where(Patient.id.in_(patient_ids)))
+    return {r[0]: int(r[1]) for r in rows}
 
 
 def postpone_billing(session: Session, patient_id: uuid.UUID, *, next_attempt_at: datetime) -> None:

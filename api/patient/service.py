@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
@@ -114,6 +114,7 @@ def create(
         **data.model_dump(include=set(EDITABLE_FIELDS)),
         billing_status=BillingStatus.PENDING,
         billing_attempts=0,
+        billing_next_attempt_at=now,
         version=1,
         created_at=now,
         updated_at=now,
@@ -128,10 +129,12 @@ def create(
     if account is not None:
         patient.billing_account_id = account.account_id
         patient.billing_status = account.status
-    elif settings is not None:
+        patient.billing_next_attempt_at = None
+    else:
         from api.patient.billing_sync import backoff
 
-        patient.billing_next_attempt_at = now + backoff(settings, 0)
+        # Every PENDING patient has a due time: the retry worker's queue is that index.
+        patient.billing_next_attempt_at = now + (backoff(settings, 0) if settings is not None else timedelta(0))
     session.add(patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now))
     provided = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
     patient_repository.add_audit(session, patient=patient, actor=actor, action="create", fields=provided,
@@ -249,39 +252,35 @@ def audit(*, session: Session, patient_id: str | uuid.UUID) -> Sequence[AuditEnt
 
 # -- billing outcomes (the retry worker) --------------------------------------------------
 
-def billing_opened(*, session: Session, patient_id: uuid.UUID, account_id: str, status: str, actor: str) -> bool:
-    """Record an opened billing account: a change of the patient (version + event + audit).
+def billing_opened(*, session: Session, accounts: dict[uuid.UUID, tuple[str, str]], actor: str) -> int:
+    """Record opened billing accounts (patient id -> (account id, status)) in one transaction.
 
-    Returns False when the patient was deleted or already has its account meanwhile.
+    Opening an account is a change of the patient: version + 1, an event and an audit entry.
+    Patients deleted or already billed meanwhile are left alone. Returns how many changed.
     """
-    patient = patient_repository.get_active(session, patient_id, for_update=True)
-    if patient is None or patient.billing_status != BillingStatus.PENDING:
-        session.rollback()
-        return False
     now = datetime.now(UTC)
-    patient.billing_account_id = account_id
-    patient.billing_status = status
-    patient.billing_next_attempt_at = None
-    patient.version += 1
-    patient.updated_at = now
-    session.add(patient_events.outbox_row(patient, event_type=patient_events.UPDATED, occurred_at=now))
-    patient_repository.add_audit(session, patient=patient, actor=actor, action="update",
-                                 fields=["billingAccountId", "billingStatus"], request_id=None)
+    changed = 0
+    for patient in patient_repository.lock_pending_billing(session, list(accounts)):
+        patient.billing_account_id, patient.billing_status = accounts[patient.id]
+        patient.billing_next_attempt_at = None
+        patient.version += 1
+        patient.updated_at = now
+        session.add(patient_events.outbox_row(patient, event_type=patient_events.UPDATED, occurred_at=now))
+        patient_repository.add_audit(session, patient=patient, actor=actor, action="update",
+                                     fields=["billingAccountId", "billingStatus"], request_id=None)
+        changed += 1
     session.commit()
-    return True
+    return changed
 
 
-def billing_failed(*, session: Session, patient_id: uuid.UUID, settings: Settings) -> int:
-    """Push the patient's next billing attempt back (doubling backoff); return attempts so far."""
+def billing_failed(*, session: Session, patient_ids: list[uuid.UUID], settings: Settings) -> None:
+    """Push these patients' next billing attempt back, each by its own doubling backoff."""
     from api.patient.billing_sync import backoff
 
-    patient = session.get(Patient, patient_id)
-    attempts = (patient.billing_attempts if patient else 0) + 1
-    patient_repository.postpone_billing(
-        session, patient_id, next_attempt_at=datetime.now(UTC) + backoff(settings, attempts)
-    )
+    now = datetime.now(UTC)
+    for patient_id, attempts in patient_repository.billing_attempts(session, patient_ids).items():
+        patient_repository.postpone_billing(session, patient_id, next_attempt_at=now + backoff(settings, attempts + 1))
     session.commit()
-    return attempts
 
 
 @dataclass(slots=True)
@@ -299,6 +298,7 @@ class _BulkPatient:
     date_of_birth: date
     registered_date: date
     billing_status: str
+    billing_next_attempt_at: datetime
     version: int
     created_at: datetime
     updated_at: datetime
@@ -321,8 +321,8 @@ def create_many(*, session: Session, items: Sequence[PatientCreate], actor: str)
         patient = _BulkPatient(
             id=uuid.uuid4(), mrn=mrn, name=item.name, email=item.email, address=item.address, city=item.city,
             gender=item.gender, phone=item.phone, date_of_birth=item.date_of_birth,
-            registered_date=item.registered_date, billing_status=BillingStatus.PENDING, version=1,
-            created_at=now, updated_at=now,
+            registered_date=item.registered_date, billing_status=BillingStatus.PENDING,
+            billing_next_attempt_at=now, version=1, created_at=now, updated_at=now,
         )
         patients[patient.id] = patient
         rows.append(tuple(getattr(patient, column) for column in patient_repository.PATIENT_COPY_COLUMNS))

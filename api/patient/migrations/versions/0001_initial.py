@@ -79,6 +79,8 @@ def upgrade() -> None:
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('deleted_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("billing_status <> 'PENDING' OR billing_next_attempt_at IS NOT NULL",
+                       name=op.f('ck_patients_pending_has_due_time')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_patients')),
     sa.UniqueConstraint('mrn', name=op.f('uq_patients_mrn'))
     )
