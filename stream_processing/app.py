@@ -10,6 +10,7 @@ More processes in the same group share the partitions.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -51,9 +52,39 @@ def topic_config(settings: Settings) -> TopicConfig:
     )
 
 
+class _Application(Application):
+    """Quix's Application, plus a deadline on shutdown.
+
+    On SIGTERM Quix finishes its loop, commits and leaves the group; against a broker that
+    does not answer (or while still joining) that can hang well past a supervisor's patience.
+    Exiting hard after ``STOP_GRACE_S`` is safe: offsets are only ever committed after the
+    analytics transaction, so anything unfinished is simply redelivered.
+    """
+
+    STOP_GRACE_S = 3.0
+
+    def _arm_watchdog(self) -> None:
+        def _exit() -> None:
+            log.warning("pipeline did not stop within %.0fs; exiting", self.STOP_GRACE_S)
+            logging.shutdown()
+            os._exit(0)
+
+        timer = threading.Timer(self.STOP_GRACE_S, _exit)
+        timer.daemon = True
+        timer.start()
+
+    def _on_sigterm(self, *args: Any) -> None:
+        self._arm_watchdog()
+        super()._on_sigterm(*args)
+
+    def _on_sigint(self, *args: Any) -> None:
+        self._arm_watchdog()
+        super()._on_sigint(*args)
+
+
 def build_application(settings: Settings) -> Application:
     """The Quix Application with the consumer settings that let groups join fast on Tansu."""
-    return Application(
+    return _Application(
         broker_address=settings.bootstrap_servers,
         consumer_group=settings.pipeline.consumer_group,
         auto_offset_reset="earliest",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,8 +16,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import Engine, text
 
-from pms.process import free_port, wait_until
-from pms.settings import Settings
+from pms.process import free_port, spawn, wait_until
+from pms.settings import Settings, to_env
 from tests.fixtures.services import ServiceProcess
 from tests.stream_processing.helpers import BASE_TIME, Event, PatientState, history, oracle, read_tables, status
 
@@ -192,15 +195,33 @@ def test_kill_9_mid_stream_then_restart_is_exact_and_replay_into_empty_tables_re
     assert read_tables(analytics) == before
 
 
+def start_together(*configs: Settings, tmp_path: Path) -> list[ServiceProcess]:
+    """Start several pipeline processes at once (start-up dominates these tests), all from this thread.
+
+    Not from worker threads: spawn() sets PR_SET_PDEATHSIG, which fires when the spawning
+    *thread* ends, so a child started from a pool thread is SIGKILLed with that thread.
+    """
+    services = []
+    for i, cfg in enumerate(configs):
+        service = ServiceProcess("pipeline", cfg, tmp_path / f"pipeline-{i}.log")
+        service.proc = spawn([sys.executable, "-m", "pms.cli", "serve", "pipeline"], log_path=service.log_path,
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(cfg)})
+        services.append(service)
+    for service in services:
+        wait_until(service.is_ready, timeout=90, interval=0.1, message="pipeline to be ready", alive=alive(service))
+    return services
+
+
 def test_two_processes_share_partitions_and_survive_one_being_killed(
-    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+    settings: Settings, analytics: Engine, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     cfg = pipeline_settings(settings, partitions=4, batch_size=50)
     create_topic(cfg)
     log = Log(cfg)
-    first = start_service("pipeline", cfg)
     second_cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"port": free_port()})})
-    second = start_service("pipeline", second_cfg)
+    first, second = start_together(cfg, second_cfg, tmp_path=tmp_path)
+    request.addfinalizer(first.stop)
+    request.addfinalizer(second.stop)
     events = random_events(1600, seed=3)
     chunks = [events[i:i + 100] for i in range(0, len(events), 100)]
 
