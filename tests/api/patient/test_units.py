@@ -1,0 +1,50 @@
+"""Pure pieces of the patient service: no servers needed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from api.patient.billing_sync import backoff
+from api.patient.dependencies import expected_version
+from api.patient.fhir import _human_name
+from api.patient.schemas import normalize_email, normalize_phone
+from pms.errors import BadRequest
+from pms.settings import Settings
+
+
+def test_billing_backoff_doubles_and_is_capped() -> None:
+    settings = Settings(_env_file=None, jwt={"secret": "s" * 40},  # type: ignore[call-arg]
+                        patient={"billing_retry_initial_s": 0.5, "billing_retry_max_s": 30.0})
+    delays = [backoff(settings, n) for n in range(10)]
+    assert delays[:4] == [timedelta(seconds=s) for s in (0.5, 1.0, 2.0, 4.0)]
+    assert delays[-1] == timedelta(seconds=30) and backoff(settings, 10_000) == timedelta(seconds=30)
+
+
+@pytest.mark.parametrize(("header", "version"), [(None, None), ("*", None), ("3", 3), ('"3"', 3), ('W/"12"', 12)])
+def test_if_match_forms(header: str | None, version: int | None) -> None:
+    assert expected_version(header) == version
+
+
+@pytest.mark.parametrize("header", ["abc", '"-1"', "1.5", "", "9" * 12])
+def test_if_match_garbage_is_a_400(header: str) -> None:
+    with pytest.raises(BadRequest):
+        expected_version(header)
+
+
+def test_phone_and_email_normalisation() -> None:
+    assert normalize_phone("(202) 555-0142") == normalize_phone("+1 202 555 0142") == "+12025550142"
+    assert normalize_phone("+44 20 7946 0958") == "+442079460958"
+    for bad in ("12", "+999 1234", "phone"):
+        with pytest.raises(ValueError):
+            normalize_phone(bad)
+    assert normalize_email("Ann.Lee@Example.COM") == "Ann.Lee@example.com"
+    with pytest.raises(ValueError):
+        normalize_email("ann@@example.com")
+
+
+def test_fhir_human_name() -> None:
+    assert _human_name("Cher") == {"use": "official", "text": "Cher", "given": ["Cher"]}
+    assert _human_name("Ada  Lovelace") == {"use": "official", "text": "Ada  Lovelace", "family": "Lovelace",
+                                         "given": ["Ada"]}
