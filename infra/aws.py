@@ -1106,6 +1106,21 @@ class Destroyer:
         iam.delete_role(RoleName=name)
         self.report.add("iam-role", name, "delete")
 
+    def _until_deleted(self, label: str, action: Callable[[], object]) -> None:
+        """Retry ``action`` while AWS still sees a dependency (ENIs of stopped tasks, the ALB, RDS
+        linger for minutes after those are deleted); any other error is raised at once."""
+
+        def attempt() -> bool:
+            try:
+                action()
+            except ClientError as exc:
+                if _code(exc) == "DependencyViolation":
+                    return False
+                raise
+            return True
+
+        self.wait(label, attempt)
+
     def _network(self) -> None:
         ec2, stack = self.aws.ec2, self.stack
         vpc_id = find_vpc(self.aws, stack)
@@ -1119,7 +1134,8 @@ class Destroyer:
             if group.get("IpPermissions"):
                 ec2.revoke_security_group_ingress(GroupId=group["GroupId"], IpPermissions=group["IpPermissions"])
         for group in groups:
-            ec2.delete_security_group(GroupId=group["GroupId"])
+            self._until_deleted(f"security group {group['GroupName']} to be free",
+                                functools.partial(ec2.delete_security_group, GroupId=group["GroupId"]))
             self.report.add("security-group", group["GroupName"], "delete")
         for table in ec2.describe_route_tables(Filters=vpc_filter)["RouteTables"]:
             if any(a.get("Main") for a in table.get("Associations", [])):
@@ -1129,17 +1145,19 @@ class Destroyer:
             ec2.delete_route_table(RouteTableId=table["RouteTableId"])
             self.report.add("route-table", table["RouteTableId"], "delete")
         for subnet in ec2.describe_subnets(Filters=vpc_filter)["Subnets"]:
-            ec2.delete_subnet(SubnetId=subnet["SubnetId"])
+            self._until_deleted(f"subnet {subnet['SubnetId']} to be free",
+                                functools.partial(ec2.delete_subnet, SubnetId=subnet["SubnetId"]))
             name = next((t["Value"] for t in subnet.get("Tags", []) if t["Key"] == "Name"), subnet["SubnetId"])
             self.report.add("subnet", name, "delete")
         gateways = ec2.describe_internet_gateways(
             Filters=[{"Name": "attachment.vpc-id", "Values": [vpc_id]}]
         )["InternetGateways"]
         for gateway in gateways:
-            ec2.detach_internet_gateway(InternetGatewayId=gateway["InternetGatewayId"], VpcId=vpc_id)
+            self._until_deleted("the internet gateway to detach", functools.partial(
+                ec2.detach_internet_gateway, InternetGatewayId=gateway["InternetGatewayId"], VpcId=vpc_id))
             ec2.delete_internet_gateway(InternetGatewayId=gateway["InternetGatewayId"])
             self.report.add("internet-gateway", stack.name, "delete")
-        ec2.delete_vpc(VpcId=vpc_id)
+        self._until_deleted(f"VPC {vpc_id} to be free", functools.partial(ec2.delete_vpc, VpcId=vpc_id))
         self.report.add("vpc", stack.name, "delete")
 
 

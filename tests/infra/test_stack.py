@@ -84,3 +84,4 @@ def test_certificate_turns_on_https_and_a_redirect(infra_settings: Callable[...,
     assert tls.forwarding_listener.certificate_arn == "arn:aws:acm:eu-west-1:1:certificate/x"
     alb = next(g for g in tls.security_groups if g.name == "s-alb")
     assert [(r.port_from, r.cidr) for r in alb.ingress] == [(80, "0.0.0.0/0"), (443, "0.0.0.0/0")]
+
