@@ -21,7 +21,7 @@ from pms.settings import Settings, to_env
 from tests.fixtures.services import ServiceProcess
 from tests.stream_processing.helpers import BASE_TIME, Event, PatientState, history, oracle, read_tables, status
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 CITIES = ["Oslo", "Bergen", "Tromsø", "Bodø", ""]
 
@@ -248,3 +248,25 @@ def test_two_processes_share_partitions_and_survive_one_being_killed(
     with analytics.connect() as conn:
         owners = {r[0] for r in conn.execute(text("SELECT DISTINCT consumer FROM pipeline_partitions"))}
     assert len(owners) == 1  # every partition's latest position was written by the survivor
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_50000_events_then_restart_is_exact(
+    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+) -> None:
+    cfg = pipeline_settings(settings, partitions=3, batch_size=2000)
+    create_topic(cfg)
+    log = Log(cfg)
+    events = random_events(25_000, seed=4)
+    assert len(events) >= 50_000
+    log.produce(as_messages(events))
+    pipeline = start_service("pipeline", cfg)
+    wait_until(lambda: status(analytics)["events_processed"] >= 10_000, timeout=120, interval=0.02,
+               message="pipeline to be mid-stream", alive=alive(pipeline))
+    pipeline.kill()
+    processed_at_kill = status(analytics)["events_processed"]
+    assert processed_at_kill < len(events), "the kill came too late to be mid-stream"
+    pipeline = start_service("pipeline", cfg)
+    wait_until(caught_up(analytics, cfg, log.ends), timeout=180, interval=0.5, message="restart to catch up",
+               alive=alive(pipeline))
+    assert_exact(analytics, events)
