@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import zlib
+from collections.abc import Callable
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -152,7 +153,7 @@ class OutboxRelay:
         producer = self._get_producer()
         results: list[bool | None] = [None] * len(rows)
 
-        def _report(index: int):  # type: ignore[no-untyped-def]
+        def _report(index: int) -> Callable[[KafkaError | None, Message], None]:
             def _callback(err: KafkaError | None, _msg: Message) -> None:
                 results[index] = err is None
             return _callback

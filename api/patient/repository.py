@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -241,12 +241,13 @@ def clear_relay_state(session: Session, topic: str) -> None:
     session.execute(delete(RelayState).where(RelayState.topic == topic))
 
 
-def outbox_history(session: Session, *, since: datetime | None, batch: int):  # type: ignore[no-untyped-def]
+def outbox_history(session: Session, *, since: datetime | None, batch: int) -> Iterator[tuple[uuid.UUID, bytes]]:
     """Stream (patient_id, payload) of every outbox row in publish order, ``batch`` rows at a time."""
     stmt = select(OutboxEvent.patient_id, OutboxEvent.payload).order_by(OutboxEvent.id)
     if since is not None:
         stmt = stmt.where(OutboxEvent.occurred_at >= since)
-    return session.execute(stmt.execution_options(yield_per=batch))
+    for row in session.execute(stmt.execution_options(yield_per=batch)):
+        yield row[0], row[1]
 
 
 def outbox_count(session: Session, *, since: datetime | None) -> int:
