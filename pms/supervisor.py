@@ -294,7 +294,7 @@ class Supervisor:
 
     # -- public ------------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Ask :meth:`run` to stop everything and return (what SIGINT/SIGTERM do)."""
+        """Ask :meth:`run` to stop everything and return (what SIGINT, SIGTERM and SIGHUP do)."""
         self._stop.set()
 
     def run(self) -> int:
@@ -554,7 +554,8 @@ class Supervisor:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal should stop PostgreSQL cleanly, not through the parent-death SIGKILL.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             previous[sig] = signal.signal(sig, lambda *_: self._stop.set())
         return previous
 
