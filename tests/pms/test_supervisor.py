@@ -391,6 +391,17 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path, section: str) -> None:
     assert not (settings.data_dir / "postgres").exists(), "started PostgreSQL despite the conflict"
 
 
+def test_broker_port_in_use_names_its_setting(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    port = int(settings.kafka.bootstrap_servers.rpartition(":")[2])
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+        code, out = _in_process(settings)
+    assert code == EXIT_FAILED
+    assert f"port {port} on 127.0.0.1 is already in use (broker needs it); set PMS_KAFKA__BOOTSTRAP_SERVERS" in out
+
+
 def test_two_services_on_one_port_is_refused(tmp_path: Path) -> None:
     settings = embedded_settings(tmp_path / "data")
     settings.auth.port = settings.patient.port
