@@ -19,7 +19,7 @@ from api.patient import events as patient_events
 from api.patient import repository as patient_repository
 from api.patient.models import AuditEntry, BillingStatus, Patient
 from api.patient.schemas import DuplicateCandidate, PatientCreate, PatientUpdate, normalize_phone
-from pms.errors import Conflict, NotFound
+from pms.errors import BadRequest, Conflict, NotFound
 from pms.settings import Settings
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ def get_or_raise(*, session: Session, patient_id: str | uuid.UUID) -> Patient:
 def search(*, session: Session, q: str | None, limit: int, offset: int) -> tuple[Sequence[Patient], int]:
     """Return one page of active patients matching ``q`` (name, email, MRN or phone) and the total."""
     term = (q or "").strip() or None
+    if term and any(ord(ch) < 32 or ord(ch) == 127 for ch in term):
+        # PostgreSQL text cannot hold NUL; no name, email, MRN or phone holds control characters.
+        raise BadRequest("Validation failed", errors={"q": "Must not contain control characters"})
     phone = None
     if term and any(ch.isdigit() for ch in term):
         try:

@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from tests.api.patient.conftest import Api, new_patient_body
 
@@ -303,6 +306,7 @@ BAD_INPUTS: list[tuple[str, str, str, Any, int, str, dict[str, str]]] = [
     ("limit too big", "GET", "?limit=501", None, 400, "Validation failed", {"limit": "less than or equal to 500"}),
     ("limit not a number", "GET", "?limit=ten", None, 400, "Validation failed", {"limit": "valid integer"}),
     ("offset negative", "GET", "?offset=-1", None, 400, "Validation failed", {"offset": "greater than or equal"}),
+    ("q with NUL", "GET", "?q=%00abc", None, 400, "Validation failed", {"q": "control characters"}),
     ("q too long", "GET", "?q=" + "a" * 201, None, 400, "Validation failed", {"q": "at most 200"}),
     ("malformed id", "GET", "/not-a-uuid", None, 404, "Patient not found", {}),
     ("unknown id", "GET", f"/{uuid.uuid4()}", None, 404, "Patient not found", {}),
@@ -370,3 +374,23 @@ def test_ops_endpoints(api: Api) -> None:
         assert {"/patients", "/patients/{patient_id}", "/patients/{patient_id}/fhir",
                 "/patients/{patient_id}/audit", "/patients/{patient_id}/duplicates"} <= set(spec["paths"])
         json.dumps(spec)
+
+
+_FIELDS = ["name", "email", "address", "dateOfBirth", "registeredDate", "gender", "phone", "city", "id", "mrn"]
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=120)
+    | st.dates().map(str) | st.emails(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=5,
+)
+
+
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=10), q=st.text(max_size=30))
+def test_random_input_never_gets_a_5xx(staff: httpx.Client, existing_patient_id: str, body: dict[str, Any],
+                                       q: str) -> None:
+    created = staff.post("/patients", json=body)
+    assert created.status_code in (201, 400, 409), created.text
+    updated = staff.put(f"/patients/{existing_patient_id}", json=body)
+    assert updated.status_code in (200, 400, 409), updated.text
+    assert staff.get("/patients", params={"q": q, "limit": 1}).status_code in (200, 400)
