@@ -9,7 +9,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import ui
-from dashboard.client import Conflict, InvalidInput, NotFound, cached_patients, forget_patients
+from dashboard.client import Conflict, GatewayClient, InvalidInput, NotFound, cached_patients, forget_patients
 
 PAGE_SIZES = (10, 25, 50, 100)
 EDITABLE = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender")
@@ -85,11 +85,21 @@ def _show_detail(patient: dict[str, Any]) -> None:
         with tab["Audit trail"]:
             _audit(patient)
     with tab["FHIR"]:
-        fhir = ui.client().patient_fhir(str(patient["id"]))
-        st.download_button("Download FHIR R4 Patient (JSON)", data=fhir, file_name=f"patient-{patient['id']}.json",
-                           mime="application/fhir+json", icon=":material/download:", key="fhir_download")
+        _fhir(str(patient["id"]))
+
+
+def _fhir(patient_id: str) -> None:
+    # Fetched only when asked for: a download click or the preview toggle, not on every rerun.
+    base, token = ui.gateway_url(), auth.token
+
+    def resource() -> bytes:
+        return GatewayClient(base, token).patient_fhir(patient_id)
+
+    st.download_button("Download FHIR R4 Patient (JSON)", data=resource, file_name=f"patient-{patient_id}.json",
+                       mime="application/fhir+json", icon=":material/download:", key="fhir_download")
+    if st.toggle("Preview the resource", key=f"fhir_preview_{patient_id}"):
         try:
-            st.json(json.loads(fhir), expanded=False)
+            st.json(json.loads(resource()), expanded=False)
         except ValueError:
             st.caption("The server sent a resource that is not valid JSON.")
 

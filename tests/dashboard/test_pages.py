@@ -306,8 +306,12 @@ def test_fhir_download_is_offered(stub: StubGateway) -> None:
     [pid] = _seed(stub, 1)
     at = signed_in_app(stub, "STAFF").run()
     at.selectbox(key="patients_open").select(pid).run()
-    assert stub.state.calls[f"GET /api/patients/{pid}/fhir"] == 1
     assert at.get("download_button")
+    assert stub.state.calls[f"GET /api/patients/{pid}/fhir"] == 0  # nothing fetched until asked for
+    at.toggle(key=f"fhir_preview_{pid}").set_value(True).run()
+    assert not at.exception
+    assert stub.state.calls[f"GET /api/patients/{pid}/fhir"] == 1
+    assert at.json[0].value and '"resourceType": "Patient"' in at.json[0].value
 
 
 # --- analytics -------------------------------------------------------------------------------

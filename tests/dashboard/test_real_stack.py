@@ -61,7 +61,7 @@ def test_register_shows_real_field_errors_then_registers_and_finds(stack: Stack)
 
     unique = uuid.uuid4().hex[:8]
     _register(at, name=f"Grace Hopper {unique}", email=f"grace.{unique}@example.com", address="1 Navy Way",
-              city="Arlington", phone="+1 202 456 1111", dateOfBirth=date(1956, 12, 9), gender="female")
+              city="Arlington", phone="+1 202 456 1414", dateOfBirth=date(1956, 12, 9), gender="female")
     assert not at.exception
     success = texts(at.success)
     assert any("MRN" in t for t in success), (success, texts(at.error), texts(at.warning))
@@ -103,4 +103,4 @@ def test_analytics_page_reads_the_real_analytics_api(stack: Stack) -> None:
     tiles = {m.label: m.value for m in at.metric}
     assert set(tiles) == {"Active patients", "New today", "New in 7 days", "New in 30 days"}
     assert all(v.replace(",", "").isdigit() for v in tiles.values()), tiles
-    assert any(t.startswith("as of") for t in texts(at.markdown))
+    assert any("as of" in t for t in texts(at.markdown))
