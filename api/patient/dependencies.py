@@ -51,7 +51,9 @@ ExpectedVersion = Annotated[int | None, Depends(expected_version)]
 
 
 def request_id(request: Request) -> str | None:
-    return getattr(request.state, "request_id", None)
+    """The caller's X-Request-ID, cut to what the audit table keeps (callers choose its length)."""
+    value = getattr(request.state, "request_id", None)
+    return value[:64] if isinstance(value, str) else None
 
 
 RequestId = Annotated[str | None, Depends(request_id)]

@@ -111,7 +111,7 @@ def duplicates_of(session: Session, patient: Patient) -> list[dict[str, Any]]:
 
 def add_audit(session: Session, *, patient: Patient, actor: str, action: str, fields: list[str],
               request_id: str | None) -> None:
-    session.add(AuditEntry(patient_id=patient.id, actor=actor, action=action, fields=fields,
+    session.add(AuditEntry(patient_id=patient.id, actor=actor[:254], action=action, fields=fields,
                            version=patient.version, request_id=request_id))
 
 
