@@ -45,10 +45,29 @@ def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         "billing": {"port": port()},
         "dashboard": {"port": port()},
         "pipeline": {"port": port()},
-        "log_level": "WARNING",
+        "log_level": "INFO",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """A service that went down or stuck without being killed, and the last error its log shows."""
+
+    service: str
+    what: str
+    last_error: str
+
+
+def _last_error(log_tail: str) -> str:
+    """The last exception line of a log tail (type and message; our logs carry no patient data)."""
+    lines = [line for line in log_tail.splitlines() if line.strip()]
+    for line in reversed(lines):
+        text = line.strip()
+        if ("Error" in text or "Exception" in text) and not text.startswith(("File ", "{")) and ":" in text:
+            return text[:300]
+    return lines[-1][:300] if lines else ""
 
 
 @dataclass
@@ -60,6 +79,8 @@ class Stack:
     broker: EmbeddedBroker | None
     log_dir: Path
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    #: Services that exited on their own or had to be restarted although the test did not kill them.
+    exits: list[Exit] = field(default_factory=list)
 
     @property
     def gateway_url(self) -> str:
@@ -73,7 +94,26 @@ class Stack:
         self.services[name] = svc
         return svc
 
+    def revive_dead(self) -> list[Exit]:
+        """Restart every service that exited on its own, as ``pms up``'s supervisor would."""
+        dead = []
+        for name, svc in self.services.items():
+            if svc.proc is not None and svc.proc.poll() is not None:
+                dead.append(Exit(name, f"exited with code {svc.proc.returncode}", _last_error(svc.log_tail(60))))
+                svc.proc = None
+                svc.start(timeout=90)
+        self.exits.extend(dead)
+        return dead
+
+    def restart_stuck(self, name: str, why: str) -> None:
+        """Restart a service that is up but not working (as an operator would), and record it."""
+        svc = self.services[name]
+        self.exits.append(Exit(name, why, _last_error(svc.log_tail(60))))
+        svc.stop()
+        svc.start(timeout=90)
+
     def all_ready(self) -> bool:
+        self.revive_dead()
         return all(svc.proc is not None and svc.is_ready() for svc in self.services.values())
 
     def wait_all_ready(self, *, timeout: float = 60.0) -> None:
