@@ -62,6 +62,7 @@ def _gone(procs: list[psutil.Process]) -> bool:
     return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
 
 
+@pytest.mark.slow
 def test_postgres_start_stop_restart_and_crash_keep_data(own_settings: Settings) -> None:
     postgres = EmbeddedPostgres(own_settings)
     assert postgres.initialise() is True
@@ -96,6 +97,7 @@ def test_postgres_start_stop_restart_and_crash_keep_data(own_settings: Settings)
     assert not postgres.is_ready()
 
 
+@pytest.mark.slow
 def test_broker_restart_forgets_topics(own_settings: Settings) -> None:
     """Tansu keeps topics in memory: why the outbox, not the broker, is the durable history."""
     from confluent_kafka.admin import AdminClient, NewTopic

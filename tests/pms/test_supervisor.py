@@ -196,6 +196,7 @@ def _sha(value: str) -> str:
 # -- embedded: the whole lifecycle ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_up_then_sigint_leaves_nothing_and_a_restart_keeps_the_data(data_dir: Path, run_supervisor: Any) -> None:
     """One embedded lifecycle (it costs an initdb): start, inspect, Ctrl-C, start again."""
     settings = embedded_settings(data_dir)
