@@ -59,8 +59,11 @@ def ensure_topic(admin: AdminClient, settings: Settings, *, timeout: float = 5.0
     topic = settings.kafka.topic
     if topic in admin.list_topics(timeout=timeout).topics:
         return False
-    futures = admin.create_topics([NewTopic(topic, num_partitions=settings.kafka.partitions, replication_factor=1)],
-                                  operation_timeout=timeout)
+    # Same shape as the pipeline creates it (stream_processing.app.topic_config): explicit
+    # retention, because the embedded broker does not report a default and Quix needs one.
+    new_topic = NewTopic(topic, num_partitions=settings.kafka.partitions, replication_factor=1,
+                         config={"retention.ms": str(settings.kafka.retention_ms), "retention.bytes": "-1"})
+    futures = admin.create_topics([new_topic], operation_timeout=timeout)
     try:
         futures[topic].result(timeout=timeout)
     except KafkaException as exc:
