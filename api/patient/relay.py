@@ -111,11 +111,18 @@ class OutboxRelay:
         return self._lock_conn is not None
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.is_set():
             try:
                 published = self.run_once()
+                if failing:
+                    log.info("outbox relay publishes again", extra={"fields": {"topic": self.topic}})
+                    failing = False
             except Exception as exc:  # broker or database trouble: keep the events, try again
-                log.warning("outbox relay round failed", extra={"fields": {"error": type(exc).__name__}})
+                if not failing:  # one line per outage, not one per retry
+                    log.warning("outbox relay cannot publish; events wait in the outbox",
+                                extra={"fields": {"error": type(exc).__name__}})
+                    failing = True
                 self._close_clients()
                 self._release_leadership_if_broken()
                 self._last_check = 0.0  # next round: topic check first, so a down broker is not produced to
