@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy import Engine, text
 
+from pms.embedded import EmbeddedBroker
 from pms.process import free_port, spawn, wait_until
 from pms.settings import Settings, to_env
 from tests.fixtures.services import ServiceProcess
@@ -270,3 +271,37 @@ def test_kill_9_in_the_middle_of_50000_events_then_restart_is_exact(
     wait_until(caught_up(analytics, cfg, log.ends), timeout=180, interval=0.5, message="restart to catch up",
                alive=alive(pipeline))
     assert_exact(analytics, events)
+
+
+def test_pipeline_survives_an_empty_broker_restart_and_the_republished_history(
+    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """Tansu forgets everything on restart; the outbox relay republishes; analytics must not move."""
+    private = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
+    })
+    broker = EmbeddedBroker(private)
+    broker.start()
+    try:
+        cfg = pipeline_settings(private, batch_size=200)
+        create_topic(cfg)
+        log = Log(cfg)
+        events = random_events(400, seed=5)
+        log.produce(as_messages(events))
+        pipeline = start_service("pipeline", cfg)
+        wait_until(caught_up(analytics, cfg, log.ends), timeout=60, interval=0.2, message="first catch-up",
+                   alive=alive(pipeline))
+        assert_exact(analytics, events)
+        before = read_tables(analytics)
+
+        broker.kill()
+        broker.start()  # same address, no topics, no offsets
+        create_topic(cfg)
+        later = random_events(50, seed=6)
+        Log(cfg).produce(as_messages(events + later))  # the relay's republish, then new work
+        expected = oracle(events + later)
+        wait_until(lambda: read_tables(analytics) == expected, timeout=90, interval=0.5,
+                   message="analytics to absorb the republished history", alive=alive(pipeline))
+        assert before != expected  # the new events did arrive, on top of an unchanged history
+    finally:
+        broker.stop()
