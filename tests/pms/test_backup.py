@@ -57,10 +57,10 @@ def test_manifest_lists_every_database_with_checksums(written_backup: tuple[Path
 
 
 def test_restore_into_fresh_data_dir_has_every_acknowledged_row(
-    written_backup: tuple[Path, set[int]], tmp_path: Path
+    written_backup: tuple[Path, set[int]], data_dir: Path
 ) -> None:
     target, before = written_backup
-    fresh = Settings(_env_file=None, data_dir=tmp_path / "fresh",  # type: ignore[call-arg]
+    fresh = Settings(_env_file=None, data_dir=data_dir,  # type: ignore[call-arg]
                      postgres=PostgresSettings(port=process.free_port()))
     pms_backup.restore(fresh, source=target)
     postgres = EmbeddedPostgres(fresh)
