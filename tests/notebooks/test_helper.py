@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ NOTEBOOKS = sorted(pms_notebook.NOTEBOOK_DIR.glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
-def analytics(servers: ServerSet, synthetic: dict[str, Any]) -> pms_notebook.Analytics:
+def analytics(servers: ServerSet, synthetic: dict[str, Any]) -> Iterator[pms_notebook.Analytics]:
     with pms_notebook.connect(servers.settings) as reader:
         yield reader
 

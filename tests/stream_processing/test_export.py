@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from tests.fixtures.servers import ServerSet
 from tests.notebooks import factories
 
 pytestmark = pytest.mark.integration
-QUIET = Console(file=open("/dev/null", "w"), force_terminal=False)  # noqa: SIM115 -- lives for the module
+QUIET = Console(file=io.StringIO())
 
 
 @pytest.fixture
@@ -162,7 +164,7 @@ def test_export_reads_as_the_analyst_role_in_one_snapshot(servers: ServerSet, lo
 
 
 def test_cli_export_and_its_error(servers: ServerSet, loaded: dict[str, Any], tmp_path: Path) -> None:
-    env = {**{k: v for k, v in __import__("os").environ.items() if not k.startswith("PMS_")},
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")},
            **to_env(servers.settings)}
     ok = subprocess.run([sys.executable, "-m", "pms.cli", "export", "--format", "csv", "--table", "geography",
                          "--to", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
