@@ -32,6 +32,8 @@ def serve(name: str, settings: Settings | None = None) -> None:
             port=spec.port(settings),
             log_config=None,
             access_log=False,
+            proxy_headers=True,
+            forwarded_allow_ips=settings.forwarded_allow_ips,
             timeout_graceful_shutdown=5,
         )
     else:

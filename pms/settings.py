@@ -62,8 +62,10 @@ class PatientSettings(HttpService):
 
 class AuthSettings(HttpService):
     port: int = 4005
-    #: Failed logins allowed per account and per client address inside the window.
+    #: Failed logins allowed per account inside the window.
     max_failed_logins: int = 5
+    #: Failed logins allowed per client address inside the window (higher: a clinic's staff share one address).
+    max_failed_logins_per_address: int = 20
     #: Window, seconds, over which failed logins are counted.
     failed_login_window_s: int = 300
 
@@ -212,6 +214,9 @@ class Settings(BaseSettings):
     admin_password: SecretStr | None = None
     #: Log level of every process (JSON lines on stderr; never patient data).
     log_level: str = "INFO"
+    #: Comma-separated proxy addresses whose X-Forwarded-For is trusted (uvicorn's forwarded_allow_ips): the
+    #: gateway's address, so auth counts failed logins per real client. "*" only on a private network.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     postgres: PostgresSettings = PostgresSettings()
     patient: PatientSettings = PatientSettings()

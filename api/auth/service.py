@@ -49,13 +49,20 @@ def _address_key(client_address: str) -> str:
     return "addr:" + client_address[:100]
 
 
+def _limit_for(settings: Settings, key: str) -> int:
+    """Failures allowed per account, or (higher: many staff share one clinic address) per client address."""
+    if key.startswith("addr:"):
+        return settings.auth.max_failed_logins_per_address
+    return settings.auth.max_failed_logins
+
+
 def _check_not_locked(*, session: Session, settings: Settings, keys: Sequence[str], now: datetime) -> None:
     window = timedelta(seconds=settings.auth.failed_login_window_s)
     counts = auth_repository.count_failures(session, keys=keys, since=now - window)
     waits = [
         (oldest + window - now).total_seconds()
-        for count, oldest in counts.values()
-        if count >= settings.auth.max_failed_logins
+        for key, (count, oldest) in counts.items()
+        if count >= _limit_for(settings, key)
     ]
     if waits:
         session.rollback()  # release the key locks now, not when the request's session closes
