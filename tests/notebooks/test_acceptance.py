@@ -79,7 +79,7 @@ def test_notebooks_match_the_analytics_api(servers: ServerSet, start_service: Ca
     with httpx.Client(base_url=patient.base_url, headers=staff, timeout=30) as client:
         for index in range(24):
             response = client.post("/patients", json=body(index, today))
-            assert response.status_code == 201, response.text
+            assert response.status_code == 201, f"{response.status_code} {response.text}\n{patient.log_tail()}"
             created.append(response.json())
         for moved in created[:3]:  # three patients move to Trondheim
             update = {k: moved[k] for k in ("name", "email", "address", "dateOfBirth")} | {"city": "Trondheim"}
