@@ -22,7 +22,7 @@ def stub_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(_env_file=None, data_dir=tmp_path_factory.mktemp("dash-data"))  # type: ignore[call-arg]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stub_server(stub_settings: Settings) -> Iterator[StubGateway]:
     server = StubGateway(stub_settings).start()
     yield server
@@ -63,9 +63,13 @@ def texts(elements: object) -> list[str]:
     return [str(e.value) for e in elements]  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def real_stack(servers: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """The real services behind a real gateway (skips, naming them, when some have not landed)."""
+    """The real services behind a real gateway (skips, naming them, when some have not landed).
+
+    Package scope: started once for test_real_stack.py and test_e2e.py, stopped when the
+    dashboard tests are done so it does not idle through the rest of the suite.
+    """
     from tests.dashboard.stack import CORE, missing_services, running_stack
 
     missing = missing_services(CORE)
