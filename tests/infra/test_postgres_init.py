@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from pms import process
-from pms.embedded import EXTENSIONS, EmbeddedPostgres, pg_bin
+from pms.embedded import EXTENSIONS, EmbeddedPostgres, PortInUseError, pg_bin
 from pms.settings import SERVICE_DATABASES, Settings
 
 pytestmark = pytest.mark.integration
@@ -38,10 +38,18 @@ class BarePostgres(EmbeddedPostgres):
 
 def _start_bare(tmp_path_factory: pytest.TempPathFactory, label: str) -> BarePostgres:
     data = tmp_path_factory.mktemp(label)
-    settings = Settings(_env_file=None, data_dir=data, postgres={"port": process.free_port()})  # type: ignore[call-arg]
-    server = BarePostgres(settings)
-    server.start()
-    return server
+    for attempt in range(3):
+        # A free port can be taken by another process before the server binds it: pick again.
+        settings = Settings(_env_file=None, data_dir=data,  # type: ignore[call-arg]
+                            postgres={"port": process.free_port()})
+        server = BarePostgres(settings)
+        try:
+            server.start(timeout=180)  # initdb + start on a busy 2-core machine
+            return server
+        except PortInUseError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
