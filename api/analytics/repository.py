@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.orm import Session
 
 from stream_processing import models as analytics_models
@@ -33,8 +33,22 @@ def registrations_between(*, session: Session, start: date, end: date) -> list[t
     return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
 
-def removals_total(*, session: Session) -> int:
-    return int(session.execute(select(func.coalesce(func.sum(m.daily_registrations.c.removals), 0))).scalar_one())
+def summary_counts(*, session: Session, today: date) -> dict[str, int]:
+    """Active patients, registrations since today-0/6/29 days and all removals, in one round trip."""
+    reg = m.daily_registrations
+
+    def registered_since(days: int) -> ScalarSelect[int]:
+        return (select(func.coalesce(func.sum(reg.c.registrations), 0))
+                .where(reg.c.day.between(today - timedelta(days=days), today)).scalar_subquery())
+
+    row = session.execute(select(
+        select(func.coalesce(func.sum(m.geography.c.patients), 0)).scalar_subquery().label("active"),
+        registered_since(0).label("new_today"),
+        registered_since(6).label("new_7d"),
+        registered_since(29).label("new_30d"),
+        select(func.coalesce(func.sum(reg.c.removals), 0)).scalar_subquery().label("removed"),
+    )).mappings().one()
+    return {k: int(v) for k, v in row.items()}
 
 
 def demographics(*, session: Session) -> list[tuple[int | None, str, int]]:

@@ -108,20 +108,14 @@ def summary(*, session: Session, principal: Principal, threshold: int) -> Summar
     """Active patients, recent registrations and removals, as of the pipeline's last commit."""
     suppression = suppression_for(principal=principal, threshold=threshold)
     status = analytics_repository.status(session=session)
-    today = _today()
-    days = analytics_repository.registrations_between(session=session, start=today - timedelta(days=29), end=today)
-    active = sum(n for _, n in analytics_repository.geography(session=session))
-
-    def since(first: date) -> int:
-        return sum(r for day, r, _ in days if day >= first)
-
+    counts = analytics_repository.summary_counts(session=session, today=_today())
     return SummaryRead(
         as_of=_as_of(status),
-        active_patients=_single(active, suppression),
-        new_today=_single(since(today), suppression),
-        new_7d=_single(since(today - timedelta(days=6)), suppression),
-        new_30d=_single(since(today - timedelta(days=29)), suppression),
-        removed_total=_single(analytics_repository.removals_total(session=session), suppression),
+        active_patients=_single(counts["active"], suppression),
+        new_today=_single(counts["new_today"], suppression),
+        new_7d=_single(counts["new_7d"], suppression),
+        new_30d=_single(counts["new_30d"], suppression),
+        removed_total=_single(counts["removed"], suppression),
         last_event_at=status["last_event_at"] if status else None,
         lag_messages=status["lag_messages"] if status else None,
         suppression=suppression,
