@@ -380,7 +380,7 @@ def test_ops_endpoints(api: Api) -> None:
 
 _FIELDS = ["name", "email", "address", "dateOfBirth", "registeredDate", "gender", "phone", "city", "id", "mrn"]
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=120)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=120)
     | st.dates().map(str) | st.emails(),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=5,
