@@ -41,10 +41,12 @@ class BillingGateway:
     def __init__(self, settings: Settings) -> None:
         self._address = settings.billing.address
         self._timeout = settings.patient.billing_timeout_s
-        self._breaker_s = max(settings.patient.billing_retry_initial_s, 0.1)
+        self._breaker_initial_s = max(settings.patient.billing_retry_initial_s, 0.05)
+        self._breaker_max_s = max(settings.patient.billing_retry_max_s, self._breaker_initial_s)
         self._client: Any = None
         self._lock = threading.Lock()
         self._open_until = 0.0
+        self._failures = 0
 
     def _get_client(self) -> Any:
         with self._lock:
@@ -54,28 +56,44 @@ class BillingGateway:
                 self._client = BillingClient(self._address)
             return self._client
 
+    @property
+    def is_open(self) -> bool:
+        """True while in-request calls are skipped (billing failed recently)."""
+        return time.monotonic() < self._open_until
+
     def open_account(self, *, patient_id: uuid.UUID, name: str, email: str, in_request: bool
                      ) -> OpenedAccount | None:
         """Open (or fetch) the patient's account; ``None`` when billing cannot answer now.
 
-        ``in_request`` calls skip billing while the breaker is open (a recent call failed),
-        leaving the work to the retry worker instead of making the caller wait.
+        ``in_request`` calls skip billing while the breaker is open, leaving the work to the
+        retry worker instead of making the caller wait for a deadline. The breaker stays open
+        for a doubling time per consecutive failure (capped at the retry maximum); the
+        worker's calls ignore it and close it again as soon as billing answers.
         """
-        if in_request and time.monotonic() < self._open_until:
+        if in_request and self.is_open:
             return None
         try:
             client = self._get_client()
             account = client.create_account(patient_id=str(patient_id), name=name, email=email,
                                             timeout=self._timeout)
-        except Exception as exc:  # BillingUnavailable, ValueError (rejected), any RPC error
-            if self._open_until == 0.0:  # log the transition only, not every failed retry
-                log.warning("billing unavailable; patients stay PENDING until it answers",
-                            extra={"fields": {"error": type(exc).__name__}})
-            self._open_until = time.monotonic() + self._breaker_s
+        except ValueError:
+            # Billing refused this patient's arguments: a problem of this patient, not an outage.
+            log.warning("billing refused a patient", extra={"fields": {"patient_id": str(patient_id)}})
             return None
-        if self._open_until != 0.0:
-            log.info("billing answers again")
-        self._open_until = 0.0
+        except Exception as exc:  # BillingUnavailable (down, too slow) or any transport error
+            with self._lock:
+                if self._failures == 0:  # log the transition only, not every failed retry
+                    log.warning("billing unavailable; patients stay PENDING until it answers",
+                                extra={"fields": {"error": type(exc).__name__}})
+                self._failures += 1
+                open_for = min(self._breaker_max_s, self._breaker_initial_s * 2 ** min(self._failures - 1, 20))
+                self._open_until = time.monotonic() + open_for
+            return None
+        with self._lock:
+            if self._failures:
+                log.info("billing answers again")
+            self._failures = 0
+            self._open_until = 0.0
         return OpenedAccount(account_id=str(account.account_id), status=str(account.status or "ACTIVE"))
 
     def close(self) -> None:

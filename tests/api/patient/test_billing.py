@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,3 +66,27 @@ def test_billing_outage_leaves_patients_pending_until_the_retry_worker_opens_one
             "update", "system:billing-retry", ["billingAccountId", "billingStatus"])
     finally:
         patient_svc.stop()
+
+
+def test_stuck_billing_costs_one_deadline_then_creates_stay_fast(servers: ServerSet, tmp_path: Path) -> None:
+    # Fault injection: a port that accepts TCP connections and never answers (a hung billing server).
+    with socket.socket() as stuck:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(64)
+        settings = patient_settings(servers, billing_timeout_s=1.0, billing_retry_initial_s=1.0,
+                                    billing_retry_max_s=30.0)
+        settings = settings.model_copy(update={"billing": settings.billing.model_copy(
+            update={"port": stuck.getsockname()[1]})})
+        svc = start_patient(settings, tmp_path)
+        try:
+            with Api(settings, svc.base_url).client() as client:
+                first = client.post("/patients", json=new_patient_body())
+                assert first.status_code == 201 and first.json()["billingStatus"] == "PENDING"
+                started = time.monotonic()
+                statuses = [client.post("/patients", json=new_patient_body()).status_code for _ in range(10)]
+                elapsed = time.monotonic() - started
+        finally:
+            svc.stop()
+    assert statuses == [201] * 10
+    # Without the breaker each create would wait for the 1 s deadline (>= 10 s in all).
+    assert elapsed < 5.0, elapsed
