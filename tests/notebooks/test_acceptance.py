@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from pms import notebook as pms_notebook
 from pms import process
@@ -64,10 +64,20 @@ def body(index: int, today: date) -> dict[str, Any]:
     return data
 
 
-def test_notebooks_match_the_analytics_api(servers: ServerSet, start_service: Callable[..., Any]) -> None:
+@pytest.fixture
+def analytics_engine(servers: ServerSet) -> Iterator[Engine]:
+    """The session's analytics database (shared with other modules), emptied before and after."""
+    engine = factories.migrate_analytics(servers.settings)
+    factories.reset_analytics(engine)
+    yield engine
+    factories.reset_analytics(engine)  # runs after start_service has stopped the pipeline
+    engine.dispose()
+
+
+def test_notebooks_match_the_analytics_api(servers: ServerSet, analytics_engine: Engine,
+                                           start_service: Callable[..., Any]) -> None:
     settings = stack_settings(servers)
-    engine = factories.migrate_analytics(settings)
-    factories.reset_analytics(engine)  # the session's analytics database is shared with other modules
+    engine = analytics_engine
     start_service("billing", settings)
     patient = start_service("patient", settings, timeout=90)
     start_service("pipeline", settings, timeout=90)
