@@ -185,7 +185,8 @@ def launch(settings: Settings, *, port: int | None = None, open_browser: bool = 
     """Open JupyterLab on the analyst notebooks and block until it exits; return its exit code.
 
     Raises:
-        RuntimeError: JupyterLab is not installed (it is the optional ``notebooks`` extra).
+        RuntimeError: JupyterLab is not installed (it is the optional ``notebooks`` extra), or
+            there is no ``notebooks/`` folder (a non-editable install carries none).
     """
     try:
         import jupyterlab  # noqa: F401
@@ -193,6 +194,9 @@ def launch(settings: Settings, *, port: int | None = None, open_browser: bool = 
         raise RuntimeError(
             "JupyterLab is not installed; it is an optional extra: pip install -e '.[notebooks]'"
         ) from exc
+    if not NOTEBOOK_DIR.is_dir():
+        raise RuntimeError(f"no notebooks folder at {NOTEBOOK_DIR}; run `pms notebooks` from a checkout "
+                           "installed with `pip install -e '.[notebooks]'`")
     analytics = connect(settings)
     try:
         analytics.scalar("SELECT 1")

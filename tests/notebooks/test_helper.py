@@ -188,6 +188,13 @@ def test_launch_explains_the_missing_extra(servers: ServerSet, monkeypatch: pyte
         pms_notebook.launch(servers.settings)
 
 
+def test_launch_explains_a_missing_notebooks_folder(servers: ServerSet, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pms_notebook, "NOTEBOOK_DIR", tmp_path / "nowhere")
+    with pytest.raises(RuntimeError, match=r"no notebooks folder at .*nowhere"):
+        pms_notebook.launch(servers.settings)
+
+
 @pytest.mark.slow
 def test_lab_serves_the_notebooks_with_the_project_kernel(servers: ServerSet, tmp_path: Path) -> None:
     """What `pms notebooks` runs: JupyterLab on notebooks/ with the python3 kernel of this venv."""
