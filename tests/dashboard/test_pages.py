@@ -8,6 +8,7 @@ from datetime import date
 import pytest
 
 from dashboard.client import AuthSession, GatewayClient
+from pms import process
 from tests.dashboard.conftest import login, new_app, signed_in_app, texts
 from tests.dashboard.stub_gateway import PASSWORD, StubGateway
 
@@ -53,6 +54,14 @@ def test_too_many_attempts_says_when_to_retry(stub: StubGateway) -> None:
     at = login(at, "staff@pms.local", PASSWORD)
     assert any("Too many sign-in attempts" in t and "300 s" in t for t in texts(at.error))
     assert "auth" not in at.session_state
+
+
+def test_login_while_the_gateway_is_unreachable_shows_the_banner(stub: StubGateway) -> None:
+    at = login(new_app(f"http://127.0.0.1:{process.free_port()}"), "staff@pms.local")
+    assert not at.exception
+    assert any("not reachable" in t for t in texts(at.error))
+    assert "auth" not in at.session_state
+    assert at.text_input(key="login_email").value == "staff@pms.local"  # the form keeps what was typed
 
 
 def test_login_opens_the_staff_pages_and_forgets_the_password(stub: StubGateway) -> None:
