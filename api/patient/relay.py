@@ -148,9 +148,12 @@ class OutboxRelay:
         delivered = self._publish(rows)
         with self.factory() as session:
             patient_repository.mark_sent(session, [row[0] for row in rows[:delivered]], sent_at=datetime.now(UTC))
-            if delivered:
-                patient_repository.save_relay_state(session, self.topic, self._watermarks())
             session.commit()
+        if delivered:
+            # Separately: a broker hiccup here must not undo the "sent" marks above.
+            with self.factory() as session:
+                patient_repository.save_relay_state(session, self.topic, self._watermarks())
+                session.commit()
         self.published += delivered
         if delivered < len(rows):
             # Keep order: everything after the first failure is sent again, with a fresh producer.
