@@ -160,6 +160,10 @@ def _service(spec: ServiceSpec, env: dict[str, str]) -> dict[str, Any]:
         "networks": [NETWORK],
         "restart": "unless-stopped",
     }
+    if not spec.public:
+        # Reachable only from the other containers: trust the gateway's X-Forwarded-For so auth counts failed
+        # logins per real client. Published services (gateway, dashboard) trust no one's header.
+        service["environment"]["PMS_FORWARDED_ALLOW_IPS"] = "*"
     if depends:
         service["depends_on"] = depends
     if spec.public:

@@ -272,6 +272,9 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
         "PMS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "PMS_ADMIN_EMAIL": settings.admin_email,
         "PMS_LOG_LEVEL": settings.log_level,
+        # Security groups admit only the load balancer and the stack's own tasks: their X-Forwarded-For is
+        # the real client, which auth's per-address login limit needs.
+        "PMS_FORWARDED_ALLOW_IPS": "*",
         **address_environment(services, lambda spec: f"{spec.name}.{namespace}"),
     }
     tasks: list[Task] = []

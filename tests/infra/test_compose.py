@@ -107,9 +107,21 @@ def test_environment_binds_all_interfaces_and_addresses_services_by_name(doc: di
     for spec in SERVICES:
         assert env[spec.port_setting] == str(Settings.model_fields[spec.section].default.port)
         assert env[f"PMS_{spec.section.upper()}__HOST"] == "0.0.0.0"
-    # Every container sees the same addresses.
-    envs = [doc["services"][s.name]["environment"] for s in SERVICES]
+    # Every container sees the same addresses; only the proxy-trust setting differs.
+    envs = [{k: v for k, v in doc["services"][s.name]["environment"].items() if k != "PMS_FORWARDED_ALLOW_IPS"}
+            for s in SERVICES]
     assert all(e == envs[0] for e in envs)
+
+
+def test_only_unpublished_services_trust_forwarded_headers(doc: dict) -> None:
+    """Auth limits failed logins per client address: it must see the client the gateway names, while a
+    published container must not let any caller name its own address."""
+    for spec in SERVICES:
+        env = doc["services"][spec.name]["environment"]
+        if spec.public:
+            assert "PMS_FORWARDED_ALLOW_IPS" not in env and "ports" in doc["services"][spec.name]
+        else:
+            assert env["PMS_FORWARDED_ALLOW_IPS"] == "*" and "ports" not in doc["services"][spec.name]
 
 
 def test_environment_is_understood_by_settings(doc: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
