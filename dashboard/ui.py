@@ -101,6 +101,11 @@ def fmt_int(value: Any) -> str:
         return str(value)
 
 
+def plural(count: Any, noun: str, nouns: str | None = None) -> str:
+    """``1 account``, ``2 accounts``, ``12,345 patients``."""
+    return f"{fmt_int(count)} {noun if count == 1 else (nouns or noun + 's')}"
+
+
 def parse_dt(value: Any) -> datetime | None:
     if not value:
         return None

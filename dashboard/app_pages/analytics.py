@@ -87,8 +87,8 @@ with reg_col:
     else:
         st.altair_chart(charts.registrations_chart(registrations), width="stretch")
         hidden = int(registrations["suppressed"].sum())
-        st.caption(f"{ui.fmt_int(registrations['registrations'].sum())} registrations, "
-                   f"{ui.fmt_int(registrations['removals'].sum())} removals in the period"
+        st.caption(f"{ui.plural(registrations['registrations'].sum(), 'registration')}, "
+                   f"{ui.plural(registrations['removals'].sum(), 'removal')} in the period"
                    + (f" · {hidden} period(s) suppressed for privacy" if hidden else ""))
 
 demo_col, geo_col = st.columns(2)

@@ -42,7 +42,7 @@ if not result.items:
 else:
     first = result.offset + 1
     st.caption(f"Showing **{ui.fmt_int(first)} to {ui.fmt_int(result.offset + len(result.items))}** of "
-               f"**{ui.fmt_int(result.total)}** patients")
+               f"**{ui.fmt_int(result.total)}** {'patient' if result.total == 1 else 'patients'}")
     st.dataframe(
         [{"MRN": p.get("mrn"), "Name": p.get("name"), "E-mail": p.get("email"), "Phone": p.get("phone"),
           "Date of birth": p.get("dateOfBirth"), "City": p.get("city"), "Billing": p.get("billingStatus")}

@@ -17,7 +17,7 @@ if auth.role != ui.ADMIN:
 
 users = cached_users(ui.gateway_url(), auth.token)
 active = sum(1 for u in users if u.get("active", True))
-st.caption(f"{ui.fmt_int(len(users))} accounts · {ui.fmt_int(active)} active")
+st.caption(f"{ui.plural(len(users), 'account')} · {ui.fmt_int(active)} active")
 if users:
     st.dataframe(
         [{"E-mail": u.get("email"), "Role": u.get("role"), "Active": bool(u.get("active", True)),

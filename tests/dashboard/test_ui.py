@@ -1,0 +1,47 @@
+"""Formatting helpers: thousands separators, plurals, relative times; never a crash on odd input."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dashboard import ui
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("value", "text"), [(0, "0"), (1234567, "1,234,567"), (None, "—"), ("12", "12"),
+                                              ("n/a", "n/a")])
+def test_fmt_int(value: object, text: str) -> None:
+    assert ui.fmt_int(value) == text
+
+
+def test_plural() -> None:
+    assert ui.plural(1, "account") == "1 account"
+    assert ui.plural(0, "account") == "0 accounts"
+    assert ui.plural(12345, "patient") == "12,345 patients"
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ((NOW - timedelta(seconds=2)).isoformat(), "2 s ago"),
+        ((NOW - timedelta(minutes=5)).isoformat().replace("+00:00", "Z"), "5 min ago"),
+        ((NOW - timedelta(hours=3)).isoformat(), "3 h ago"),
+        ((NOW - timedelta(days=2)).isoformat(), "2 d ago"),
+        ((NOW + timedelta(seconds=3)).isoformat(), "0 s ago"),  # a clock slightly ahead is not "in the future"
+        (None, "never"),
+        ("not a time", "never"),
+    ],
+)
+def test_fmt_ago(value: object, text: str) -> None:
+    assert ui.fmt_ago(value, now=NOW) == text
+
+
+def test_fmt_date_and_seconds() -> None:
+    assert ui.fmt_date("2026-11-26T07:53:00Z") == "2026-11-26 07:53 UTC"
+    assert ui.fmt_date("1980-05-17") == "1980-05-17"
+    assert ui.fmt_date(None) == "—"
+    assert ui.fmt_seconds(0.25) == "250 ms"
+    assert ui.fmt_seconds(12.34) == "12.3 s"
