@@ -79,9 +79,14 @@ def run(settings: Settings, report: Report) -> None:
         start = time.perf_counter()
         up = process.spawn([sys.executable, "-m", "pms.cli", "up"], log_path=Path(tmp) / "up.log", env=env)
         try:
-            process.wait_until(lambda: all(probe_ready(spec, stack) for spec in SERVICES), timeout=240,
-                               interval=0.1, message="pms up: every service ready",
-                               alive=lambda: up.poll() is None)
+            try:
+                process.wait_until(lambda: all(probe_ready(spec, stack) for spec in SERVICES), timeout=240,
+                                   interval=0.1, message="pms up: every service ready",
+                                   alive=lambda: up.poll() is None)
+            except (RuntimeError, TimeoutError):
+                tail = (Path(tmp) / "up.log").read_text(errors="replace").splitlines()[-30:]
+                print("\n".join(["pms up output (last lines):", *tail]), file=sys.stderr)
+                raise
             up_time = time.perf_counter() - start
             idle_pss, idle_rss, procs = _sample([up.pid])
             load_pss, load_rss, served = _under_load(stack, up.pid)

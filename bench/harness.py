@@ -7,6 +7,7 @@ in the same run (a bare endpoint, a raw loop) and reports the ratio next to the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import statistics
@@ -198,14 +199,13 @@ def profiled(argv: list[str], name: str) -> list[str]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"profile-{name}.txt"
-    return [spy, "record", "--idle", "--threads", "--rate", "200", "--format", "raw", "-o", str(out), "--", *argv]
+    rate = os.environ.get("PMS_BENCH_PROFILE_RATE", "50")
+    return [spy, "record", "--idle", "--threads", "--rate", rate, "--format", "raw", "-o", str(out), "--", *argv]
 
 
 @contextmanager
 def services(settings: Settings, names: list[str]) -> Iterator[None]:
     """Start registry services as real processes (in order), stop them afterwards."""
-    import os
-
     started = []
     profiling: set[int] = set()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(settings)}
@@ -218,7 +218,9 @@ def services(settings: Settings, names: list[str]) -> Iterator[None]:
                 profiling.add(len(started))
             proc = process.spawn(argv, log_path=settings.logs_dir / f"{name}.log", env=env)
             started.append(proc)
-            process.wait_until(lambda spec=spec: probe_ready(spec, settings), timeout=90, interval=0.2,
+            # A service started under py-spy imports far more slowly: give it longer.
+            process.wait_until(lambda spec=spec: probe_ready(spec, settings), timeout=300 if profiling else 90,
+                               interval=0.2,
                                message=f"{name} ready", alive=lambda proc=proc: proc.poll() is None)
         yield
     finally:

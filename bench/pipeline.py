@@ -80,9 +80,8 @@ def run(settings: Settings, report: Report, *, events: int = EVENTS) -> None:
                 producer.poll(0.05)
     producer.flush(60)
 
-    raw_rate = _raw_consume(settings, events)
-    report.add(Row("pipeline", "raw consume + protobuf parse", raw_rate, "events/s",
-                   note=f"{events} events, confluent-kafka consume(1000) + PatientEvent.FromString"))
+    # The raw loop is short and the machine noisy: take the better of a run before and one after.
+    raw_rates = [_raw_consume(settings, events)]
 
     with services(settings, ["pipeline"]):
         ready_at = time.perf_counter()
@@ -97,6 +96,11 @@ def run(settings: Settings, report: Report, *, events: int = EVENTS) -> None:
         first_t, first_n = next((t, n) for t, n in samples if n > 0)
         done_t = samples[-1][0]
         rate = (events - first_n) / (done_t - first_t) if done_t > first_t else float("nan")
+        raw_rates.append(_raw_consume(settings, events))
+        raw_rate = max(raw_rates)
+        report.add(Row("pipeline", "raw consume + protobuf parse", raw_rate, "events/s",
+                       note=f"{events} events, confluent-kafka consume(1000) + PatientEvent.FromString; "
+                            f"best of {', '.join(f'{r:.0f}' for r in raw_rates)}"))
         report.add(Row("pipeline", "events/s into analytics (first -> last commit)", rate, "events/s",
                        baseline=raw_rate, target=">= 0.3x", note="baseline: raw consume + parse, same topic"))
         report.add(Row("pipeline", "group join + first batch", first_t - ready_at, "s",

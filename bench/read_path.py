@@ -39,7 +39,8 @@ BASE_SIZE = 100_000
 BIG_SIZE = 1_000_000
 ANALYTICS_PATHS = (
     ("summary", "/analytics/summary", None),
-    ("registrations (month)", "/analytics/registrations", {"granularity": "month", "from": "2015-01-01",
+    ("registrations (default: 30 days by day)", "/analytics/registrations", None),
+    ("registrations (11 years by month)", "/analytics/registrations", {"granularity": "month", "from": "2015-01-01",
                                                            "to": "2025-12-31"}),
     ("demographics", "/analytics/demographics", None),
     ("geography top 10", "/analytics/geography", {"top": 10}),
