@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,8 +36,9 @@ def test_billing_outage_leaves_patients_pending_until_the_retry_worker_opens_one
 
             billing.stop()
             created = []
+            token = uuid.uuid4().hex[:8]
             for i in range(100):
-                response = client.post("/patients", json=new_patient_body(name=f"Unbilled {i}"))
+                response = client.post("/patients", json=new_patient_body(name=f"Unbilled {token} {i}"))
                 assert response.status_code == 201, response.text
                 assert response.json()["billingStatus"] == "PENDING"
                 assert response.json()["billingAccountId"] is None
@@ -43,12 +46,13 @@ def test_billing_outage_leaves_patients_pending_until_the_retry_worker_opens_one
 
             billing = start_service("billing", settings)
 
-            def all_active() -> bool:
-                page = [client.get(f"/patients/{pid}").json() for pid in created]
-                return all(p["billingStatus"] == "ACTIVE" for p in page)
+            def billed() -> list[dict[str, Any]]:
+                return client.get("/patients", params={"q": token, "limit": 500}).json()
 
-            process.wait_until(all_active, timeout=60, interval=0.5, message="every patient billed")
-            patients = [client.get(f"/patients/{pid}").json() for pid in created]
+            process.wait_until(lambda: all(p["billingStatus"] == "ACTIVE" for p in billed()), timeout=60,
+                               interval=0.2, message="every patient billed")
+            patients = billed()
+            assert sorted(p["id"] for p in patients) == sorted(created)
         accounts = [p["billingAccountId"] for p in patients]
         assert len(set(accounts)) == 100 and all(accounts)
         assert all(p["version"] == 2 for p in patients)  # activation is a change: new version + event
