@@ -312,6 +312,10 @@ def bootstrap_databases(
         conn.execute(
             sql.SQL("GRANT CONNECT ON DATABASE analytics TO {}").format(sql.Identifier(analyst_role))
         )
+        # The maintenance databases hold no patient data, but the analyst role has no business there either.
+        for database in ("postgres", "template1"):
+            conn.execute(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(sql.Identifier(app_role)))
     base = psycopg.conninfo.conninfo_to_dict(superuser_dsn)
     for database, extensions in EXTENSIONS.items():
         dsn = psycopg.conninfo.make_conninfo(**{**base, "dbname": database})

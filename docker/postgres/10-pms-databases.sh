@@ -37,6 +37,9 @@ SELECT format('REVOKE ALL ON DATABASE %I FROM PUBLIC', db)
 SELECT format('GRANT ALL ON DATABASE %I TO %I', db, :'app_role')
   FROM unnest(ARRAY['auth', 'patients', 'billing', 'analytics']) AS db \gexec
 SELECT format('GRANT CONNECT ON DATABASE analytics TO %I', :'analyst_role') \gexec
+REVOKE CONNECT ON DATABASE postgres FROM PUBLIC;
+REVOKE CONNECT ON DATABASE template1 FROM PUBLIC;
+SELECT format('GRANT CONNECT ON DATABASE postgres TO %I', :'app_role') \gexec
 SQL
 
 # database -> extensions (keep in step with pms.embedded.EXTENSIONS; a test compares them)

@@ -33,8 +33,9 @@ def test_analyst_role_reads_analytics_only(servers: ServerSet) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("CREATE TABLE nope (id int)")
-    with pytest.raises(psycopg.OperationalError, match="permission denied"):
-        psycopg.connect(libpq_dsn(analyst.set(database="patients")))
+    for database in ("patients", "auth", "billing", "postgres", "template1"):
+        with pytest.raises(psycopg.OperationalError, match="permission denied"):
+            psycopg.connect(libpq_dsn(analyst.set(database=database)))
 
 
 def test_broker_answers(servers: ServerSet) -> None:
