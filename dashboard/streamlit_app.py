@@ -9,6 +9,9 @@ an expired/revoked token (back to login with a note) and a gateway that is down 
 
 from __future__ import annotations
 
+import importlib
+import threading
+
 import streamlit as st
 
 from dashboard import ui
@@ -20,6 +23,20 @@ st.set_page_config(
     layout="wide",
     initial_sidebar_state="expanded",
 )
+
+
+
+@st.cache_resource(show_spinner=False)
+def _preload_charting() -> threading.Thread:
+    """Import Polars and Altair once per server process in the background (seconds on a busy box),
+    so the first user to open Analytics does not wait for it."""
+    thread = threading.Thread(target=importlib.import_module, args=("dashboard.charts",), daemon=True,
+                              name="preload-charts")
+    thread.start()
+    return thread
+
+
+_preload_charting()
 
 auth = ui.current_session()
 if auth is not None and auth.expired:
