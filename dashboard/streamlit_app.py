@@ -25,7 +25,6 @@ st.set_page_config(
 )
 
 
-
 @st.cache_resource(show_spinner=False)
 def _preload_charting() -> threading.Thread:
     """Import Polars and Altair once per server process in the background (seconds on a busy box),
