@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from api.patient import service as patient_service
@@ -20,7 +22,10 @@ def get_session(request: Request) -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        # Closing rolls back; on a connection the database already dropped that fails too.
+        # The answer (a 503) is on its way by then, so the error must not escape here.
+        with suppress(DBAPIError):
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

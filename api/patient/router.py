@@ -20,13 +20,32 @@ from api.patient.dependencies import (
 from api.patient.schemas import (
     AuditRead,
     DuplicateCandidate,
+    ErrorBody,
     PatientCreate,
     PatientCreated,
     PatientRead,
     PatientUpdate,
 )
 
-router = APIRouter(prefix="/patients", tags=["patients"])
+
+class FHIRJSONResponse(JSONResponse):
+    """FHIR's own JSON media type (http://hl7.org/fhir/R4/http.html#mime-type)."""
+
+    media_type = "application/fhir+json"
+
+
+#: The answers every patient route can give besides its success, in the one error shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Invalid input: per-field reasons in `errors`"},
+    401: {"model": ErrorBody, "description": "No or bad bearer token"},
+    403: {"model": ErrorBody, "description": "Role not allowed (ANALYST; non-ADMIN on /audit)"},
+    404: {"model": ErrorBody, "description": "Unknown, malformed or deleted patient id"},
+    409: {"model": ErrorBody, "description": "Email already used, or a stale If-Match version"},
+    413: {"model": ErrorBody, "description": "Request body too large"},
+    503: {"model": ErrorBody, "description": "Database unavailable"},
+}
+
+router = APIRouter(prefix="/patients", tags=["patients"], responses=ERROR_RESPONSES)
 
 MAX_PAGE = 500
 
@@ -113,10 +132,11 @@ def patient_duplicates(_: StaffUser, patient: ValidPatient, session: SessionDep)
     return patient_service.duplicates(session=session, patient=patient)
 
 
-@router.get("/{patient_id}/fhir", response_model=dict[str, Any], summary="The patient as a FHIR R4 resource")
+@router.get("/{patient_id}/fhir", response_model=dict[str, Any], response_class=FHIRJSONResponse,
+            summary="The patient as a FHIR R4 resource")
 def patient_fhir_resource(_: StaffUser, patient: ValidPatient) -> Any:
     """Return the patient as a FHIR R4 ``Patient`` resource."""
-    return JSONResponse(patient_fhir.to_fhir(patient), media_type="application/fhir+json")
+    return patient_fhir.to_fhir(patient)
 
 
 @router.get("/{patient_id}/audit", response_model=list[AuditRead], summary="Audit trail (ADMIN)")

@@ -183,3 +183,10 @@ class AuditRead(_Camel):
     version: int
     request_id: str | None
     at: datetime
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of the platform (documented in OpenAPI; raised via pms.errors)."""
+
+    message: str
+    errors: dict[str, str] = Field(default_factory=dict)

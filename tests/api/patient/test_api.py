@@ -396,3 +396,30 @@ def test_random_input_never_gets_a_5xx(staff: httpx.Client, existing_patient_id:
     updated = staff.put(f"/patients/{existing_patient_id}", json=body)
     assert updated.status_code in (200, 400, 409), updated.text
     assert staff.get("/patients", params={"q": q, "limit": 1}).status_code in (200, 400)
+
+
+def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_path: Any) -> None:
+    from pms import process
+    from tests.api.patient.conftest import patient_settings, start_patient
+    from tests.api.patient.tcp_proxy import TcpProxy
+
+    base = patient_settings(servers)
+    proxy = TcpProxy(base.postgres.host, base.postgres.port)
+    settings = base.model_copy(update={"postgres": base.postgres.model_copy(update={"port": proxy.port})})
+    svc = start_patient(settings, tmp_path)
+    try:
+        with Api(settings, svc.base_url).client() as client:
+            assert client.post("/patients", json=new_patient_body()).status_code == 201
+            proxy.cut()
+            for attempt in (client.post("/patients", json=new_patient_body()), client.get("/patients")):
+                assert attempt.status_code == 503, attempt.text
+                assert attempt.json() == {"message": "Database unavailable, try again shortly", "errors": {}}
+                assert attempt.headers["Retry-After"] == "1"
+            assert client.get("/ready").status_code == 503
+            proxy.restore()
+            process.wait_until(lambda: client.get("/patients", params={"limit": 1}).status_code == 200,
+                               timeout=30, message="service back after the database returned")
+            assert client.post("/patients", json=new_patient_body()).status_code == 201
+    finally:
+        svc.stop()
+        proxy.close()
