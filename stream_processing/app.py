@@ -9,6 +9,7 @@ More processes in the same group share the partitions.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import threading
@@ -149,6 +150,7 @@ def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink
 
 def run(settings: Settings) -> None:
     """Run the pipeline until SIGTERM/SIGINT (Quix stops after committing its checkpoint)."""
+    faulthandler.enable()  # a crash inside librdkafka leaves a Python stack in the log
     db.migrate(settings, "analytics")
     engine = db.make_engine(settings.database_url_for("analytics"), pool_size=2, max_overflow=2)
     probe = WatermarkProbe()

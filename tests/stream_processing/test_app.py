@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -123,10 +124,24 @@ def assert_exact(engine: Engine, events: list[Event]) -> None:
         assert actual[table] == rows, table
 
 
-def test_pipeline_process_applies_events_dead_letters_and_serves_ops_endpoints(
-    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+@pytest.fixture
+def private_broker(settings: Settings) -> Iterator[tuple[Settings, EmbeddedBroker]]:
+    """A broker of this test alone (it gets restarted), on the session's PostgreSQL."""
+    private = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
+    })
+    broker = EmbeddedBroker(private)
+    broker.start()
+    yield private, broker
+    broker.stop()
+
+
+def test_pipeline_process_dead_letters_ops_endpoints_and_an_empty_broker_restart(
+    private_broker: tuple[Settings, EmbeddedBroker], analytics: Engine,
+    start_service: Callable[..., ServiceProcess],
 ) -> None:
-    cfg = pipeline_settings(settings)
+    private, broker = private_broker
+    cfg = pipeline_settings(private)
     create_topic(cfg)
     log = Log(cfg)
     events = random_events(300, seed=1)
@@ -164,6 +179,29 @@ def test_pipeline_process_applies_events_dead_letters_and_serves_ops_endpoints(
     wait_until(lambda: ("Narvik", 1) in read_tables(analytics)["geography"], timeout=30,
                message="the new event to be applied")
     assert_exact(analytics, events + later)
+    before = read_tables(analytics)
+
+    # Tansu forgets topics and group offsets on restart; the outbox relay republishes everything.
+    broker.kill()
+    broker.start()  # same address, empty
+    create_topic(cfg)
+    newer = random_events(50, seed=6)
+    Log(cfg).produce(as_messages(events + later + newer))
+    expected = oracle(events + later + newer)
+    def absorbed() -> bool:
+        return read_tables(analytics) == expected
+
+    try:
+        wait_until(absorbed, timeout=90, interval=0.5, message="analytics to absorb the republished history",
+                   alive=alive(pipeline))
+    except RuntimeError:
+        # librdkafka (confluent-kafka 2.12.2) sometimes segfaults when the broker vanishes under it;
+        # `pms up` restarts a dead child, so do the same and hold the tables to the same standard.
+        assert pipeline.proc is not None and pipeline.proc.returncode == -signal.SIGSEGV, pipeline.log_tail()
+        pipeline = start_service("pipeline", cfg)
+        wait_until(absorbed, timeout=90, interval=0.5, message="restarted pipeline to absorb the history",
+                   alive=alive(pipeline))
+    assert before != expected  # the new events did arrive, on top of an unchanged history
 
 
 def test_kill_9_mid_stream_then_restart_is_exact_and_replay_into_empty_tables_reproduces(
@@ -272,36 +310,3 @@ def test_kill_9_in_the_middle_of_50000_events_then_restart_is_exact(
                alive=alive(pipeline))
     assert_exact(analytics, events)
 
-
-def test_pipeline_survives_an_empty_broker_restart_and_the_republished_history(
-    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess], tmp_path: Path
-) -> None:
-    """Tansu forgets everything on restart; the outbox relay republishes; analytics must not move."""
-    private = settings.model_copy(update={
-        "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
-    })
-    broker = EmbeddedBroker(private)
-    broker.start()
-    try:
-        cfg = pipeline_settings(private, batch_size=200)
-        create_topic(cfg)
-        log = Log(cfg)
-        events = random_events(400, seed=5)
-        log.produce(as_messages(events))
-        pipeline = start_service("pipeline", cfg)
-        wait_until(caught_up(analytics, cfg, log.ends), timeout=60, interval=0.2, message="first catch-up",
-                   alive=alive(pipeline))
-        assert_exact(analytics, events)
-        before = read_tables(analytics)
-
-        broker.kill()
-        broker.start()  # same address, no topics, no offsets
-        create_topic(cfg)
-        later = random_events(50, seed=6)
-        Log(cfg).produce(as_messages(events + later))  # the relay's republish, then new work
-        expected = oracle(events + later)
-        wait_until(lambda: read_tables(analytics) == expected, timeout=90, interval=0.5,
-                   message="analytics to absorb the republished history", alive=alive(pipeline))
-        assert before != expected  # the new events did arrive, on top of an unchanged history
-    finally:
-        broker.stop()
