@@ -132,11 +132,11 @@ def patient_duplicates(_: StaffUser, patient: ValidPatient, session: SessionDep)
     return patient_service.duplicates(session=session, patient=patient)
 
 
-@router.get("/{patient_id}/fhir", response_model=dict[str, Any], response_class=FHIRJSONResponse,
-            summary="The patient as a FHIR R4 resource")
+@router.get("/{patient_id}/fhir", response_model=dict[str, Any], summary="The patient as a FHIR R4 resource",
+            responses={200: {"content": {FHIRJSONResponse.media_type: {"schema": {"type": "object"}}}}})
 def patient_fhir_resource(_: StaffUser, patient: ValidPatient) -> Any:
-    """Return the patient as a FHIR R4 ``Patient`` resource."""
-    return patient_fhir.to_fhir(patient)
+    """Return the patient as a FHIR R4 ``Patient`` resource (errors stay plain JSON)."""
+    return FHIRJSONResponse(patient_fhir.to_fhir(patient))
 
 
 @router.get("/{patient_id}/audit", response_model=list[AuditRead], summary="Audit trail (ADMIN)")
