@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import date
 
@@ -41,7 +42,7 @@ def test_login_wrong_and_right(stack: Stack) -> None:
     assert at.session_state["auth"].role == "ADMIN"
     at.switch_page("app_pages/users.py").run()
     assert not at.exception
-    assert any("accounts" in t for t in texts(at.caption))
+    assert any(re.fullmatch(r"\d+ accounts? · \d+ active", t) for t in texts(at.caption)), texts(at.caption)
 
 
 def test_register_shows_real_field_errors_then_registers_and_finds(stack: Stack) -> None:
