@@ -6,6 +6,9 @@ pre-aggregated tables the pipeline maintains, so it stays fast however many pati
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api.analytics.router import router
@@ -20,8 +23,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # One snapshot per request: asOf and every number of an answer come from the same commit.
     engine = db.make_engine(settings.analyst_url(), pool_size=5, max_overflow=10,
                             isolation_level="REPEATABLE READ")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            engine.dispose()
+
     app = create_service_app(
         name="analytics",
+        lifespan=lifespan,
         settings=settings,
         title="Analytics API",
         description="Read-only analytics over patient events: summary, registrations, demographics, "
