@@ -7,6 +7,8 @@ on free ports in a new data dir (outside pytest's temp root, see tests/fixtures/
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -18,12 +20,12 @@ import psycopg
 from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres, libpq_dsn
 from pms.security import encode_token
-from pms.settings import KafkaSettings, PostgresSettings, Settings
+from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
 from tests.fixtures.servers import server_data_dir
 from tests.fixtures.services import ServiceProcess
 
-#: Start order of the services (each after what it depends on).
-STACK = ("billing", "auth", "patient", "pipeline", "analytics", "gateway")
+#: Start waves: each wave starts in parallel, after the previous one is ready (dependencies first).
+STACK: tuple[tuple[str, ...], ...] = (("billing", "auth", "pipeline"), ("patient", "analytics"), ("gateway",))
 #: Test-speed knobs: fast outbox polling and billing retries, and no rate limit in the way of the load.
 PATIENT_KNOBS: dict[str, Any] = {
     "seed_demo_data": False, "outbox_poll_interval_s": 0.05, "billing_retry_initial_s": 0.2,
@@ -58,11 +60,23 @@ class Exit:
     service: str
     what: str
     last_error: str
+    #: The end of its log without access lines and broker reconnect noise (a crash dump shows here).
+    tail: str = ""
+
+
+_NOISE = ('"logger": "pms.access"', "Connect to ipv4", "brokers are down", "AuthlibDeprecationWarning",
+          "from ._compat import")
+
+
+def _signal(log_tail: str, lines: int = 25) -> str:
+    """The end of a log without the lines that say nothing about why a process went down."""
+    kept = [line for line in log_tail.splitlines() if line.strip() and not any(n in line for n in _NOISE)]
+    return "\n".join(kept[-lines:])
 
 
 def _last_error(log_tail: str) -> str:
     """The last exception line of a log tail (type and message; our logs carry no patient data)."""
-    lines = [line for line in log_tail.splitlines() if line.strip()]
+    lines = [line for line in log_tail.splitlines() if line.strip() and not any(n in line for n in _NOISE)]
     for line in reversed(lines):
         text = line.strip()
         if ("Error" in text or "Exception" in text) and not text.startswith(("File ", "{")) and ":" in text:
@@ -89,17 +103,38 @@ class Stack:
     def token(self, role: str, sub: str = "fault-suite") -> str:
         return encode_token(self.settings, sub=sub, role=role)
 
-    def start_service(self, name: str, *, timeout: float = 90.0) -> ServiceProcess:
-        svc = ServiceProcess(name, self.settings, self.log_dir / f"{name}.log").start(timeout=timeout)
-        self.services[name] = svc
-        return svc
+    def start_services(self, names: tuple[str, ...], *, timeout: float = 90.0) -> None:
+        """Start ``names`` at once and wait until all are ready (start-up is mostly imports).
+
+        Spawned from this thread on purpose: children get a parent-death signal, which Linux ties
+        to the spawning *thread*, so a helper thread's exit would kill them.
+        """
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(self.settings)}
+        processes = {name: ServiceProcess(name, self.settings, self.log_dir / f"{name}.log") for name in names}
+        self.services.update(processes)
+        for name, svc in processes.items():
+            svc.proc = process.spawn([sys.executable, "-m", "pms.cli", "serve", name], log_path=svc.log_path,
+                                     env=env)
+
+        def ready() -> bool:
+            return all(svc.is_ready() for svc in processes.values())
+
+        def alive() -> bool:
+            return all(svc.proc is not None and svc.proc.poll() is None for svc in processes.values())
+
+        try:
+            process.wait_until(ready, timeout=timeout, interval=0.1, message=f"{', '.join(names)} to be ready",
+                               alive=alive)
+        except (TimeoutError, RuntimeError) as exc:
+            raise RuntimeError(f"{exc}\n{self.log_tails()}") from exc
 
     def revive_dead(self) -> list[Exit]:
         """Restart every service that exited on its own, as ``pms up``'s supervisor would."""
         dead = []
         for name, svc in self.services.items():
             if svc.proc is not None and svc.proc.poll() is not None:
-                dead.append(Exit(name, f"exited with code {svc.proc.returncode}", _last_error(svc.log_tail(60))))
+                tail = svc.log_tail(400)
+                dead.append(Exit(name, f"exited with code {svc.proc.returncode}", _last_error(tail), _signal(tail)))
                 svc.proc = None
                 svc.start(timeout=90)
         self.exits.extend(dead)
@@ -108,7 +143,8 @@ class Stack:
     def restart_stuck(self, name: str, why: str) -> None:
         """Restart a service that is up but not working (as an operator would), and record it."""
         svc = self.services[name]
-        self.exits.append(Exit(name, why, _last_error(svc.log_tail(60))))
+        tail = svc.log_tail(400)
+        self.exits.append(Exit(name, why, _last_error(tail), _signal(tail)))
         svc.stop()
         svc.start(timeout=90)
 
@@ -132,8 +168,8 @@ class Stack:
 
 
 @contextmanager
-def private_stack(names: tuple[str, ...] = STACK, **overrides: Any) -> Iterator[Stack]:
-    """Fresh embedded PostgreSQL + broker and ``names`` started as real processes; all stopped afterwards."""
+def private_stack(waves: tuple[tuple[str, ...], ...] = STACK, **overrides: Any) -> Iterator[Stack]:
+    """Fresh embedded PostgreSQL + broker and the services of ``waves`` as real processes; all stopped afterwards."""
     with ExitStack() as cleanup:
         data_dir = cleanup.enter_context(server_data_dir(prefix="pms-faults-"))
         settings = stack_settings(data_dir, **overrides)
@@ -144,6 +180,6 @@ def private_stack(names: tuple[str, ...] = STACK, **overrides: Any) -> Iterator[
         cleanup.callback(lambda: broker.stop())
         stack = Stack(settings, postgres, broker, settings.logs_dir)
         cleanup.callback(stack.stop)
-        for name in names:
-            stack.start_service(name)
+        for wave in waves:
+            stack.start_services(wave)
         yield stack

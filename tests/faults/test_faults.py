@@ -22,8 +22,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from pms import process
@@ -35,6 +37,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow, pyt
 #: Seconds after the stack is ready again during which errors still count as the outage's tail
 #: (pooled connections to the dead peer being noticed and replaced).
 GRACE_S = 2.0
+#: Where the run's summary (statuses per outage, restart times, unkilled exits) is written for the README.
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "faults"
 #: Deadline for a restarted part to prove it works again (e.g. the pipeline committing a batch).
 RECOVERY_S = 45.0
 #: Error statuses the gateway may answer while a part of the stack is down.
@@ -80,8 +84,8 @@ class FaultRun:
         statuses = Counter(a.status for a in self.attempts)
         return {
             "attempts": len(self.attempts),
-            "went_down_unkilled": [{"service": e.service, "what": e.what, "last_error": e.last_error}
-                                   for e in self.stack.exits],
+            "went_down_unkilled": [{"service": e.service, "what": e.what, "last_error": e.last_error,
+                                    "log_tail": e.tail.splitlines()} for e in self.stack.exits],
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "outages": [{"name": o.name, "seconds": round(o.end - o.start, 2),
                          "restart_to_ready_s": round(o.seconds_to_ready, 2), "recovered": o.recovered,
@@ -92,7 +96,7 @@ class FaultRun:
 
 
 def _kill_and_restart(run: FaultRun, name: str, kill: Callable[[], None], restart: Callable[[], None],
-                      *, recovered: Callable[[float], bool] | None = None) -> None:
+                      *, recovered: Callable[[datetime], bool] | None = None) -> None:
     """Crash one part under load, let the load hit the hole, restart it, and wait until the stack works again.
 
     ``recovered(wall_clock_restart)`` is the part's own proof of work after the restart (the
@@ -116,8 +120,14 @@ def _kill_and_restart(run: FaultRun, name: str, kill: Callable[[], None], restar
     process.wait_until(lambda: load.acknowledged_after(outage.end) >= 3 or not load.running, timeout=30,
                        message=f"creates to succeed again after {name} came back")
     if recovered is not None:
+        proof = recovered
+
+        def working() -> bool:
+            stack.revive_dead()  # a part that died meanwhile comes back as under the supervisor (and is recorded)
+            return proof(restarted_at)
+
         try:
-            process.wait_until(lambda: recovered(restarted_at), timeout=RECOVERY_S, interval=0.25,
+            process.wait_until(working, timeout=RECOVERY_S, interval=0.25,
                                message=f"the stack to work again after {name} came back")
         except TimeoutError:
             outage.recovered = False
@@ -144,8 +154,8 @@ def _service_fault(run: FaultRun, name: str, *, recovered: Callable[[datetime], 
 @pytest.fixture(scope="module")
 def fault_run() -> Iterator[FaultRun]:
     with private_stack() as stack:
-        load = CreateLoad(stack.gateway_url, stack.token("STAFF", sub="fault-load"), rate=8.0, max_count=2000,
-                          max_seconds=240.0).start()
+        load = CreateLoad(stack.gateway_url, stack.token("STAFF", sub="fault-load"), rate=8.0, max_count=3000,
+                          max_seconds=330.0).start()
         run = FaultRun(stack, load)
         try:
             consuming = _pipeline_committed_since(stack)
@@ -165,6 +175,8 @@ def fault_run() -> Iterator[FaultRun]:
         if not all(o.recovered for o in run.outages):
             # Up but not consuming: restart it as an operator would, so the books can still be checked.
             stack.restart_stuck("pipeline", "up but not consuming: restarted")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "fault-run.json").write_text(json.dumps(run.summary(), indent=1))
         print("fault run:", json.dumps(run.summary()))
         yield run
 
@@ -251,9 +263,11 @@ def test_load_ran_through_every_fault(fault_run: FaultRun) -> None:
     assert len(fault_run.acknowledged) >= 50, fault_run.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline does not survive a broker restart: after Tansu comes back empty it either exits (code 1) or "
-    "stays up without consuming; only a restart of the pipeline brings analytics back (reported, not ours)"))
+@pytest.mark.xfail(strict=False, reason=(
+    "intermittent, reported to stream_processing: the pipeline went down unkilled in 6 of 7 runs - after a "
+    "broker restart it exited with code 1 (Quix CheckpointConsumerCommitError 'Broker: Unknown member') or "
+    "stayed up without consuming; twice it died of SIGSEGV (-11), once during the PostgreSQL outage and once "
+    "seconds after consuming again following the broker restart. A restart heals it (analytics stay exact)"))
 def test_every_part_recovers_by_itself(fault_run: FaultRun) -> None:
     """Only the killed part goes down, and after its restart the stack works again without help."""
     stuck = [o.name for o in fault_run.outages if not o.recovered]
@@ -279,9 +293,6 @@ def test_errors_are_server_side_and_only_inside_outage_windows(fault_run: FaultR
                                        **fault_run.summary()}, indent=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "patient service answers 500 'Internal error' to creates while PostgreSQL is down (sqlalchemy "
-    "OperationalError is not mapped to 503 by pms.errors / api.patient); reported, not ours to fix"))
 def test_outage_errors_are_only_502_503_504(fault_run: FaultRun) -> None:
     unexpected = _unexpected(fault_run, OUTAGE_STATUSES)
     assert not unexpected, json.dumps({"unexpected": unexpected[:5], "count": len(unexpected),
@@ -346,4 +357,10 @@ def test_analytics_equal_a_recomputation_from_the_patients_database(fault_run: F
                     f"{json.dumps(_diff(_analytics(stack), expected), indent=1)}\n{stack.log_tails(8)}")
     status = stack.sql("analytics", "SELECT events_applied, dead_letters FROM pipeline_status WHERE id = 1")[0]
     assert status[1] == 0, "no event of the outbox may end as a dead letter"
+    # And the analytics API, through the gateway, reports the same count.
+    response = httpx.get(f"{stack.gateway_url}/api/analytics/summary", timeout=10,
+                         headers={"Authorization": f"Bearer {stack.token('ADMIN')}"})
+    assert response.status_code == 200, response.text
+    active = sum(1 for p in _patients(stack).values() if p["active"])
+    assert response.json()["activePatients"] == {"value": active, "suppressed": False}
 
