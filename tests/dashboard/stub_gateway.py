@@ -53,6 +53,7 @@ class StubState:
     token_ttl_s: int | None = None
     next_mrn: int = 1000
     calls: Counter[str] = field(default_factory=Counter)
+    last_query: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _now() -> str:
@@ -106,6 +107,7 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
     @app.middleware("http")
     async def _down(request: Request, call_next: Any) -> Response:
         state.calls[f"{request.method} {request.url.path}"] += 1
+        state.last_query[request.url.path] = dict(request.query_params)
         if state.down and request.url.path != "/health":
             return error_response(502, "Upstream service unavailable")
         return await call_next(request)
@@ -381,6 +383,7 @@ class StubGateway:
         self.state.audit.clear()
         self.state.failures.clear()
         self.state.calls.clear()
+        self.state.last_query.clear()
         self.state.down = False
         self.state.token_ttl_s = None
         self.state.users.clear()

@@ -340,6 +340,19 @@ def test_analytics_tiles_and_charts(stub: StubGateway) -> None:
     assert badge and "lag 0 events" in badge[0] and "p99 freshness 180 ms" in badge[0]
 
 
+def test_registrations_follow_the_range_and_granularity(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ANALYST").run()
+    sent = stub.state.last_query["/api/analytics/registrations"]
+    assert sent["granularity"] == "week"
+    assert date.fromisoformat(sent["to"]) == date.today()
+    at.segmented_control(key="analytics_gran").set_value("month")
+    at.date_input(key="analytics_range").set_value((date(2026, 1, 1), date(2026, 3, 31))).run()
+    assert not at.exception
+    assert stub.state.last_query["/api/analytics/registrations"] == {
+        "from": "2026-01-01", "to": "2026-03-31", "granularity": "month"}
+    assert stub.state.last_query["/api/analytics/geography"] == {"top": "10"}
+
+
 def test_analytics_empty_states_and_suppression_for_analyst(stub: StubGateway) -> None:
     at = signed_in_app(stub, "ANALYST").run()
     assert {m.label: m.value for m in at.metric}["Active patients"] == "0"
