@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import charts, ui
-from dashboard.client import cached_analytics
+from dashboard.client import GatewayUnavailable, NotAuthenticated, cached_analytics
 
 REFRESH_S = 10
 GRANULARITIES = ("day", "week", "month")
@@ -40,7 +40,21 @@ def _tile(column: Any, label: str, body: dict[str, Any], *keys: str) -> None:
 
 @st.fragment(run_every=REFRESH_S if auto else None)
 def kpis() -> None:
-    """Tiles and freshness; re-run alone on the auto-refresh timer."""
+    """Tiles and freshness; re-run alone on the auto-refresh timer.
+
+    A timer re-run happens outside the app's error handling (only the fragment runs), so this
+    handles an expired session and an unreachable gateway itself.
+    """
+    try:
+        _kpis()
+    except NotAuthenticated:
+        ui.expire_session()
+    except GatewayUnavailable as exc:
+        st.warning(f"**Live figures paused.** {exc.message} They come back by themselves.",
+                   icon=":material/cloud_off:")
+
+
+def _kpis() -> None:
     summary = _view("summary")
     freshness = _view("freshness")
     tiles = st.columns(4)

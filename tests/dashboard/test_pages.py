@@ -340,6 +340,22 @@ def test_analytics_tiles_and_charts(stub: StubGateway) -> None:
     assert badge and "lag 0 events" in badge[0] and "p99 freshness 180 ms" in badge[0]
 
 
+def test_analytics_with_the_gateway_down_pauses_tiles_and_shows_the_banner(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "ANALYST").run()
+    at.toggle(key="analytics_auto").set_value(True).run()
+    stub.state.down = True
+    import streamlit as st
+
+    st.cache_data.clear()
+    at.run()
+    assert not at.exception
+    assert any("Live figures paused" in t for t in texts(at.warning))
+    assert any("not reachable" in t for t in texts(at.error))
+    stub.state.down = False
+    at.run()
+    assert not texts(at.warning) and {m.label: m.value for m in at.metric}["Active patients"] == "0"
+
+
 def test_registrations_follow_the_range_and_granularity(stub: StubGateway) -> None:
     at = signed_in_app(stub, "ANALYST").run()
     sent = stub.state.last_query["/api/analytics/registrations"]
