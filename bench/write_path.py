@@ -5,6 +5,7 @@ Target (issue 9): gateway >= 0.5x of the bare endpoint at 16 in flight.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -29,7 +30,8 @@ def _payload(i: int, tag: str) -> dict[str, str]:
     }
 
 
-def run(settings: Settings, report: Report, *, total: int = 1000) -> None:
+def run(settings: Settings, report: Report, *, total: int | None = None) -> None:
+    total = total or int(os.environ.get("PMS_BENCH_WRITE_TOTAL", "1000"))
     bare_port = process.free_port()
     bare = process.spawn([sys.executable, "-m", "bench.bare_app",
                           libpq_dsn(settings.database_url_for("patients")), str(bare_port)],
