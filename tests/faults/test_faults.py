@@ -264,7 +264,7 @@ def test_load_ran_through_every_fault(fault_run: FaultRun) -> None:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "intermittent, reported to stream_processing: the pipeline went down unkilled in 6 of 7 runs - after a "
+    "intermittent, reported to stream_processing: the pipeline went down unkilled in 7 of 8 runs - after a "
     "broker restart it exited with code 1 (Quix CheckpointConsumerCommitError 'Broker: Unknown member') or "
     "stayed up without consuming; twice it died of SIGSEGV (-11), once during the PostgreSQL outage and once "
     "seconds after consuming again following the broker restart. A restart heals it (analytics stay exact)"))
