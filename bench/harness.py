@@ -320,7 +320,7 @@ def raw_produce_consume_latency(settings: Settings, *, topic: str, rate: float, 
     done = threading.Event()
 
     def consume() -> None:
-        while len(latencies) < total and not done.is_set():
+        while len(latencies) < total + 1 and not done.is_set():
             message = consumer.poll(0.1)
             if message is None or message.error():
                 continue
@@ -334,12 +334,17 @@ def raw_produce_consume_latency(settings: Settings, *, topic: str, rate: float, 
             producer.produce(topic, value=struct.pack("!d", time.time()))
             producer.poll(0)
 
+        # Warm-up: the first message pays for connections and the first fetch; keep it out.
+        send(-1)
+        producer.flush(10)
+        process.wait_until(lambda: len(latencies) >= 1, timeout=30, interval=0.05, message="first raw message")
+
         paced(send, rate=rate, total=total, workers=1)
         producer.flush(10)
-        process.wait_until(lambda: len(latencies) >= total, timeout=30, interval=0.05,
+        process.wait_until(lambda: len(latencies) >= total + 1, timeout=30, interval=0.05,
                            message="raw consumer to read every message")
     finally:
         done.set()
         reader.join(5)
         consumer.close()
-    return latencies
+    return latencies[1:]
