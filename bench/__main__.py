@@ -1,6 +1,8 @@
-"""``python -m bench [NAME ...]``: run benchmarks on fresh embedded servers and print a table.
+"""``python -m bench [NAME ...] [--big] [--patients N]``: run benchmarks on fresh embedded servers.
 
-Results go to bench/results/<time>.md|json and bench/results/latest.md.
+Each benchmark gets its own embedded PostgreSQL + broker; the table (ratios against baselines
+measured in the same run) goes to stdout, bench/results/<time>.md|json and bench/results/latest.md.
+``PMS_BENCH_PROFILE=patient,...`` runs those services under py-spy (see bench/harness.py).
 """
 
 from __future__ import annotations
