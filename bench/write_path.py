@@ -31,7 +31,7 @@ def _payload(i: int, tag: str) -> dict[str, str]:
 
 
 def run(settings: Settings, report: Report, *, total: int | None = None) -> None:
-    total = total or int(os.environ.get("PMS_BENCH_WRITE_TOTAL", "1000"))
+    total = total or int(os.environ.get("PMS_BENCH_WRITE_TOTAL", "400"))
     bare_port = process.free_port()
     bare = process.spawn([sys.executable, "-m", "bench.bare_app",
                           libpq_dsn(settings.database_url_for("patients")), str(bare_port)],
