@@ -117,6 +117,8 @@ class PipelineSettings(BaseModel):
     batch_timeout_s: float = 0.2
     #: Window (events) over which freshness p50/p99 are computed.
     freshness_window: int = 1000
+    #: Seconds the consumer may stay outside its group before the process exits to be restarted.
+    stall_timeout_s: float = 60.0
 
 
 class KafkaSettings(BaseModel):

@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaException, TopicPartition
@@ -124,6 +125,69 @@ class WatermarkProbe:
         return int(high) if high is not None and high >= 0 else None
 
 
+class GroupWatchdog:
+    """Exit the process when the consumer has silently left its group and does not come back.
+
+    After the broker disappears and returns, librdkafka sometimes loses its group membership
+    ("Unknown member") and Quix keeps polling without ever rejoining: the process looks alive
+    while analytics stop. A consumer with no member id for ``stall_s`` is that state; exiting
+    (code 70) lets the supervisor, compose or ECS start a fresh process, which is safe because
+    offsets only follow the analytics transaction. Idle extra replicas keep their member id,
+    so they are not affected.
+    """
+
+    EXIT_CODE = 70
+
+    def __init__(
+        self,
+        member_id: Callable[[], str | None],
+        *,
+        stall_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
+        self._member_id = member_id
+        self._stall_s = stall_s
+        self._clock = clock
+        self._on_stall = on_stall or self._exit
+        self._last_member = clock()
+
+    def joined(self) -> bool:
+        try:
+            return bool(self._member_id())
+        except (KafkaException, RuntimeError):
+            return False
+
+    def check(self) -> bool:
+        """One look; returns False (after calling ``on_stall``) when the consumer is stuck."""
+        now = self._clock()
+        if self.joined():
+            self._last_member = now
+            return True
+        if now - self._last_member >= self._stall_s:
+            self._on_stall()
+            return False
+        return True
+
+    def healthy(self) -> bool:
+        """For /ready: not outside a group for longer than half the stall budget."""
+        return self.joined() or self._clock() - self._last_member < self._stall_s / 2
+
+    def _exit(self) -> None:
+        log.error("consumer has been outside its group for %.0fs; exiting so it is restarted", self._stall_s)
+        logging.shutdown()
+        os._exit(self.EXIT_CODE)
+
+    def start(self, interval_s: float = 2.0) -> threading.Thread:
+        def loop() -> None:
+            while self.check():
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=loop, name="pipeline-group-watchdog", daemon=True)
+        thread.start()
+        return thread
+
+
 def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink) -> threading.Thread:
     """Serve /health, /ready and /metrics on the pipeline's port in a background thread."""
     import uvicorn
@@ -131,7 +195,9 @@ def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink
     engine = db.make_engine(settings.database_url_for("analytics"), pool_size=1, max_overflow=1)
 
     def checks() -> dict[str, bool]:
-        return {"database": db.database_reachable(engine), "consumer": bool(ready.get("running"))}
+        watchdog = ready.get("watchdog")
+        consumer_ok = bool(ready.get("running")) and (watchdog is None or watchdog.healthy())
+        return {"database": db.database_reachable(engine), "consumer": consumer_ok}
 
     app = create_service_app(name="pipeline", settings=settings, title="PMS analytics pipeline", ready=checks)
     registry = app.state.metrics_registry
@@ -167,6 +233,11 @@ def run(settings: Settings) -> None:
         config=topic_config(settings),
     )
     app.dataframe(topic).sink(sink)
+    consumer = app._consumer  # Quix keeps its consumer private; memberid() is a local librdkafka call
+    consumer.memberid()  # creates the librdkafka handle here, not racing from the watchdog thread
+    watchdog = GroupWatchdog(consumer.memberid, stall_s=settings.pipeline.stall_timeout_s)
+    ready["watchdog"] = watchdog
+    watchdog.start()
     ready["running"] = True
     started = time.monotonic()
     log.info("pipeline starting", extra={"fields": {"topic": settings.kafka.topic,
