@@ -15,7 +15,7 @@ import pytest
 
 from pms import process
 from pms.settings import Settings
-from tests.fixtures.servers import ServerSet, server_data_dir, start_servers
+from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet, server_data_dir, start_servers
 from tests.fixtures.services import ServiceProcess
 
 
@@ -29,7 +29,7 @@ def _with_free_ports(servers: ServerSet) -> Settings:
     port = process.free_port
     return servers.make_settings(
         patient={"port": port()},
-        auth={"port": port()},
+        auth={"port": port(), **TEST_AUTH_LIMITS},
         gateway={"port": port()},
         analytics={"port": port()},
         billing={"port": port()},

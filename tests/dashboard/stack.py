@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from pms import process
 from pms.registry import by_name
 from pms.settings import Settings, to_env
-from tests.fixtures.servers import ServerSet
+from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet
 from tests.fixtures.services import ServiceProcess, _base_env
 
 ADMIN_EMAIL = "admin@pms.local"
@@ -65,7 +65,7 @@ def stack_settings(servers: ServerSet) -> Settings:
         admin_email=ADMIN_EMAIL,
         admin_password=SecretStr(ADMIN_PASSWORD),
         patient={"port": port(), "seed_demo_data": False},
-        auth={"port": port()},
+        auth={"port": port(), **TEST_AUTH_LIMITS},
         gateway={"port": port()},
         analytics={"port": port()},
         billing={"port": port()},

@@ -21,7 +21,7 @@ from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres, libpq_dsn
 from pms.security import encode_token
 from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
-from tests.fixtures.servers import server_data_dir
+from tests.fixtures.servers import TEST_AUTH_LIMITS, server_data_dir
 from tests.fixtures.services import ServiceProcess
 
 #: Start waves: each wave starts in parallel, after the previous one is ready (dependencies first).
@@ -41,7 +41,7 @@ def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         "postgres": PostgresSettings(port=port()),
         "kafka": KafkaSettings(bootstrap_servers=f"127.0.0.1:{port()}"),
         "patient": {"port": port(), **PATIENT_KNOBS},
-        "auth": {"port": port()},
+        "auth": {"port": port(), **TEST_AUTH_LIMITS},
         "gateway": {"port": port(), "rate_limit_per_minute": 1_000_000, "upstream_timeout_s": 10.0},
         "analytics": {"port": port()},
         "billing": {"port": port()},

@@ -36,7 +36,7 @@ from pms.security import encode_token
 from pms.settings import Settings
 from tests.faults.load import patient_body
 from tests.faults.stack import PATIENT_KNOBS, Stack
-from tests.fixtures.servers import ServerSet
+from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -90,7 +90,7 @@ def _settings(servers: ServerSet) -> Settings:
     port = process.free_port
     kafka = {**servers.settings.kafka.model_dump(), "topic": f"schemathesis-{uuid.uuid4().hex[:10]}"}
     return servers.make_settings(
-        kafka=kafka, patient={"port": port(), **PATIENT_KNOBS}, auth={"port": port()},
+        kafka=kafka, patient={"port": port(), **PATIENT_KNOBS}, auth={"port": port(), **TEST_AUTH_LIMITS},
         gateway={"port": port(), "rate_limit_per_minute": 1_000_000}, analytics={"port": port()},
         billing={"port": port()}, dashboard={"port": port()}, pipeline={"port": port()},
     )

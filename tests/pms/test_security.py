@@ -32,7 +32,7 @@ SETTINGS = _settings()
 def _claims(**overrides: object) -> dict[str, object]:
     now = datetime.now(UTC)
     claims: dict[str, object] = {"sub": "staff@clinic.example", "role": "STAFF", "iat": now, "nbf": now,
-                                 "exp": now + timedelta(minutes=5), "iss": "pms-auth", "aud": "pms", "jti": "j1"}
+                                 "exp": now + timedelta(hours=12), "iss": "pms-auth", "aud": "pms", "jti": "j1"}
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from api.auth import service as auth_service
 from pms import db, process
 from pms.settings import Mode, Settings
-from tests.fixtures.servers import ServerSet
+from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet
 from tests.fixtures.services import ServiceProcess
 
 #: Long enough for the rules, not on any list; reused so tests pay for few argon2 hashes.
@@ -43,7 +43,7 @@ def auth_test_settings(servers: ServerSet, **overrides: object) -> Settings:
 
 @pytest.fixture(scope="module")
 def auth_settings(servers: ServerSet) -> Settings:
-    return auth_test_settings(servers, auth={"port": process.free_port(), "max_failed_logins": 50})
+    return auth_test_settings(servers, auth={"port": process.free_port(), **TEST_AUTH_LIMITS})
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pms import process
 from pms.settings import Settings
 from tests.api.auth.conftest import auth_test_settings
 from tests.api.gateway.standins import Seen, ThreadServer, analytics_app, patient_app
-from tests.fixtures.servers import ServerSet
+from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet
 from tests.fixtures.services import ServiceProcess
 
 PASSWORD = "Gateway-Test-Phrase-31"
@@ -42,7 +42,7 @@ def stack(servers: ServerSet, tmp_path_factory: pytest.TempPathFactory) -> Itera
     port = process.free_port
     settings = auth_test_settings(
         servers,
-        auth={"port": port(), "max_failed_logins": 50},
+        auth={"port": port(), **TEST_AUTH_LIMITS},
         patient={"port": port()},
         analytics={"port": port()},
         gateway={"port": port(), "upstream_timeout_s": UPSTREAM_TIMEOUT_S, "max_body_bytes": 8 * 1024},
