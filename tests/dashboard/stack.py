@@ -23,7 +23,9 @@ from pms.settings import Settings, to_env
 from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet
 from tests.fixtures.services import ServiceProcess, _base_env
 
-ADMIN_EMAIL = "admin@pms.local"
+#: Its own admin: other modules share the session's auth database and already created
+#: admin@pms.local with their own password (the auth service only creates a missing admin).
+ADMIN_EMAIL = "dashboard-admin@pms.local"
 ADMIN_PASSWORD = "dashboard-e2e-admin-password"
 #: Write path and login: enough for the login, register and search tests.
 CORE = ("billing", "auth", "patient", "gateway")

@@ -24,12 +24,23 @@ from pms import notebook as pms_notebook
 from pms import process
 from pms.security import encode_token
 from pms.settings import Settings
-from tests.fixtures.servers import ServerSet
+from tests.fixtures.servers import ServerSet, server_data_dir, start_servers
 from tests.notebooks import factories
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CITIES = ["Oslo", "Bergen", "Oslo", "Tromso", None, "Bergen", "Oslo"]
 GENDERS = ["female", "male", "female", "other", None, "male"]
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[ServerSet]:
+    """A private PostgreSQL + broker for this module.
+
+    The session's servers carry other modules' outbox history and broker restarts: a fresh relay here
+    would republish that history into this test's pipeline, and the counts it checks would include it.
+    """
+    with server_data_dir(prefix="pms-nb-acceptance-") as data_dir, start_servers(data_dir) as private:
+        yield private
 
 
 def stack_settings(servers: ServerSet) -> Settings:

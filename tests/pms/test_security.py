@@ -77,7 +77,7 @@ def _hs512(claims: dict[str, object]) -> str:
         ("missing jti", jwt.encode(_claims(jti=None), SECRET, algorithm="HS256")),
         ("missing role", jwt.encode(_claims(role=None), SECRET, algorithm="HS256")),
         ("unknown role", jwt.encode(_claims(role="ROOT"), SECRET, algorithm="HS256")),
-        ("not yet valid", jwt.encode(_claims(nbf=datetime.now(UTC) + timedelta(minutes=5)), SECRET,
+        ("not yet valid", jwt.encode(_claims(nbf=datetime.now(UTC) + timedelta(hours=6)), SECRET,
                                      algorithm="HS256")),
         ("garbage", "not.a.token"),
         ("empty", ""),
