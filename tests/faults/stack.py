@@ -126,7 +126,9 @@ class Stack:
             process.wait_until(ready, timeout=timeout, interval=0.1, message=f"{', '.join(names)} to be ready",
                                alive=alive)
         except (TimeoutError, RuntimeError) as exc:
-            raise RuntimeError(f"{exc}\n{self.log_tails()}") from exc
+            codes = {name: svc.proc.poll() if svc.proc is not None else "not started"
+                     for name, svc in processes.items()}
+            raise RuntimeError(f"{exc}; exit codes (None = running): {codes}\n{self.log_tails()}") from exc
 
     def revive_dead(self) -> list[Exit]:
         """Restart every service that exited on its own, as ``pms up``'s supervisor would."""
