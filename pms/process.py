@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -104,8 +105,30 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (for tests and benchmarks)."""
+    """A port nothing listens on right now (for tests and benchmarks).
+
+    Chosen below the kernel's ephemeral range: a port handed out by ``bind(0)`` comes from that
+    range, where any outgoing connection made before the server binds it can take it first.
+    """
+    low, _ = _ephemeral_range()
+    candidates = range(15000, low) if low > 16000 else range(0)
+    for port in random.sample(candidates, k=min(50, len(candidates))):
+        # Never the same port twice in one process: callers often take several before binding any.
+        if port not in _handed_out and not port_in_use(host, port):
+            _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
