@@ -135,12 +135,15 @@ def _periods(start: date, end: date, granularity: Granularity) -> list[date]:
     current = _period_start(start, granularity)
     while current <= end:
         periods.append(current)
-        if granularity is Granularity.DAY:
-            current += timedelta(days=1)
-        elif granularity is Granularity.WEEK:
-            current += timedelta(days=7)
-        else:
-            current = (current.replace(day=28) + timedelta(days=4)).replace(day=1)
+        try:
+            if granularity is Granularity.DAY:
+                current += timedelta(days=1)
+            elif granularity is Granularity.WEEK:
+                current += timedelta(days=7)
+            else:
+                current = (current.replace(day=28) + timedelta(days=4)).replace(day=1)
+        except OverflowError:  # the next period would start after 9999-12-31, so after ``end``
+            break
     return periods
 
 
@@ -154,7 +157,8 @@ def registrations(
         BadRequest: ``start`` after ``end``, or more than MAX_BUCKETS periods.
     """
     end = end or _today()
-    start = start or end - timedelta(days=29)
+    if start is None:
+        start = end - timedelta(days=min(29, (end - date.min).days))
     if start > end:
         raise BadRequest(errors={"from": "must not be after 'to'"})
     if (end - start).days // {"day": 1, "week": 7, "month": 28}[granularity.value] + 1 > MAX_BUCKETS:
