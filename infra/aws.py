@@ -25,15 +25,15 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from infra.stack import (
-    ANALYST_ROLE,
-    APP_ROLE,
     HEALTH_GRACE_S,
     HTTPS_PORT,
+    POSTGRES_PORT,
     STACK_TAG,
     Stack,
     Task,
 )
 from pms import process
+from pms.embedded import ANALYST_ROLE, APP_ROLE
 
 #: DB instance tag set once the db-init task succeeded (so later deploys skip it).
 DB_INITIALISED_TAG = "pms:db-initialised"
@@ -451,7 +451,7 @@ class Deployer:
                 MasterUsername=db.master_user, MasterUserPassword=self._secret_value("db-master-password"),
                 DBSubnetGroupName=db.subnet_group, VpcSecurityGroupIds=[self.ids.group_ids[f"{stack.name}-db"]],
                 PubliclyAccessible=False, StorageEncrypted=True, BackupRetentionPeriod=7,
-                Port=5432, Tags=_kv_tags(stack),
+                Port=POSTGRES_PORT, Tags=_kv_tags(stack),
             )
             self.report.add("db-instance", db.identifier, "create")
         elif (instance["DBInstanceClass"], int(instance["AllocatedStorage"])) != (
@@ -487,8 +487,7 @@ class Deployer:
     # -- ECS -------------------------------------------------------------------------------
     def _cluster(self) -> None:
         ecs, stack = self.aws.ecs, self.stack
-        clusters = ecs.describe_clusters(clusters=[stack.cluster])["clusters"]
-        if any(c["status"] == "ACTIVE" for c in clusters):
+        if cluster_active(self.aws, stack):
             self.report.add("ecs-cluster", stack.cluster, "unchanged")
             return
         ecs.create_cluster(
@@ -600,12 +599,9 @@ class Deployer:
         }}
 
     # -- service discovery -----------------------------------------------------------------
-    def _find_namespace(self) -> str | None:
-        return find_namespace(self.aws, self.stack)
-
     def _service_discovery(self) -> None:
         sd, stack = self.aws.servicediscovery, self.stack
-        namespace_id = self._find_namespace()
+        namespace_id = find_namespace(self.aws, stack)
         if namespace_id is None:
             operation = sd.create_private_dns_namespace(
                 Name=stack.namespace, Vpc=self.ids.vpc_id, CreatorRequestId=f"{stack.name}-namespace",
@@ -619,7 +615,7 @@ class Deployer:
                 return bool(status == "SUCCESS")
 
             self.wait(f"Cloud Map namespace {stack.namespace}", done)
-            namespace_id = self._find_namespace()
+            namespace_id = find_namespace(self.aws, stack)
             self.report.add("cloudmap-namespace", stack.namespace, "create")
         else:
             self.report.add("cloudmap-namespace", stack.namespace, "unchanged")

@@ -34,8 +34,6 @@ HTTP_PORT = 80
 HTTPS_PORT = 443
 POSTGRES_PORT = 5432
 DB_MASTER_USER = "pms_master"
-APP_ROLE = "pms"
-ANALYST_ROLE = "pms_analyst"
 HEALTH_GRACE_S = 90
 
 
@@ -136,7 +134,6 @@ class Task:
     log_group: str
     health_command: tuple[str, ...] | None
     public: bool = False
-    depends_on: tuple[str, ...] = ()
     one_off: bool = False
     #: Overrides the image's ENTRYPOINT (``pms``) when set.
     entry_point: tuple[str, ...] | None = None
@@ -173,7 +170,6 @@ class Stack:
     task_cpu: int
     task_memory: int
     log_retention_days: int
-    kafka_bootstrap_servers: str
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -249,10 +245,6 @@ def _subnets(stack: str, cidr: str) -> tuple[Subnet, ...]:
     )
 
 
-def _port(listener: Listener) -> int:
-    return listener.port
-
-
 def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SERVICES) -> Stack:
     """The whole stack for ``settings`` (``settings.infra`` + the registry)."""
     infra = settings.infra
@@ -289,7 +281,6 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
             log_group=f"/{stack}/{spec.name}",
             health_command=("CMD", "python", "-m", "infra.healthcheck", spec.name),
             public=spec.public,
-            depends_on=spec.depends_on,
         ))
     tasks.append(Task(
         name="db-init",
@@ -329,7 +320,7 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
     public_ports = sorted({service_port(s) for s in services if s.public})
     security_groups = (
         SecurityGroup(f"{stack}-alb", "load balancer: its listener ports from anywhere",
-                      tuple(Ingress(li.port, li.port, cidr="0.0.0.0/0") for li in sorted(listeners, key=_port))),
+                      tuple(Ingress(port, port, cidr="0.0.0.0/0") for port in sorted(li.port for li in listeners))),
         SecurityGroup(
             f"{stack}-services", "ECS services: from the load balancer and from each other",
             (
@@ -366,6 +357,5 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
         task_cpu=infra.task_cpu,
         task_memory=infra.task_memory,
         log_retention_days=infra.log_retention_days,
-        kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
         tags={STACK_TAG: stack},
     )
