@@ -11,8 +11,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pms.db import new_metadata
 
-ROLES = ("ADMIN", "STAFF", "ANALYST")
-
 
 class Base(DeclarativeBase):
     metadata = new_metadata()
