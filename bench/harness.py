@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pms import process
+from pms import probe, process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
-from pms.registry import Probe, ServiceSpec, by_name
+from pms.registry import ServiceSpec, by_name
 from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -177,17 +177,7 @@ def embedded_servers() -> Iterator[Settings]:
 
 def probe_ready(spec: ServiceSpec, settings: Settings) -> bool:
     """The registry's readiness probe of one service (HTTP /ready or gRPC health SERVING)."""
-    import httpx
-
-    if spec.probe is Probe.GRPC:
-        from tests.fixtures.services import grpc_serving
-
-        return grpc_serving(f"{spec.host(settings)}:{spec.port(settings)}")
-    try:
-        url = f"http://{spec.host(settings)}:{spec.port(settings)}{spec.probe_path}"
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return probe.ready(spec, host=spec.host(settings), port=spec.port(settings))
 
 
 def profiled(argv: list[str], name: str) -> list[str]:

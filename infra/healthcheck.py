@@ -16,7 +16,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from pms.registry import Probe, ServiceSpec, by_name
+from pms import probe
+from pms.registry import ServiceSpec, by_name
 
 #: Seconds one probe may take; the orchestrator's own timeout is the outer bound.
 PROBE_TIMEOUT_S = 3.0
@@ -47,34 +48,9 @@ def resolve_service(argv: list[str], environ: Mapping[str, str]) -> str:
     raise LookupError("no service to check: pass NAME, set PMS_SERVICE, or run `pms serve NAME` as the main process")
 
 
-def probe_http(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=PROBE_TIMEOUT_S).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def probe_grpc(address: str) -> bool:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
-            )
-    except grpc.RpcError:
-        return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def check(spec: ServiceSpec, *, host: str, port: int) -> bool:
     """Whether ``spec`` answers its readiness probe on ``host:port``."""
-    if spec.probe is Probe.GRPC:
-        return probe_grpc(f"{host}:{port}")
-    return probe_http(f"http://{host}:{port}{spec.probe_path}")
+    return probe.ready(spec, host=host, port=port, timeout=PROBE_TIMEOUT_S)
 
 
 def _local_host(bind_host: str) -> str:

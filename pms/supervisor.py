@@ -44,6 +44,7 @@ from rich.text import Text
 from sqlalchemy.engine import URL
 
 from pms import process
+from pms.probe import probe
 from pms.registry import SERVICES, Probe, ServiceSpec, start_order
 from pms.settings import Mode, Settings, read_or_create_secret, to_env
 
@@ -123,31 +124,6 @@ class _GiveUp(Exception):
 # -- probes ----------------------------------------------------------------------------
 
 
-def http_ready(url: str, *, timeout: float = 1.0) -> bool:
-    """Whether ``GET url`` answers 200 right now."""
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def grpc_serving(address: str, *, timeout: float = 1.0) -> bool:
-    """Whether the standard gRPC health service at ``address`` answers SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
-            )
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
-
-
 def _address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
@@ -156,13 +132,6 @@ def service_url(spec: ServiceSpec, settings: Settings) -> str:
     """Where a service answers: ``http://host:port`` or, for gRPC, ``host:port``."""
     address = _address(spec.host(settings), spec.port(settings))
     return address if spec.probe is Probe.GRPC else f"http://{address}"
-
-
-def probe(kind: str, host: str, port: int, path: str) -> bool:
-    """Run one readiness probe (``http``: GET path answers 200; ``grpc``: health SERVING)."""
-    if kind == Probe.GRPC:
-        return grpc_serving(_address(host, port))
-    return http_ready(f"http://{_address(host, port)}{path}")
 
 
 def select_services(services: Sequence[ServiceSpec], only: Iterable[str] | None) -> list[ServiceSpec]:
