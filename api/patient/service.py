@@ -7,7 +7,7 @@ one transaction, so an event exists exactly for the changes that were committed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -42,15 +42,13 @@ def parse_id(raw: str | uuid.UUID) -> uuid.UUID | None:
         return None
 
 
-def get(*, session: Session, patient_id: str | uuid.UUID) -> Patient | None:
-    """Return the active patient with this id, or None (malformed ids included)."""
+def get_or_raise(*, session: Session, patient_id: str | uuid.UUID, for_update: bool = False) -> Patient:
+    """Return the active patient (row-locked with ``for_update``) or raise NotFound.
+
+    Malformed and deleted ids read as 404 too.
+    """
     parsed = parse_id(patient_id)
-    return None if parsed is None else patient_repository.get_active(session, parsed)
-
-
-def get_or_raise(*, session: Session, patient_id: str | uuid.UUID) -> Patient:
-    """Return the active patient or raise NotFound (deleted patients read as 404)."""
-    patient = get(session=session, patient_id=patient_id)
+    patient = None if parsed is None else patient_repository.get_active(session, parsed, for_update=for_update)
     if patient is None:
         raise NotFound("Patient not found")
     return patient
@@ -75,19 +73,10 @@ def _is_email_conflict(exc: IntegrityError) -> bool:
     return "ix_patients_email_active" in str(exc.orig)
 
 
-def _flush_or_conflict(session: Session) -> None:
+def _write_or_conflict(write: Callable[[], None], session: Session) -> None:
+    """Run ``session.flush`` or ``session.commit``; a taken email (the unique index) answers 409."""
     try:
-        session.flush()
-    except IntegrityError as exc:
-        session.rollback()
-        if _is_email_conflict(exc):
-            raise EMAIL_TAKEN from None
-        raise
-
-
-def _commit_or_conflict(session: Session) -> None:
-    try:
-        session.commit()
+        write()
     except IntegrityError as exc:
         session.rollback()
         if _is_email_conflict(exc):
@@ -124,7 +113,7 @@ def create(
     )
     session.add(patient)
     # Flush first: a taken email answers 409 before billing is ever called.
-    _flush_or_conflict(session)
+    _write_or_conflict(session.flush, session)
     account = None
     if billing is not None:
         account = billing.open_account(patient_id=patient.id, name=patient.name, email=patient.email,
@@ -142,7 +131,7 @@ def create(
     provided = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
     patient_repository.add_audit(session, patient=patient, actor=actor, action="create", fields=provided,
                                  request_id=request_id)
-    _commit_or_conflict(session)
+    _write_or_conflict(session.commit, session)
     return patient
 
 
@@ -173,10 +162,7 @@ def update(
         NotFound: unknown, malformed or deleted id.
         Conflict: stale ``expected_version`` (If-Match) or an email used by another patient.
     """
-    parsed = parse_id(patient_id)
-    patient = None if parsed is None else patient_repository.get_active(session, parsed, for_update=True)
-    if patient is None:
-        raise NotFound("Patient not found")
+    patient = get_or_raise(session=session, patient_id=patient_id, for_update=True)
     _check_version(patient, expected_version)
     values: dict[str, Any] = data.model_dump(include=set(EDITABLE_FIELDS) & data.model_fields_set)
     for required in ("name", "email", "address", "date_of_birth"):
@@ -192,11 +178,11 @@ def update(
     now = datetime.now(UTC)
     patient.version += 1
     patient.updated_at = now
-    _flush_or_conflict(session)
+    _write_or_conflict(session.flush, session)
     session.add(patient_events.outbox_row(patient, event_type=patient_events.UPDATED, occurred_at=now))
     patient_repository.add_audit(session, patient=patient, actor=actor, action="update",
                                  fields=[EDITABLE_FIELDS[f] for f in changed], request_id=request_id)
-    _commit_or_conflict(session)
+    _write_or_conflict(session.commit, session)
     return patient
 
 
@@ -214,10 +200,7 @@ def delete(
         NotFound: unknown, malformed or already deleted id.
         Conflict: stale ``expected_version``.
     """
-    parsed = parse_id(patient_id)
-    patient = None if parsed is None else patient_repository.get_active(session, parsed, for_update=True)
-    if patient is None:
-        raise NotFound("Patient not found")
+    patient = get_or_raise(session=session, patient_id=patient_id, for_update=True)
     _check_version(patient, expected_version)
     now = datetime.now(UTC)
     patient.deleted_at = now
