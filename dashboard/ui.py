@@ -14,12 +14,12 @@ from typing import Any
 import streamlit as st
 
 from dashboard.client import AuthSession, GatewayClient
+from dashboard.serve import GATEWAY_ARG
 
 AUTH_KEY = "auth"
 NOTE_KEY = "login_note"
 #: Tests (and ``pms serve dashboard``) may point the app at another gateway through this key.
 GATEWAY_KEY = "gateway_url"
-GATEWAY_ARG = "--gateway-url="
 
 ADMIN, STAFF, ANALYST = "ADMIN", "STAFF", "ANALYST"
 PATIENT_ROLES = frozenset({ADMIN, STAFF})
