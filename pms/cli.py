@@ -6,7 +6,7 @@ logic stays testable without the CLI.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -59,7 +59,7 @@ def serve(name: Annotated[str, typer.Argument(help="Service name from the regist
     """Run one service in the foreground (what `pms up` and the containers run)."""
     from pms.serve import serve as run_service
 
-    run_service(name, get_settings())
+    run_service(name, _settings_or_exit())
 
 
 @app.command()
@@ -68,7 +68,7 @@ def migrate(database: Annotated[str | None, typer.Argument(help="auth|patients|b
     from pms import db
     from pms.settings import SERVICE_DATABASES
 
-    settings = get_settings()
+    settings = _settings_or_exit()
     for name in [database] if database else list(SERVICE_DATABASES):
         db.migrate(settings, name)
         console.print(f"[green]migrated[/] {name}")
@@ -82,17 +82,18 @@ def seed(
     """Create realistic synthetic patients through the service layer and outbox."""
     from api.patient import seed as patient_seed
 
-    patient_seed.run(get_settings(), patients=patients, seed=seed_value)
+    patient_seed.run(_settings_or_exit(), patients=patients, seed=seed_value)
 
 
 @app.command()
 def replay(
-    since: Annotated[str | None, typer.Option("--from", help="Only events on or after this ISO date.")] = None,
+    since: Annotated[datetime | None, typer.Option("--from", formats=["%Y-%m-%d"],
+                                                   help="Only events on or after this date (YYYY-MM-DD).")] = None,
 ) -> None:
     """Republish the outbox history to the broker (to rebuild analytics)."""
     from api.patient import replay as patient_replay
 
-    patient_replay.run(get_settings(), since=date.fromisoformat(since) if since else None)
+    patient_replay.run(_settings_or_exit(), since=since.date() if since else None)
 
 
 class ExportFormat(StrEnum):
@@ -111,7 +112,7 @@ def export(
     from stream_processing import export as analytics_export
 
     try:
-        analytics_export.run(get_settings(), fmt=fmt.value, tables=table, out_dir=to)
+        analytics_export.run(_settings_or_exit(), fmt=fmt.value, tables=table, out_dir=to)
     except PMSError as exc:  # e.g. an unknown table: say which are valid, no traceback
         console.print(exc.message, style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -122,7 +123,7 @@ def notebooks() -> None:
     """Open JupyterLab on the analyst notebooks with the read-only analytics connection."""
     from pms import notebook as pms_notebook
 
-    pms_notebook.launch(get_settings())
+    pms_notebook.launch(_settings_or_exit())
 
 
 @app.command()
@@ -131,7 +132,11 @@ def backup(to: Annotated[Path | None, typer.Option(help="Backup folder (default:
     """Dump every service database (pg_dump custom format) with a checksummed manifest."""
     from pms import backup as pms_backup
 
-    pms_backup.backup(get_settings(), to=to)
+    try:
+        pms_backup.backup(_settings_or_exit(), to=to)
+    except pms_backup.BackupError as exc:
+        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -139,7 +144,11 @@ def restore(source: Annotated[Path, typer.Argument(help="A folder written by `pm
     """Restore every database from a backup folder into a stopped or empty system."""
     from pms import backup as pms_backup
 
-    pms_backup.restore(get_settings(), source=source)
+    try:
+        pms_backup.restore(_settings_or_exit(), source=source)
+    except pms_backup.BackupError as exc:
+        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
 
 
 @infra_app.command("deploy")
@@ -148,7 +157,7 @@ def infra_deploy(endpoint_url: Annotated[str | None, typer.Option(help="AWS endp
     """Create or update the ECS stack; a second run changes nothing."""
     from infra import cli as infra_cli
 
-    infra_cli.deploy(get_settings(), endpoint_url=endpoint_url)
+    infra_cli.deploy(_settings_or_exit(), endpoint_url=endpoint_url)
 
 
 @infra_app.command("status")
@@ -156,7 +165,7 @@ def infra_status(endpoint_url: Annotated[str | None, typer.Option()] = None) -> 
     """Show the deployed stack and its load balancer address."""
     from infra import cli as infra_cli
 
-    infra_cli.status(get_settings(), endpoint_url=endpoint_url)
+    infra_cli.status(_settings_or_exit(), endpoint_url=endpoint_url)
 
 
 @infra_app.command("destroy")
@@ -164,7 +173,7 @@ def infra_destroy(endpoint_url: Annotated[str | None, typer.Option()] = None) ->
     """Delete every resource of the stack."""
     from infra import cli as infra_cli
 
-    infra_cli.destroy(get_settings(), endpoint_url=endpoint_url)
+    infra_cli.destroy(_settings_or_exit(), endpoint_url=endpoint_url)
 
 
 def main() -> None:

@@ -50,11 +50,11 @@ class PatientSettings(HttpService):
     max_body_bytes: int = 64 * 1024
     #: Seed sample patients on the first embedded start.
     seed_demo_data: bool = True
-    #: Outbox relay: idle poll interval and rows per publish batch.
+    #: Seconds the outbox relay waits between polls when it has nothing to publish.
     outbox_poll_interval_s: float = 0.2
     #: Rows the outbox relay publishes per batch.
     outbox_batch_size: int = 500
-    #: Billing retry worker: first and largest backoff between attempts.
+    #: First backoff of the billing retry worker, seconds (doubles per attempt).
     billing_retry_initial_s: float = 0.5
     #: Largest backoff of the billing retry worker, seconds.
     billing_retry_max_s: float = 30.0
@@ -111,7 +111,7 @@ class PipelineSettings(BaseModel):
     #: Port of the pipeline's /health, /ready and /metrics endpoint.
     host: str = "127.0.0.1"
     port: int = 4010
-    #: Largest batch the sink writes in one transaction, and how long it waits to fill one.
+    #: Largest batch the sink writes in one transaction.
     batch_size: int = 5000
     #: Seconds the sink waits to fill a batch before writing what it has.
     batch_timeout_s: float = 0.2

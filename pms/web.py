@@ -45,15 +45,13 @@ class BodySizeLimit:
             await error_response(413, "Request body too large")(scope, receive, send)
             return
         received = 0
-        too_large = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
+            nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
                     raise _BodyTooLarge
             return message
 
