@@ -43,7 +43,7 @@ def upstream_target(upstream: Upstream, subpath: str) -> str:
 def build_headers(request: Request, principal: Principal | None) -> dict[str, str]:
     """The headers an upstream sees: the allowed ones, the request id, the caller's address and identity."""
     headers = {name: value for name in FORWARD_REQUEST_HEADERS if (value := request.headers.get(name)) is not None}
-    headers[REQUEST_ID_HEADER] = getattr(request.state, "request_id", "") or request.headers.get(REQUEST_ID_HEADER, "")
+    headers[REQUEST_ID_HEADER] = request.state.request_id  # set by create_service_app's middleware
     if request.client is not None:
         # Replaced, not appended: the caller cannot choose the address the auth service limits by.
         headers["X-Forwarded-For"] = request.client.host
@@ -104,9 +104,7 @@ async def forward(
 
 
 def _count(request: Request, upstream: Upstream, kind: str) -> None:
-    counter: Counter | None = getattr(request.app.state, "upstream_errors", None)
-    if counter is not None:
-        counter.labels(str(upstream), kind).inc()
+    request.app.state.upstream_errors.labels(str(upstream), kind).inc()
 
 
 def _bad_gateway(upstream: Upstream, exc: Exception) -> BadGateway:
