@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from pms.security import Principal, Role, require_roles
+from pms.security import Principal, Role, get_app_settings, require_roles
+from pms.settings import Settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -21,8 +22,8 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def privacy_threshold(request: Request) -> int:
-    return int(request.app.state.settings.analytics.privacy_threshold)
+def privacy_threshold(settings: Annotated[Settings, Depends(get_app_settings)]) -> int:
+    return settings.analytics.privacy_threshold
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
