@@ -64,6 +64,10 @@ def _fails_cleanly(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _lb_url(settings: Settings, dns: str | None) -> str:
+    return f"{'https' if settings.infra.certificate_arn else 'http'}://{dns}"
+
+
 def _stack(settings: Settings) -> Stack:
     try:
         return desired_stack(settings)
@@ -88,8 +92,7 @@ def deploy(settings: Settings, endpoint_url: str | None = None, *, console: Cons
                   f"{len(report.changes) - len(report.changed)} resource(s) already as desired.")
     else:
         out.print(f"[green]No changes:[/] all {len(report.changes)} resources already match the desired stack.")
-    scheme = "https" if settings.infra.certificate_arn else "http"
-    out.print(f"Load balancer: [bold]{scheme}://{deployed.load_balancer_dns}[/] "
+    out.print(f"Load balancer: [bold]{_lb_url(settings, deployed.load_balancer_dns)}[/] "
               f"(dashboard at /, REST API at /api, /auth)")
     if not settings.infra.certificate_arn:
         out.print("[yellow]Warning:[/] plain HTTP: set PMS_INFRA__CERTIFICATE_ARN (ACM) before real patient "
@@ -122,7 +125,7 @@ def status(settings: Settings, endpoint_url: str | None = None, *, console: Cons
         services.add_row(svc.name, f"[{style}]{svc.running}/{svc.desired}[/]", svc.task_definition, svc.status)
     out.print(services)
     if result.load_balancer_dns:
-        out.print(f"Load balancer: [bold]http://{result.load_balancer_dns}[/]")
+        out.print(f"Load balancer: [bold]{_lb_url(settings, result.load_balancer_dns)}[/]")
     return result
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from infra.stack import address_environment, service_port
+from pms.embedded import ANALYST_ROLE, APP_ROLE
 from pms.registry import SERVICES, ServiceSpec
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -43,9 +44,11 @@ HEADER = """\
 def service_environment(services: tuple[ServiceSpec, ...] = SERVICES) -> dict[str, str]:
     """``PMS_*`` variables shared by every service container: servers, secrets, addresses."""
     env: dict[str, str] = {
-        "PMS_DATABASE_URL": "postgresql+psycopg://pms:${PMS_DB_APP_PASSWORD:?set it in .env}@postgres:5432/postgres",
+        "PMS_DATABASE_URL": (
+            f"postgresql+psycopg://{APP_ROLE}:${{PMS_DB_APP_PASSWORD:?set it in .env}}@postgres:5432/postgres"
+        ),
         "PMS_ANALYST_DATABASE_URL": (
-            "postgresql+psycopg://pms_analyst:${PMS_DB_ANALYST_PASSWORD:?set it in .env}@postgres:5432/analytics"
+            f"postgresql+psycopg://{ANALYST_ROLE}:${{PMS_DB_ANALYST_PASSWORD:?set it in .env}}@postgres:5432/analytics"
         ),
         "PMS_KAFKA_BOOTSTRAP_SERVERS": KAFKA_INTERNAL,
         "PMS_JWT__SECRET": "${PMS_JWT__SECRET:?set it in .env}",
