@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from contextlib import suppress
@@ -72,8 +73,8 @@ def ensure_topic(admin: AdminClient, settings: Settings, *, timeout: float = 5.0
     return True
 
 
-def _lock_id(topic: str) -> int:
-    return 7_310_100 + zlib.crc32(topic.encode()) % 1_000_000
+#: pg advisory lock held by the one relay that publishes (one per patients database).
+_LEADER_LOCK_ID = 7_310_100 + zlib.crc32(b"outbox") % 1_000_000
 
 
 class OutboxRelay:
@@ -106,10 +107,6 @@ class OutboxRelay:
         self._close_clients()
         self._release_leadership()
 
-    @property
-    def is_leader(self) -> bool:
-        return self._lock_conn is not None
-
     def _run(self) -> None:
         failing = False
         while not self._stop.is_set():
@@ -137,7 +134,7 @@ class OutboxRelay:
         """Publish one batch of unsent events (after a reset check when due); return how many."""
         if not self._acquire_leadership():
             return 0
-        now = _monotonic()
+        now = time.monotonic()
         if now - self._last_check >= RESET_CHECK_INTERVAL_S:
             self.check_topic()
             self._last_check = now
@@ -232,7 +229,7 @@ class OutboxRelay:
         if self._lock_conn is not None:
             return True
         conn = self.engine.connect()
-        got = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _lock_id("outbox")}).scalar()
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _LEADER_LOCK_ID}).scalar()
         conn.commit()
         if got:
             self._lock_conn = conn
@@ -254,7 +251,7 @@ class OutboxRelay:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
             with suppress(Exception):  # a dead connection released the lock already
-                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _lock_id("outbox")})
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _LEADER_LOCK_ID})
                 conn.commit()
             with suppress(Exception):
                 conn.invalidate()
@@ -290,9 +287,3 @@ class OutboxRelay:
             with suppress(Exception):
                 probe.close()
         self._admin = None
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
