@@ -12,7 +12,7 @@ import threading
 import httpx
 
 from bench.harness import Report, Row, run_load, services
-from pms import process
+from pms import probe, process
 from pms.embedded import libpq_dsn
 from pms.security import Role, encode_token
 from pms.settings import Settings
@@ -39,7 +39,7 @@ def run(settings: Settings, report: Report, *, total: int | None = None) -> None
     bare_url = f"http://127.0.0.1:{bare_port}"
     try:
         with services(settings, ["billing", "auth", "patient", "gateway"]):
-            process.wait_until(lambda: _ok(bare_url + "/ready"), timeout=30, message="bare app")
+            process.wait_until(lambda: probe.http_ready(bare_url + "/ready"), timeout=30, message="bare app")
             token = encode_token(settings, sub="bench@pms.local", role=Role.ADMIN, ttl_s=3600)
             headers = {"Authorization": f"Bearer {token}"}
             local = threading.local()
@@ -69,10 +69,3 @@ def run(settings: Settings, report: Report, *, total: int | None = None) -> None
                 report.add(Row("write path", f"create p99 @{concurrency}", real.p99, "ms", baseline=base.p99))
     finally:
         process.stop(bare)
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
