@@ -16,6 +16,7 @@ for the time; their memory while idle), and, for the loaded figure, the idle sta
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench.harness import Report, Row, bench_settings, probe_ready, run_load
+from bench.harness import CURRENT, Report, Row, bench_settings, probe_ready, run_load
 from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
 from pms.registry import SERVICES
@@ -69,8 +70,6 @@ def _sample(pids: list[int], *, count: int = 5) -> tuple[float, float, int]:
 
 
 def run(settings: Settings, report: Report) -> None:
-    from bench.harness import CURRENT
-
     servers_pss, servers_rss, _ = _sample([CURRENT["postgres"].proc.pid, CURRENT["broker"].proc.pid])
     servers_cold = _cold_servers()
     with tempfile.TemporaryDirectory(prefix="pms-bench-up-") as tmp:
@@ -92,7 +91,7 @@ def run(settings: Settings, report: Report) -> None:
             load_pss, load_rss, served = _under_load(stack, up.pid)
         finally:
             start = time.perf_counter()
-            code = process.stop(up, sig=2, timeout=60)  # SIGINT, as Ctrl-C
+            code = process.stop(up, sig=signal.SIGINT, timeout=60)  # as Ctrl-C
             stop_time = time.perf_counter() - start
     report.add(Row("footprint", "pms up: cold start to all ready", up_time, "s", baseline=servers_cold,
                    note=f"{len(SERVICES)} services; baseline: embedded PostgreSQL (initdb) + Tansu alone, cold"))
