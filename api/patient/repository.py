@@ -194,9 +194,9 @@ def billing_attempts(session: Session, patient_ids: list[uuid.UUID]) -> dict[uui
     return {r[0]: int(r[1]) for r in rows}
 
 
-def postpone_billing(session: Session, patient_id: uuid.UUID, *, next_attempt_at: datetime) -> None:
+def postpone_billing(session: Session, patient_ids: list[uuid.UUID], *, next_attempt_at: datetime) -> None:
     session.execute(
-        update(Patient).where(Patient.id == patient_id)
+        update(Patient).where(Patient.id.in_(patient_ids))
         .values(billing_attempts=Patient.billing_attempts + 1, billing_next_attempt_at=next_attempt_at)
     )
 

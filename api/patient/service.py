@@ -264,8 +264,12 @@ def billing_failed(*, session: Session, patient_ids: list[uuid.UUID], settings: 
     from api.patient.billing_sync import backoff
 
     now = datetime.now(UTC)
+    # One UPDATE per distinct attempt count (they share a due time), not one per patient.
+    by_attempts: dict[int, list[uuid.UUID]] = {}
     for patient_id, attempts in patient_repository.billing_attempts(session, patient_ids).items():
-        patient_repository.postpone_billing(session, patient_id, next_attempt_at=now + backoff(settings, attempts + 1))
+        by_attempts.setdefault(attempts, []).append(patient_id)
+    for attempts, ids in by_attempts.items():
+        patient_repository.postpone_billing(session, ids, next_attempt_at=now + backoff(settings, attempts + 1))
     session.commit()
 
 
