@@ -18,6 +18,8 @@ def get_user(session: Session, user_id: uuid.UUID) -> User | None:
 
 def get_user_by_email(session: Session, email: str) -> User | None:
     """Case-insensitive lookup (the column is citext)."""
+    if "\x00" in email:  # PostgreSQL text cannot hold NUL: no such user (and no DataError -> 500)
+        return None
     return session.scalars(select(User).where(User.email == email)).one_or_none()
 
 
