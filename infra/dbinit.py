@@ -13,16 +13,11 @@ import sys
 
 import psycopg
 from psycopg import sql
+from sqlalchemy.engine import make_url
 
-from pms.embedded import ANALYST_ROLE, APP_ROLE, bootstrap_databases
+from pms.embedded import ANALYST_ROLE, APP_ROLE, bootstrap_databases, libpq_dsn
 
 REQUIRED = ("PMS_DBINIT_SUPERUSER_URL", "PMS_DB_APP_PASSWORD", "PMS_DB_ANALYST_PASSWORD")
-
-
-def _libpq(url: str) -> str:
-    # SQLAlchemy URLs name the driver (postgresql+psycopg://); libpq wants postgresql://.
-    scheme, sep, rest = url.partition("://")
-    return f"postgresql{sep}{rest}" if scheme.startswith("postgresql") else url
 
 
 def grant_app_role_to_master(dsn: str) -> None:
@@ -44,7 +39,7 @@ def main() -> int:
     if missing:
         sys.stderr.write(f"db-init: missing environment variables: {', '.join(missing)}\n")
         return 2
-    dsn = _libpq(os.environ["PMS_DBINIT_SUPERUSER_URL"])
+    dsn = libpq_dsn(make_url(os.environ["PMS_DBINIT_SUPERUSER_URL"]))
     grant_app_role_to_master(dsn)
     bootstrap_databases(
         superuser_dsn=dsn,
