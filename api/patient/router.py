@@ -86,7 +86,7 @@ def create_patient(
     candidates = patient_service.duplicates(session=session, patient=patient)
     response.headers["Location"] = f"/patients/{patient.id}"
     _etag(response, patient.version)
-    body = PatientCreated.model_validate(PatientRead.model_validate(patient).model_dump())
+    body = PatientCreated.model_validate(patient)  # possibleDuplicates: its default, set below
     body.possible_duplicates = candidates
     return body
 
