@@ -13,13 +13,12 @@ from fastapi import FastAPI
 
 from api.analytics.router import router
 from pms import db
-from pms.settings import Settings, get_settings
+from pms.settings import Settings
 from pms.web import create_service_app
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """Build the analytics API on the read-only analyst connection."""
-    settings = settings or get_settings()
     # One snapshot per request: asOf and every number of an answer come from the same commit.
     engine = db.make_engine(settings.analyst_url(), pool_size=5, max_overflow=10,
                             isolation_level="REPEATABLE READ")
