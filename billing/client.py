@@ -51,17 +51,12 @@ class BillingClient:
     """Calls the billing server over one reused channel; safe to share between threads."""
 
     def __init__(self, address: str) -> None:
-        self._address = address
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         # The stub is built once, here: grpcio crashes the interpreter (SIGSEGV) when a
         # stub is built on an already closed channel.
         self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)
         self._lock = threading.Lock()
         self._closed = False
-
-    @property
-    def address(self) -> str:
-        return self._address
 
     def create_account(self, *, patient_id: str, name: str, email: str, timeout: float) -> BillingAccount:
         """Open (or fetch the already open) billing account of a patient.
