@@ -56,8 +56,8 @@ def _limit_for(settings: Settings, key: str) -> int:
     return settings.auth.max_failed_logins
 
 
-def _check_not_locked(*, session: Session, settings: Settings, keys: Sequence[str], now: datetime) -> None:
-    window = timedelta(seconds=settings.auth.failed_login_window_s)
+def _check_not_locked(*, session: Session, settings: Settings, keys: Sequence[str], now: datetime,
+                      window: timedelta) -> None:
     counts = auth_repository.count_failures(session, keys=keys, since=now - window)
     waits = [
         (oldest + window - now).total_seconds()
@@ -79,16 +79,16 @@ def login(*, session: Session, settings: Settings, data: LoginRequest, client_ad
             user exists, the password is wrong or the user is inactive.
     """
     now = datetime.now(UTC)
+    window = timedelta(seconds=settings.auth.failed_login_window_s)
     account_key = _account_key(settings, data.email)
     keys = [account_key, _address_key(client_address)]
     # Parallel guesses at one account (or from one address) are checked one after another,
     # so a burst of concurrent attempts cannot slip past the limit before failures are recorded.
     auth_repository.lock_keys(session, keys=keys)
-    _check_not_locked(session=session, settings=settings, keys=keys, now=now)
+    _check_not_locked(session=session, settings=settings, keys=keys, now=now, window=window)
     user = auth_repository.get_user_by_email(session, data.email.strip())
     password_ok = verify_password(user.password_hash if user else None, data.password)
     if user is None or not password_ok or not user.active:
-        window = timedelta(seconds=settings.auth.failed_login_window_s)
         auth_repository.delete_failures(session, keys=keys, before=now - window)
         auth_repository.add_failures(session, keys=keys, at=now)
         session.commit()
