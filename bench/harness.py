@@ -23,7 +23,7 @@ from typing import Any
 
 from pms import probe, process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
-from pms.registry import ServiceSpec, by_name
+from pms.registry import ServiceSpec, by_name, serve_command
 from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -202,7 +202,7 @@ def services(settings: Settings, names: list[str]) -> Iterator[None]:
     try:
         for name in names:
             spec = by_name(name)
-            argv = [sys.executable, "-m", "pms.cli", "serve", name]
+            argv = serve_command(by_name(name))
             if name in os.environ.get("PMS_BENCH_PROFILE", "").split(","):
                 argv = profiled(argv, name)
                 profiling.add(len(started))

@@ -7,6 +7,7 @@ a service is added in exactly one place.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -122,6 +123,11 @@ SERVICES: tuple[ServiceSpec, ...] = (
         public=True,
     ),
 )
+
+
+def serve_command(spec: ServiceSpec) -> list[str]:
+    """How a service process is started everywhere: this interpreter running ``pms serve NAME``."""
+    return [sys.executable, "-m", "pms.cli", "serve", spec.name]
 
 
 def by_name(name: str) -> ServiceSpec:

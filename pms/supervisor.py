@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -45,7 +44,7 @@ from sqlalchemy.engine import URL
 
 from pms import process
 from pms.probe import probe
-from pms.registry import SERVICES, Probe, ServiceSpec, start_order
+from pms.registry import SERVICES, Probe, ServiceSpec, serve_command, start_order
 from pms.settings import Mode, Settings, read_or_create_secret, to_env
 
 #: Exit codes of ``pms up`` and ``pms status``.
@@ -64,11 +63,6 @@ if TYPE_CHECKING:
     from pms.embedded import EmbeddedBroker, EmbeddedPostgres
 
 CommandFactory = Callable[[ServiceSpec], list[str]]
-
-
-def serve_command(spec: ServiceSpec) -> list[str]:
-    """How a service is started: this interpreter running ``pms serve NAME``."""
-    return [sys.executable, "-m", "pms.cli", "serve", spec.name]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,6 @@ on free ports in a new data dir (outside pytest's temp root, see tests/fixtures/
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import psycopg
 
 from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres, libpq_dsn
+from pms.registry import by_name, serve_command
 from pms.security import encode_token
 from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
 from tests.fixtures.servers import TEST_AUTH_LIMITS, server_data_dir
@@ -113,7 +113,7 @@ class Stack:
         processes = {name: ServiceProcess(name, self.settings, self.log_dir / f"{name}.log") for name in names}
         self.services.update(processes)
         for name, svc in processes.items():
-            svc.proc = process.spawn([sys.executable, "-m", "pms.cli", "serve", name], log_path=svc.log_path,
+            svc.proc = process.spawn(serve_command(by_name(name)), log_path=svc.log_path,
                                      env=env)
 
         def ready() -> bool:
