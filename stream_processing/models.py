@@ -119,11 +119,3 @@ dead_letters = Table(
     Index("uq_dead_letters_topic_partition_kafka_offset_raw_digest", "topic", "partition", "kafka_offset",
           "raw_digest", unique=True),
 )
-
-#: Aggregate tables, their key columns and count columns (the sink and the tests share this).
-AGGREGATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "daily_registrations": (("day",), ("registrations", "removals")),
-    "demographics": (("birth_year", "gender"), ("patients",)),
-    "geography": (("city",), ("patients",)),
-    "billing_status_counts": (("billing_status",), ("patients",)),
-}

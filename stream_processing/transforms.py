@@ -281,11 +281,6 @@ def aggregate_deltas(old_facts: pl.DataFrame, new_facts: pl.DataFrame) -> dict[s
     return deltas
 
 
-def aggregates_from_facts(facts: pl.DataFrame) -> dict[str, pl.DataFrame]:
-    """Every aggregate recomputed from scratch (empty tables + all facts); for rebuilds and checks."""
-    return aggregate_deltas(facts_frame(), facts)
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (``q`` in 0..100) of ``values``; None when empty."""
     if not values:
