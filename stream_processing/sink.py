@@ -60,13 +60,13 @@ class FreshnessWindow:
     """The last ``size`` freshness samples (event ``occurred_at`` -> commit), in milliseconds."""
 
     size: int
-    samples: deque[float] = field(default_factory=deque)
+    samples: deque[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = deque(maxlen=self.size)
 
     def add(self, values: Iterable[float]) -> None:
-        for value in values:
-            self.samples.append(value)
-            if len(self.samples) > self.size:
-                self.samples.popleft()
+        self.samples.extend(values)
 
     def percentiles(self) -> tuple[float | None, float | None]:
         values = list(self.samples)
