@@ -15,7 +15,6 @@ for the time; their memory while idle), and, for the loaded figure, the idle sta
 
 from __future__ import annotations
 
-import os
 import signal
 import statistics
 import sys
@@ -31,7 +30,7 @@ from bench.harness import CURRENT, Report, Row, bench_settings, probe_ready, run
 from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
 from pms.registry import SERVICES
-from pms.settings import Settings, to_env
+from pms.settings import Settings, child_env
 
 ADMIN_PASSWORD = "bench-Admin-password-7431"
 LOAD_CREATES = 400
@@ -74,7 +73,7 @@ def run(settings: Settings, report: Report) -> None:
     servers_cold = _cold_servers()
     with tempfile.TemporaryDirectory(prefix="pms-bench-up-") as tmp:
         stack = bench_settings(Path(tmp), admin_password=ADMIN_PASSWORD)
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(stack)}
+        env = child_env(stack)
         start = time.perf_counter()
         up = process.spawn([sys.executable, "-m", "pms.cli", "up"], log_path=Path(tmp) / "up.log", env=env)
         try:

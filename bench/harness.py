@@ -24,7 +24,7 @@ from typing import Any
 from pms import probe, process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
 from pms.registry import ServiceSpec, by_name, serve_command
-from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
+from pms.settings import KafkaSettings, PostgresSettings, Settings, child_env
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -198,7 +198,7 @@ def services(settings: Settings, names: list[str]) -> Iterator[None]:
     """Start registry services as real processes (in order), stop them afterwards."""
     started = []
     profiling: set[int] = set()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(settings)}
+    env = child_env(settings)
     try:
         for name in names:
             spec = by_name(name)

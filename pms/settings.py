@@ -339,3 +339,13 @@ def to_env(settings: Settings) -> dict[str, str]:
             env[f"PMS_{(field.alias or name).upper()}"] = _env_value(value)
     env["PMS_DATA_DIR"] = str(settings.data_dir.resolve())
     return env
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment for a child process: ours without any ``PMS_*``, plus ``settings`` as ``PMS_*``.
+
+    Dropping our own ``PMS_*`` first means a variable the parent happens to have can never
+    override what ``settings`` says.
+    """
+    base = {key: value for key, value in os.environ.items() if not key.startswith("PMS_")}
+    return {**base, **to_env(settings)}

@@ -45,7 +45,7 @@ from sqlalchemy.engine import URL
 from pms import process
 from pms.probe import probe
 from pms.registry import SERVICES, Probe, ServiceSpec, serve_command, start_order
-from pms.settings import Mode, Settings, read_or_create_secret, to_env
+from pms.settings import Mode, Settings, child_env, read_or_create_secret
 
 #: Exit codes of ``pms up`` and ``pms status``.
 EXIT_OK = 0
@@ -355,8 +355,7 @@ class Supervisor:
         if password is not None and settings.admin_password is None:
             # Hand the generated password to the auth service so the two agree.
             settings = settings.model_copy(update={"admin_password": SecretStr(password)})
-        base = {key: value for key, value in os.environ.items() if not key.startswith("PMS_")}
-        return {**base, **to_env(settings)}
+        return child_env(settings)
 
     def _admin_password(self) -> str | None:
         """The first admin's password: configured, or generated once into the secrets dir (embedded)."""

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from billing.client import BillingClient, BillingUnavailable
 from billing.server import GRACE_PERIOD_S, SERVICE_NAME
 from pms import process
-from pms.settings import Settings, to_env
+from pms.settings import Settings, child_env
 from tests.fixtures.servers import ServerSet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -86,7 +86,7 @@ def test_database_down_at_start_keeps_it_alive_not_serving_until_stopped(
         database_url=SecretStr(dead_db), billing={"host": "127.0.0.1", "port": process.free_port()})
     address = f"127.0.0.1:{settings.billing.port}"
     log_path = tmp_path / "billing.log"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(settings)}
+    env = child_env(settings)
     proc = process.spawn([sys.executable, "-m", "pms.cli", "serve", "billing"], log_path=log_path, env=env)
     try:
         alive = lambda: proc.poll() is None  # noqa: E731

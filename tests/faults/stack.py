@@ -7,7 +7,6 @@ on free ports in a new data dir (outside pytest's temp root, see tests/fixtures/
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pms import process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres, libpq_dsn
 from pms.registry import by_name, serve_command
 from pms.security import encode_token
-from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
+from pms.settings import KafkaSettings, PostgresSettings, Settings, child_env
 from tests.fixtures.servers import TEST_AUTH_LIMITS, server_data_dir
 from tests.fixtures.services import ServiceProcess
 
@@ -109,7 +108,7 @@ class Stack:
         Spawned from this thread on purpose: children get a parent-death signal, which Linux ties
         to the spawning *thread*, so a helper thread's exit would kill them.
         """
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(self.settings)}
+        env = child_env(self.settings)
         processes = {name: ServiceProcess(name, self.settings, self.log_dir / f"{name}.log") for name in names}
         self.services.update(processes)
         for name, svc in processes.items():

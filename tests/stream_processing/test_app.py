@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sys
@@ -19,7 +18,7 @@ from sqlalchemy import Engine, text
 
 from pms.embedded import EmbeddedBroker
 from pms.process import free_port, spawn, wait_until
-from pms.settings import Settings, to_env
+from pms.settings import Settings, child_env
 from tests.fixtures.services import ServiceProcess
 from tests.stream_processing.helpers import BASE_TIME, Event, PatientState, history, oracle, read_tables, status
 
@@ -244,7 +243,7 @@ def start_together(*configs: Settings, tmp_path: Path) -> list[ServiceProcess]:
     for i, cfg in enumerate(configs):
         service = ServiceProcess("pipeline", cfg, tmp_path / f"pipeline-{i}.log")
         service.proc = spawn([sys.executable, "-m", "pms.cli", "serve", "pipeline"], log_path=service.log_path,
-                             env={**{k: v for k, v in os.environ.items() if not k.startswith("PMS_")}, **to_env(cfg)})
+                             env=child_env(cfg))
         services.append(service)
     for service in services:
         wait_until(service.is_ready, timeout=90, interval=0.1, message="pipeline to be ready", alive=alive(service))
