@@ -14,7 +14,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -103,13 +103,6 @@ class BillingGateway:
                     self._client.close()
                 finally:
                     self._client = None
-
-
-def backoff(settings: Settings, attempts: int) -> timedelta:
-    """Delay before attempt ``attempts + 1``: doubling from the initial delay, capped."""
-    initial = settings.patient.billing_retry_initial_s
-    delay = min(settings.patient.billing_retry_max_s, initial * (2 ** min(attempts, 30)))
-    return timedelta(seconds=delay)
 
 
 class BillingRetryWorker:

@@ -123,8 +123,6 @@ def create(
         patient.billing_status = account.status
         patient.billing_next_attempt_at = None
     else:
-        from api.patient.billing_sync import backoff
-
         # Every PENDING patient has a due time: the retry worker's queue is that index.
         patient.billing_next_attempt_at = now + (backoff(settings, 0) if settings is not None else timedelta(0))
     session.add(patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now))
@@ -133,6 +131,13 @@ def create(
                                  request_id=request_id)
     _write_or_conflict(session.commit, session)
     return patient
+
+
+def backoff(settings: Settings, attempts: int) -> timedelta:
+    """Delay before billing attempt ``attempts + 1``: doubling from the initial delay, capped."""
+    initial = settings.patient.billing_retry_initial_s
+    delay = min(settings.patient.billing_retry_max_s, initial * (2 ** min(attempts, 30)))
+    return timedelta(seconds=delay)
 
 
 def _check_version(patient: Patient, expected_version: int | None) -> None:
@@ -261,8 +266,6 @@ def billing_opened(*, session: Session, accounts: dict[uuid.UUID, tuple[str, str
 
 def billing_failed(*, session: Session, patient_ids: list[uuid.UUID], settings: Settings) -> None:
     """Push these patients' next billing attempt back, each by its own doubling backoff."""
-    from api.patient.billing_sync import backoff
-
     now = datetime.now(UTC)
     # One UPDATE per distinct attempt count (they share a due time), not one per patient.
     by_attempts: dict[int, list[uuid.UUID]] = {}

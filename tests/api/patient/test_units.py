@@ -6,10 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from api.patient.billing_sync import backoff
 from api.patient.dependencies import expected_version
 from api.patient.fhir import _human_name
 from api.patient.schemas import normalize_email, normalize_phone
+from api.patient.service import backoff
 from pms.errors import BadRequest
 from pms.settings import Settings
 
