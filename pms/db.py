@@ -8,15 +8,18 @@ service's database.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Annotated
 
 from alembic import command
 from alembic.config import Config
+from fastapi import Depends, Request
 from sqlalchemy import Engine, MetaData, create_engine, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pms.settings import Settings
@@ -85,6 +88,25 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def request_session(request: Request) -> Iterator[Session]:
+    """FastAPI dependency: one session per request from ``app.state.session_factory``.
+
+    The service layer commits; this only closes, which rolls back whatever is left (for a read-only
+    service, the end of its snapshot). When the database has already dropped the connection that
+    rollback fails too; the answer (a 503) is on its way by then, so the error must not escape here.
+    """
+    session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        with suppress(DBAPIError):
+            session.close()
+
+
+#: A request's database session (see :func:`request_session`).
+SessionDep = Annotated[Session, Depends(request_session)]
 
 
 def alembic_config(settings: Settings, database: str, *, url: URL | None = None) -> Config:

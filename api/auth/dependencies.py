@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from fastapi import Depends
 
 from api.auth import service as auth_service
 from api.auth.models import User
+from pms.db import SessionDep
 from pms.security import CurrentUser, Role, get_app_settings, require_roles
 from pms.settings import Settings
 
-
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request; the service commits, this only closes (rolling back leftovers)."""
-    session = request.app.state.session_factory()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import suppress
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from api.patient import service as patient_service
 from api.patient.models import Patient
+from pms.db import SessionDep
 from pms.errors import BadRequest
 from pms.security import Principal, Role, require_roles
 
-
-def get_session(request: Request) -> Iterator[Session]:
-    """A session per request; the service commits, this only closes it."""
-    session = request.app.state.session_factory()
-    try:
-        yield session
-    finally:
-        # Closing rolls back; on a connection the database already dropped that fails too.
-        # The answer (a 503) is on its way by then, so the error must not escape here.
-        with suppress(DBAPIError):
-            session.close()
-
-
-SessionDep = Annotated[Session, Depends(get_session)]
 #: STAFF and ADMIN read and write patients; ANALYST (and anyone else) gets 403.
 StaffUser = Annotated[Principal, require_roles(Role.STAFF, Role.ADMIN)]
 AdminUser = Annotated[Principal, require_roles(Role.ADMIN)]
