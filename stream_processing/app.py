@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 from quixstreams import Application
 from quixstreams.models import TopicConfig
 from quixstreams.models.serializers import Deserializer, SerializationContext
+from sqlalchemy import Engine
 
 from pms import db
 from pms.settings import Settings
@@ -188,11 +189,9 @@ class GroupWatchdog:
         return thread
 
 
-def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink) -> threading.Thread:
+def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink, engine: Engine) -> threading.Thread:
     """Serve /health, /ready and /metrics on the pipeline's port in a background thread."""
     import uvicorn
-
-    engine = db.make_engine(settings.database_url_for("analytics"), pool_size=1, max_overflow=1)
 
     def checks() -> dict[str, bool]:
         watchdog = ready.get("watchdog")
@@ -222,7 +221,7 @@ def run(settings: Settings) -> None:
     probe = WatermarkProbe()
     sink = AnalyticsSink(engine, freshness_window=settings.pipeline.freshness_window, watermarks=probe)
     ready: dict[str, Any] = {"running": False}
-    _serve_status(settings, ready, sink)
+    _serve_status(settings, ready, sink, engine)
 
     app = build_application(settings)
     probe.application = app
