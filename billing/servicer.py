@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing import service as billing_service
 from pms.contracts import billing_pb2, billing_pb2_grpc
-from pms.errors import BadRequest, NotFound, PMSError, ServiceUnavailable
+from pms.errors import BadRequest, NotFound, PMSError, ServiceUnavailable, is_database_outage
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,6 @@ def status_code_for(error: PMSError) -> grpc.StatusCode:
         if cls in _STATUS_CODES:
             return _STATUS_CODES[cls]
     return grpc.StatusCode.INTERNAL
-
-
-def _is_unavailable(error: BaseException) -> bool:
-    """Whether a database error means "cannot reach / cannot use the database right now"."""
-    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
-                          sa_exc.DisconnectionError)):
-        return True
-    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
@@ -97,7 +89,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
                 details += ": " + "; ".join(f"{field} {why}" for field, why in sorted(error.errors.items()))
             _abort(context, code, details)
         except sa_exc.SQLAlchemyError as error:
-            if _is_unavailable(error):
+            if is_database_outage(error):
                 log.warning("billing database unavailable",
                             extra={"fields": {"method": method, "exc_type": type(error).__name__}})
                 _abort(context, grpc.StatusCode.UNAVAILABLE, "billing database unavailable")

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,42 @@ def validation_errors(exc: RequestValidationError) -> dict[str, str]:
     return errors
 
 
+def is_database_outage(error: BaseException) -> bool:
+    """Whether a database error means "cannot reach or use the database right now" (503/UNAVAILABLE)."""
+    if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
+                          sa_exc.DisconnectionError)):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+
+
+def route_template(request: Request) -> str:
+    """The route template (``/patients/{patient_id}``), never the raw path, which can carry data."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map every error to the one shape; unknown exceptions become a bare 500."""
+    """Map every error to the one shape; unknown exceptions become a bare 500.
+
+    Database errors are answered here for every service: an outage (server down, pool exhausted)
+    is a 503 with Retry-After, a value the database refuses (e.g. a NUL byte in text) a 400.
+    """
+
+    @app.exception_handler(sa_exc.DBAPIError)
+    async def _database(request: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
+        if isinstance(exc, sa_exc.DataError):
+            return error_response(400, "Invalid input", {"body": "A value was refused by the database"})
+        if is_database_outage(exc):
+            log.warning("database unavailable: %s on %s %s", type(exc).__name__, request.method,
+                        route_template(request))
+            return error_response(503, "Database unavailable, try again shortly", headers={"Retry-After": "1"})
+        log.error("database error %s on %s %s", type(exc).__name__, request.method, route_template(request))
+        return error_response(500, "Internal error")
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_timeout(request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        log.warning("database pool exhausted on %s %s", request.method, route_template(request))
+        return error_response(503, "Database unavailable, try again shortly", headers={"Retry-After": "1"})
 
     @app.exception_handler(PMSError)
     async def _pms_error(_: Request, exc: PMSError) -> JSONResponse:
@@ -152,5 +187,5 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Log the type and route only: exception text can carry patient data.
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path)
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route_template(request))
         return error_response(500, "Internal error")

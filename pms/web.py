@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pms.errors import error_response, install_error_handlers
+from pms.errors import error_response, install_error_handlers, route_template
 from pms.settings import Settings
 
 log = logging.getLogger("pms.access")
@@ -65,11 +65,6 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _route_template(request: Request) -> str:
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
-
-
 def create_service_app(
     *,
     name: str,
@@ -110,7 +105,7 @@ def create_service_app(
             log.exception("request failed", extra={"fields": {"service": name, "request_id": request_id}})
             response = error_response(500, "Internal error")
         elapsed = time.perf_counter() - start
-        route = _route_template(request)
+        route = route_template(request)
         requests_total.labels(request.method, route, str(status)).inc()
         latency.labels(request.method, route).observe(elapsed)
         response.headers[REQUEST_ID_HEADER] = request_id

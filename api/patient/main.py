@@ -11,19 +11,15 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from prometheus_client import Gauge
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from api.patient import demo as patient_demo
 from api.patient.billing_sync import BillingGateway, BillingRetryWorker
 from api.patient.relay import OutboxRelay
 from api.patient.router import router
 from pms import db
-from pms.errors import error_response
 from pms.settings import Settings, get_settings
 from pms.web import create_service_app
 
@@ -65,7 +61,6 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         lifespan=lifespan,
         max_body_bytes=settings.patient.max_body_bytes,
     )
-    _database_errors_are_503(app)
     _backlog_gauges(app, engine)
     app.state.engine = engine
     app.state.session_factory = factory
@@ -95,15 +90,3 @@ def _backlog_gauges(app: FastAPI, engine: Engine) -> None:
                 return float("nan")
 
         Gauge(name, doc, registry=app.state.metrics_registry).set_function(_count)
-
-
-def _database_errors_are_503(app: FastAPI) -> None:
-    """PostgreSQL down or the pool exhausted is an outage (503 + Retry-After), not a server bug (500)."""
-
-    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable", extra={"fields": {"error": type(exc).__name__,
-                                                              "route": request.url.path.split("/")[1]}})
-        return error_response(503, "Database unavailable, try again shortly", headers={"Retry-After": "1"})
-
-    for exc_class in (OperationalError, InterfaceError, PoolTimeout):
-        app.add_exception_handler(exc_class, _unavailable)
