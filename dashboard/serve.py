@@ -13,12 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from pms.settings import Settings, to_env
+from pms.settings import SECRET_VARIABLES, Settings, child_env
 
 APP = Path(__file__).resolve().parent / "streamlit_app.py"
 GATEWAY_ARG = "--gateway-url="
-#: Settings the dashboard must not hold: it never signs tokens or opens a database.
-SECRET_VARIABLES = ("PMS_JWT__SECRET", "PMS_DATABASE_URL", "PMS_ANALYST_DATABASE_URL", "PMS_ADMIN_PASSWORD")
 
 
 def command(settings: Settings) -> list[str]:
@@ -42,8 +40,8 @@ def command(settings: Settings) -> list[str]:
 
 
 def environment(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
-    env.update(to_env(settings))
+    # The dashboard holds no secret: it never signs tokens or opens a database.
+    env = child_env(settings)
     for name in SECRET_VARIABLES:
         env.pop(name, None)
     env["PMS_GATEWAY__URL"] = settings.gateway.base_url

@@ -28,15 +28,13 @@ import polars as pl
 from sqlalchemy import Engine, text
 
 from pms.db import make_engine
-from pms.settings import Settings, get_settings, to_env
+from pms.settings import SECRET_VARIABLES, Settings, get_settings, to_env
 
 #: Where the analyst notebooks live (the repository's ``notebooks/`` folder).
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 #: Session options of every analyst connection: read-only transactions, and a bound on
 #: runaway queries so one notebook cannot hold the analytics database for long.
 SESSION_OPTIONS = "-c default_transaction_read_only=on -c statement_timeout=120000"
-#: Variables the notebook kernel must not inherit: they would let a notebook write.
-_PRIVILEGED_ENV = ("PMS_DATABASE_URL", "PMS_ADMIN_PASSWORD", "PMS_JWT__SECRET")
 #: Prefix of the machine-readable result line each notebook prints last.
 RESULT_MARKER = "PMS_RESULT "
 
@@ -153,7 +151,7 @@ def kernel_env(settings: Settings) -> dict[str, str]:
     mode it comes from a generated secret) so the kernel needs no other secret. The kernel
     gets a throwaway JWT key because ``Settings`` insists on one; it never signs anything.
     """
-    env = {key: value for key, value in to_env(settings).items() if key not in _PRIVILEGED_ENV}
+    env = {key: value for key, value in to_env(settings).items() if key not in SECRET_VARIABLES}
     env["PMS_ANALYST_DATABASE_URL"] = settings.analyst_url().render_as_string(hide_password=False)
     env["PMS_JWT__SECRET"] = secrets.token_urlsafe(48)
     return env

@@ -341,6 +341,22 @@ def to_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def _secret_variables() -> tuple[str, ...]:
+    """The ``PMS_*`` names of every secret setting (each ``SecretStr`` field, nested ones included)."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        if "SecretStr" in str(field.annotation):
+            names.append(f"PMS_{name.upper()}")
+        elif isinstance(field.default, BaseModel):
+            names.extend(f"PMS_{name.upper()}__{sub.upper()}" for sub, sub_field in
+                         type(field.default).model_fields.items() if "SecretStr" in str(sub_field.annotation))
+    return tuple(names)
+
+
+#: Variables that carry secrets; children that must not hold them (dashboard, notebook kernels) drop these.
+SECRET_VARIABLES = _secret_variables()
+
+
 def child_env(settings: Settings) -> dict[str, str]:
     """The environment for a child process: ours without any ``PMS_*``, plus ``settings`` as ``PMS_*``.
 
