@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,10 +17,10 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from pms import process
-from pms.registry import by_name
-from pms.settings import Settings, to_env
+from pms.registry import by_name, serve_command
+from pms.settings import Settings, child_env
 from tests.fixtures.servers import TEST_AUTH_LIMITS, ServerSet
-from tests.fixtures.services import ServiceProcess, _base_env
+from tests.fixtures.services import ServiceProcess
 
 #: Its own admin: other modules share the session's auth database and already created
 #: admin@pms.local with their own password (the auth service only creates a missing admin).
@@ -93,8 +92,8 @@ def running_stack(servers: ServerSet, log_dir: Path) -> Iterator[Stack]:
             for name in wave:
                 if name in wanted:
                     svc = ServiceProcess(name, stack.settings, log_dir / f"{name}.log")
-                    svc.proc = process.spawn([sys.executable, "-m", "pms.cli", "serve", name],
-                                             log_path=svc.log_path, env={**_base_env(), **to_env(stack.settings)})
+                    svc.proc = process.spawn(serve_command(by_name(name)),
+                                             log_path=svc.log_path, env=child_env(stack.settings))
                     stack.services[name] = svc
                     started.append(svc)
             for svc in started:
