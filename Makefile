@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint format clean proto notebooks bench install config-table
+.PHONY: up test lint format clean proto notebooks bench install config-table readme
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,12 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Regenerate README.md's configuration table from pms/settings.py (tests/test_readme_config.py checks it).
-config-table: $(STAMP)
-	$(BIN)/python -m pms.config_doc --write README.md
+# README.md is assembled from docs/readme/*.md with the configuration table generated from pms/settings.py
+# (tests/test_readme_config.py and tests/test_readme_sections.py fail when it is out of date).
+readme: $(STAMP)
+	$(BIN)/python -m tests.tools.readme --write
+
+config-table: readme
 
 proto: $(STAMP)
 	$(BIN)/python -m pms.contracts
