@@ -117,6 +117,8 @@ def alembic_config(settings: Settings, database: str, *, url: URL | None = None)
     cfg.set_main_option("script_location", str(Path(str(location))))
     db_url = url or settings.database_url_for(database)
     cfg.attributes["sqlalchemy_url"] = db_url
+    # Migrations that grant to a role named in the settings (the analyst) read it from here.
+    cfg.attributes["settings"] = settings
     return cfg
 
 

@@ -334,11 +334,20 @@ def bootstrap_databases(
                     sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA public GRANT SELECT ON TABLES TO {}")
                     .format(sql.Identifier(app_role), sql.Identifier(analyst_role))
                 )
-                conn.execute(
-                    sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(
-                        sql.Identifier(analyst_role)
+                # Every table the role cannot read at all; a table a migration narrowed to column grants
+                # (dead_letters: all but its raw bytes) stays narrowed on every later start.
+                unreadable = conn.execute(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+                    "AND NOT has_any_column_privilege(%s, c.oid, 'SELECT')",
+                    (analyst_role,),
+                ).fetchall()
+                for (table,) in unreadable:
+                    conn.execute(
+                        sql.SQL("GRANT SELECT ON TABLE {} TO {}").format(
+                            sql.Identifier("public", table), sql.Identifier(analyst_role)
+                        )
                     )
-                )
                 conn.execute(
                     sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
                         sql.Identifier(analyst_role)

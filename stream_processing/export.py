@@ -7,6 +7,11 @@ even while the pipeline keeps writing). Each table is read through a server-side
 chunks of ``chunk_rows`` and appended to its file chunk by chunk, so memory stays flat
 however big ``patient_facts`` grows. A file is written under a temporary name and renamed
 when complete: a crashed export never leaves a truncated file that looks finished.
+
+``dead_letters.raw`` (the bytes of a message the pipeline could not read, which may hold a
+patient's name and email) is never exported: the analyst role cannot read it (migration
+``0002_dead_letter_privacy``), and :data:`WITHHELD_COLUMNS` keeps it out of the files even when
+the configured analyst login could.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ Format = Literal["parquet", "csv"]
 FORMATS: tuple[str, ...] = ("parquet", "csv")
 #: Rows fetched from the server and written per step.
 DEFAULT_CHUNK_ROWS = 50_000
+#: Columns never written to an export file, per table (they may hold health data).
+WITHHELD_COLUMNS: dict[str, frozenset[str]] = {"dead_letters": frozenset({"raw"})}
 
 
 class UnknownTableError(errors.BadRequest):
@@ -74,21 +81,27 @@ def _polars_type(column: Column[object]) -> pl.DataType:
     return pl.String()
 
 
+def exported_columns(table: Table) -> list[Column[object]]:
+    """The columns of ``table`` an export writes: all but :data:`WITHHELD_COLUMNS`."""
+    withheld = WITHHELD_COLUMNS.get(table.name, frozenset())
+    return [column for column in table.columns if column.name not in withheld]
+
+
 def table_schema(table: Table) -> dict[str, pl.DataType]:
-    """The Polars schema of one analytics table (fixed, so every chunk and file agrees)."""
-    return {column.name: _polars_type(column) for column in table.columns}
+    """The Polars schema of one exported table (fixed, so every chunk and file agrees)."""
+    return {column.name: _polars_type(column) for column in exported_columns(table)}
 
 
 def _order_by(table: Table) -> list[Column[object]]:
     # A stable order makes two exports of the same data byte-comparable.
-    key = list(table.primary_key.columns) or list(table.columns)
+    key = list(table.primary_key.columns) or exported_columns(table)
     return key  # type: ignore[return-value]
 
 
 def _chunks(conn: Connection, table: Table, chunk_rows: int) -> Iterator[pl.DataFrame]:
     schema = table_schema(table)
     # UUIDs are cast to text by the server, so every value arrives as a type Polars takes as is.
-    columns = [cast(c, Text).label(c.name) if isinstance(c.type, types.Uuid) else c for c in table.columns]
+    columns = [cast(c, Text).label(c.name) if isinstance(c.type, types.Uuid) else c for c in exported_columns(table)]
     result = conn.execution_options(stream_results=True, yield_per=chunk_rows).execute(
         select(*columns).order_by(*_order_by(table))
     )

@@ -13,6 +13,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from pydantic import SecretStr
 from rich.console import Console
 from sqlalchemy import Engine
 
@@ -56,8 +57,10 @@ def test_parquet_export_writes_every_table_exactly(servers: ServerSet, loaded: d
     demographics = pl.read_parquet(tmp_path / "demographics.parquet")
     assert int(demographics["patients"].sum()) == 115 == facts.filter(pl.col("active")).height
     dead = pl.read_parquet(tmp_path / "dead_letters.parquet")
-    assert dead.schema["raw"] == pl.Binary
-    assert dead.sort("kafka_offset")["raw"].to_list() == [factories.dead_letter(i)["raw"] for i in range(3)]
+    # The raw bytes of a bad message may hold a name or an email: never exported, the rest is.
+    assert dead.columns == ["id", "topic", "partition", "kafka_offset", "reason", "raw_digest", "received_at"]
+    assert dead.sort("kafka_offset")["raw_digest"].to_list() == [factories.dead_letter(i)["raw_digest"]
+                                                                 for i in range(3)]
 
 
 def test_csv_export_round_trips(servers: ServerSet, loaded: dict[str, Any], tmp_path: Path) -> None:
@@ -70,7 +73,10 @@ def test_csv_export_round_trips(servers: ServerSet, loaded: dict[str, Any], tmp_
     # The unknown city is the empty string in the table; CSV writes it as an empty field.
     assert {(c or ""): n for c, n in geography.iter_rows()} == expected
     dead = pl.read_csv(tmp_path / "dead_letters.csv")
-    assert sorted(bytes.fromhex(h) for h in dead["raw"]) == sorted(factories.dead_letter(i)["raw"] for i in range(3))
+    assert "raw" not in dead.columns
+    assert sorted(dead["reason"]) == sorted(factories.dead_letter(i)["reason"] for i in range(3))
+    raw_hex = {factories.dead_letter(i)["raw"].hex() for i in range(3)}
+    assert not any(h in (tmp_path / "dead_letters.csv").read_text() for h in raw_hex)
     facts = pl.read_csv(tmp_path / "patient_facts.csv", try_parse_dates=True)
     assert facts.height == 120
     assert facts.columns == [c for c in factories.analytics_models.patient_facts.columns.keys()]  # noqa: SIM118
@@ -100,6 +106,21 @@ def test_empty_tables_keep_their_columns(servers: ServerSet, analytics: Engine, 
         {"city": pl.String, "patients": pl.Int32})
     export.run(servers.settings, fmt="csv", tables=["geography"], out_dir=tmp_path, console=QUIET)
     assert (tmp_path / "geography.csv").read_text() == "city,patients\n"
+
+
+def test_raw_dead_letter_bytes_stay_out_even_for_a_login_that_could_read_them(
+        servers: ServerSet, loaded: dict[str, Any], tmp_path: Path) -> None:
+    """Defence in depth: an analyst URL pointing at the owner role still exports no raw bytes."""
+    owner = servers.make_settings(analyst_database_url=SecretStr(
+        servers.settings.database_url_for("analytics").render_as_string(hide_password=False)))
+    for fmt in ("parquet", "csv"):
+        written = export.run(owner, fmt=fmt, tables=["dead_letters"], out_dir=tmp_path / fmt, console=QUIET)
+        assert written[0].rows == 3
+        path = written[0].path
+        frame = pl.read_parquet(path) if fmt == "parquet" else pl.read_csv(path)
+        assert frame.columns == ["id", "topic", "partition", "kafka_offset", "reason", "raw_digest", "received_at"]
+    body = (tmp_path / "csv" / "dead_letters.csv").read_text()
+    assert not any(factories.dead_letter(i)["raw"].hex() in body for i in range(3))
 
 
 def test_unknown_table_names_the_valid_ones_and_writes_nothing(servers: ServerSet, analytics: Engine,
