@@ -4,29 +4,107 @@ Every server pms starts (PostgreSQL, Tansu, each service) goes through :func:`sp
 its own session (so a terminal's Ctrl-C reaches only the supervisor, which then stops
 children in reverse dependency order), output appended to a log file, and Linux's
 parent-death signal so even a ``kill -9`` of the supervisor leaves nothing behind.
+
+Linux ties the parent-death signal to the *thread* that forked, not to the process: a
+child forked by a worker thread is killed as soon as that thread ends. So every fork
+happens on one daemon thread that lives exactly as long as the process (:class:`_Spawner`),
+whichever thread calls :func:`spawn`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the supervisor's own cleanup still stops children
-        pass
+def _die_with(parent_pid: int) -> Callable[[], None]:
+    """The child's pre-exec hook: SIGKILL me when the forking thread (hence the process) ends."""
+
+    def hook() -> None:
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except OSError:  # not Linux: the supervisor's own cleanup still stops children
+            return
+        # The parent may have died between fork and prctl: then no signal will ever come.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+class _Spawner:
+    """One daemon thread that performs every fork of this process.
+
+    It lives until the process exits, so the parent-death signal of the children it forks
+    fires exactly when the process dies (``kill -9`` included) and never when some worker
+    thread that asked for the child returns.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], subprocess.Popen[bytes]], Future[subprocess.Popen[bytes]]]]
+        self._jobs = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def reset_after_fork(self) -> None:
+        """A forked child inherits no threads: start a spawner of its own on first use."""
+        self._lock = threading.Lock()
+        self._jobs = queue.SimpleQueue()
+        self._thread = None
+
+    def run(self, start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        """Call ``start`` (which forks) on the spawner thread and return its result or raise its error."""
+        if threading.current_thread() is self._thread:
+            return start()
+        future: Future[subprocess.Popen[bytes]] = Future()
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="pms-spawner", daemon=True)
+                self._thread.start()
+            self._jobs.put((start, future))
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted (Ctrl-C) while the fork was under way: do not leave an unowned child behind.
+            future.add_done_callback(_kill_if_started)
+            raise
+
+    def _serve(self) -> None:
+        while True:
+            start, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(start())
+            except BaseException as exc:  # handed to the caller, raised in its thread
+                future.set_exception(exc)
+
+
+def _kill_if_started(future: Future[subprocess.Popen[bytes]]) -> None:
+    if future.exception() is None:
+        proc = future.result()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+_spawner = _Spawner()
+os.register_at_fork(after_in_child=_spawner.reset_after_fork)
 
 
 def spawn(
@@ -37,20 +115,28 @@ def spawn(
     user: str | None = None,
     cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session with output appended to ``log_path``."""
+    """Start ``argv`` in its own session with output appended to ``log_path``.
+
+    Safe from any thread: the child dies with this process, not with the calling thread.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            user=user,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+    parent_pid = os.getpid()
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                user=user,
+                start_new_session=True,
+                preexec_fn=_die_with(parent_pid),
+            )
+
+    return _spawner.run(start)
 
 
 def stop(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
@@ -69,6 +155,36 @@ def stop(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: f
         except ProcessLookupError:
             pass
         return proc.wait(timeout=5)
+
+
+def rotate_log(path: Path, *, max_bytes: int, backups: int) -> bool:
+    """Copy-truncate ``path`` once it is larger than ``max_bytes``; True if it rotated.
+
+    The newest copy is ``<name>.1``, the oldest ``<name>.<backups>``; older ones are dropped
+    (``backups=0`` only truncates). Copy-truncate rather than rename, because the writers are
+    children whose stdout/stderr *is* this file: :func:`spawn` opens it with ``O_APPEND``,
+    so after the truncate they go on writing at the new end, offset 0, without reopening
+    anything (and without becoming sparse). The copy catches up with what was appended while
+    it ran before truncating, so only a line written in the instant between the last read
+    and the truncate could be lost -- the price logrotate's ``copytruncate`` pays too.
+    """
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if backups > 0:
+        for index in range(backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{index}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+        with open(path, "rb") as source, open(path.with_name(f"{path.name}.1"), "wb") as copy:
+            while chunk := source.read(1 << 20):  # until EOF, including what arrives meanwhile
+                copy.write(chunk)
+            os.truncate(path, 0)
+    else:
+        os.truncate(path, 0)
+    return True
 
 
 def wait_until(
