@@ -36,3 +36,8 @@ def _valid_user(user_id: uuid.UUID, session: SessionDep, _: AdminUser) -> User:
 
 #: The user named by the path, loaded for an admin caller (404 when unknown).
 ValidUser = Annotated[User, Depends(_valid_user)]
+
+
+#: A caller allowed to read the revocation list: a token with the ADMIN role (the gateway's service
+#: token has no user row, so the database is not consulted; the list holds no secrets).
+RevocationReader = Annotated[object, require_roles(Role.ADMIN)]

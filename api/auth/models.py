@@ -34,6 +34,22 @@ class User(Base):
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
     password_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    #: Tokens of this user issued before this instant are refused (set on a role, active or password change).
+    tokens_valid_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RevokedToken(Base):
+    """One token given up before it expired (logout), by its ``jti``; pruned once it would have expired.
+
+    Holds no user data: the gateway only needs the id to refuse the token.
+    """
+
+    __tablename__ = "revoked_tokens"
+    __table_args__ = (Index(None, "expires_at"),)
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class LoginFailure(Base):

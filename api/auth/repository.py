@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import delete, func, select, text
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from api.auth.models import LoginFailure, User
+from api.auth.models import LoginFailure, RevokedToken, User
 
 
 def get_user(session: Session, user_id: uuid.UUID) -> User | None:
@@ -70,3 +71,30 @@ def delete_failures(session: Session, *, keys: Sequence[str], before: datetime |
     if before is not None:
         query = query.where(LoginFailure.failed_at < before)
     session.execute(query)
+
+
+def revoke_token(session: Session, *, jti: str, expires_at: datetime) -> None:
+    """Record a given-up token (idempotent: logging out twice is one row)."""
+    session.execute(
+        insert(RevokedToken).values(jti=jti, expires_at=expires_at).on_conflict_do_nothing(index_elements=["jti"])
+    )
+
+
+def is_token_revoked(session: Session, jti: str) -> bool:
+    return session.get(RevokedToken, jti) is not None
+
+
+def delete_expired_revocations(session: Session, *, now: datetime) -> None:
+    """An expired token is refused anyway: its revocation row is no longer needed."""
+    session.execute(delete(RevokedToken).where(RevokedToken.expires_at <= now))
+
+
+def revocations(session: Session, *, cutoffs_since: datetime, now: datetime) -> tuple[
+        Sequence[tuple[str, datetime]], Sequence[str]]:
+    """Per-user cut-offs newer than ``cutoffs_since`` (older ones only concern expired tokens),
+    and the ids of revoked tokens not yet expired."""
+    cutoffs = session.execute(
+        select(User.email, User.tokens_valid_after).where(User.tokens_valid_after > cutoffs_since)
+    ).tuples().all()
+    jtis = session.scalars(select(RevokedToken.jti).where(RevokedToken.expires_at > now)).all()
+    return cutoffs, jtis

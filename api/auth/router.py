@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response, status
 
 from api.auth import service as auth_service
-from api.auth.dependencies import ActiveUser, AdminUser, SessionDep, SettingsDep, ValidUser
+from api.auth.dependencies import ActiveUser, AdminUser, RevocationReader, SessionDep, SettingsDep, ValidUser
 from api.auth.schemas import (
     LoginRequest,
     PasswordChange,
+    Revocations,
     TokenResponse,
     UserCreate,
     UserRead,
@@ -40,6 +41,23 @@ def login(data: LoginRequest, request: Request, session: SessionDep, settings: S
 def validate(principal: CurrentUser, _: ActiveUser) -> ValidateResponse:
     """Check a bearer token (seed-compatible) and say whose it is."""
     return ValidateResponse(sub=principal.sub, role=principal.role, exp=principal.exp)
+
+
+@router.post("/logout", status_code=status.HTTP_204_NO_CONTENT, tags=["auth"], responses=_ERRORS)
+def logout(principal: CurrentUser, _: ActiveUser, session: SessionDep) -> Response:
+    """Give up this token now (the gateway refuses it within its revocation refresh interval)."""
+    auth_service.logout(session=session, principal=principal)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/revocations", response_model=Revocations, tags=["auth"],
+            responses={**_ERRORS, 403: {"description": "Not an admin or service token"}})
+def revocations(session: SessionDep, settings: SettingsDep, _: RevocationReader) -> Revocations:
+    """Tokens to refuse besides bad signatures and expiry, for verifiers outside auth (the gateway).
+
+    Not exposed through the gateway; the gateway calls it with a short-lived service token.
+    """
+    return auth_service.revocations(session=session, settings=settings)
 
 
 @router.get("/me", response_model=UserRead, tags=["auth"], responses=_ERRORS)

@@ -88,6 +88,19 @@ class ValidateResponse(CamelModel):
     exp: int
 
 
+class UserCutoff(CamelModel):
+    sub: str
+    tokens_valid_after: float = Field(description="Tokens of ``sub`` issued before this Unix time are refused")
+
+
+class Revocations(CamelModel):
+    """What a token verifier outside auth (the gateway) must refuse on top of signature and expiry."""
+
+    as_of: float = Field(description="Unix time of this answer")
+    users: list[UserCutoff]
+    token_ids: list[str] = Field(description="``jti`` of logged-out tokens that have not expired yet")
+
+
 class PasswordChange(CamelModel):
     current_password: str = Field(min_length=1, max_length=1024)
     new_password: NewPassword

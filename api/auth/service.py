@@ -21,8 +21,10 @@ from api.auth.models import User
 from api.auth.schemas import (
     LoginRequest,
     PasswordChange,
+    Revocations,
     TokenResponse,
     UserCreate,
+    UserCutoff,
     UserUpdate,
     check_password,
     normalize_email,
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 #: One message for unknown user, wrong password and inactive user: the answer never says which.
 LOGIN_FAILED = "Invalid email or password"
 ADMIN_PASSWORD_FILE = "admin.password"
+#: Seconds added to the token lifetime when deciding which cut-offs still matter (clock skew, leeway).
+REVOCATION_MARGIN_S = 60
 
 
 def _account_key(settings: Settings, email: str) -> str:
@@ -108,11 +112,49 @@ def login(*, session: Session, settings: Settings, data: LoginRequest, client_ad
 
 
 def get_active_user(*, session: Session, principal: Principal) -> User:
-    """The user behind a verified token, still existing and active (tokens outlive deactivation)."""
+    """The user behind a verified token, still existing and active, and the token not revoked.
+
+    A signature only proves the token was issued; a token issued before the user's role,
+    active flag or password changed, or one given up by logout, is refused here.
+    """
     user = auth_repository.get_user_by_email(session, principal.sub)
     if user is None or not user.active:
         raise Unauthorized("Invalid token")
+    cutoff = user.tokens_valid_after
+    if (cutoff is not None and principal.iat < cutoff.timestamp()) or (
+            principal.jti and auth_repository.is_token_revoked(session, principal.jti)):
+        raise Unauthorized("Token revoked; log in again")
     return user
+
+
+def _revoke_sessions(user: User, *, now: datetime) -> None:
+    """Refuse every token of ``user`` issued until now (the gateway learns it within its refresh interval)."""
+    user.tokens_valid_after = now
+
+
+def logout(*, session: Session, principal: Principal) -> None:
+    """Give up the caller's token before it expires; other sessions of the user stay signed in."""
+    now = datetime.now(UTC)
+    auth_repository.revoke_token(session, jti=principal.jti, expires_at=datetime.fromtimestamp(principal.exp, UTC))
+    auth_repository.delete_expired_revocations(session, now=now)
+    session.commit()
+    log.info("logout", extra={"fields": {"event": "logout"}})
+
+
+def revocations(*, session: Session, settings: Settings) -> Revocations:
+    """Everything a token verifier must refuse besides bad signatures and expiry (for the gateway).
+
+    Cut-offs older than the longest token lifetime concern only expired tokens and are left out,
+    so the answer stays small however many users ever changed their password.
+    """
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=settings.jwt.ttl_s + REVOCATION_MARGIN_S)
+    cutoffs, jtis = auth_repository.revocations(session, cutoffs_since=since, now=now)
+    return Revocations(
+        as_of=now.timestamp(),
+        users=[UserCutoff(sub=email, tokens_valid_after=cutoff.timestamp()) for email, cutoff in cutoffs],
+        token_ids=list(jtis),
+    )
 
 
 def require_admin(*, user: User) -> User:
@@ -128,8 +170,10 @@ def change_password(*, session: Session, user: User, data: PasswordChange) -> No
         raise BadRequest("Current password is wrong", errors={"currentPassword": "Does not match"})
     if data.new_password == data.current_password:
         raise BadRequest(errors={"newPassword": "Must differ from the current password"})
+    now = datetime.now(UTC)
     user.password_hash = hash_password(data.new_password)
-    user.password_changed_at = datetime.now(UTC)
+    user.password_changed_at = now
+    _revoke_sessions(user, now=now)  # whoever knew the old password loses the sessions it opened
     session.commit()
 
 
@@ -179,6 +223,8 @@ def update(*, session: Session, user: User, data: UserUpdate) -> User:
         session.rollback()
         raise Conflict("The last active admin cannot be demoted or deactivated",
                        errors={"role": "Last active admin"})
+    if (new_role, new_active) != (user.role, user.active):
+        _revoke_sessions(user, now=datetime.now(UTC))  # a token carries the old role: make it log in again
     user.role = new_role
     user.active = new_active
     session.commit()

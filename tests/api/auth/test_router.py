@@ -28,7 +28,7 @@ def test_admin_login_returns_a_complete_token(auth_http: httpx.Client, admin_tok
     assert principal.sub == auth_settings.admin_email
     claims = jwt.decode(admin_token, options={"verify_signature": False})
     assert {"sub", "role", "iat", "exp", "iss", "aud", "jti"} <= claims.keys()
-    assert claims["exp"] - claims["iat"] == auth_settings.jwt.ttl_s
+    assert claims["exp"] - int(claims["iat"]) == auth_settings.jwt.ttl_s  # iat keeps its fraction of a second
     assert jwt.get_unverified_header(admin_token)["alg"] == "HS256"
 
 
@@ -215,8 +215,11 @@ def test_demoted_admin_loses_admin_rights_before_token_expiry(
     assert auth_http.get("/users", headers=bearer(token)).status_code == 200
     demote = auth_http.patch(f"/users/{other_admin.id}", headers=bearer(admin_token), json={"role": "STAFF"})
     assert demote.status_code == 200
-    # The token still says ADMIN, but auth checks the database role for user management.
-    assert auth_http.get("/users", headers=bearer(token)).status_code == 403
+    # The token still says ADMIN, but it was issued before the role changed: refused outright.
+    refused = auth_http.get("/users", headers=bearer(token))
+    assert refused.status_code == 401 and "revoked" in refused.json()["message"]
+    fresh = login(auth_http, other_admin.email, other_admin.password).json()["token"]
+    assert auth_http.get("/users", headers=bearer(fresh)).status_code == 403
 
 
 def test_ops_endpoints(auth_http: httpx.Client) -> None:
