@@ -900,23 +900,61 @@ class ServiceState:
     status: str
 
 
+#: Resource states that serve traffic; anything else (``missing``, ``creating``, ``provisioning``,
+#: ``failed``, ``stopped`` ...) makes ``pms infra status`` report the stack as unhealthy.
+_SERVING_STATES = {
+    "db-instance": {"available", "backing-up", "modifying", "storage-optimization"},
+    "load-balancer": {"active"},
+}
+
+
 @dataclass
 class StackStatus:
     exists: bool
     resources: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, name, state)
     services: list[ServiceState] = field(default_factory=list)
     load_balancer_dns: str | None = None
+    #: ECS services the desired stack has, and the task count it asks of each.
+    expected_services: list[str] = field(default_factory=list)
+    desired_count: int | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the stack is not healthy, one line each (empty when it is)."""
+        if not self.exists:
+            return ["the stack is not deployed"]
+        found: list[str] = []
+        for kind, name, state in self.resources:
+            if state == "missing":
+                found.append(f"{kind} {name} is missing")
+            elif kind in _SERVING_STATES and state not in _SERVING_STATES[kind]:
+                found.append(f"{kind} {name} is {state}")
+        by_name = {s.name: s for s in self.services}
+        for name in self.expected_services:
+            svc = by_name.get(name)
+            if svc is None or svc.status == "INACTIVE":
+                found.append(f"ecs-service {name} is missing")
+                continue
+            if svc.status != "ACTIVE":
+                found.append(f"ecs-service {name} is {svc.status}")
+            if svc.running < svc.desired:
+                found.append(f"ecs-service {name} runs {svc.running} of {svc.desired} task(s)")
+            if self.desired_count is not None and svc.desired != self.desired_count:
+                found.append(f"ecs-service {name} wants {svc.desired} task(s), the stack {self.desired_count} "
+                             "(`pms infra deploy` repairs it)")
+        if not self.expected_services and not self.services:
+            found.append("no ECS services")
+        return found
 
     @property
     def healthy(self) -> bool:
-        return self.exists and bool(self.services) and all(
-            s.status == "ACTIVE" and s.running >= s.desired for s in self.services
-        )
+        return not self.problems
 
 
 def status(stack: Stack, aws: Clients) -> StackStatus:
     """Read the stack's state: what exists, how each service runs, the load balancer address."""
-    result = StackStatus(exists=False)
+    result = StackStatus(exists=False, expected_services=[t.name for t in stack.services],
+                         desired_count=stack.desired_count)
     vpc = find_vpc(aws, stack)
     result.resources.append(("vpc", stack.name, vpc or "missing"))
     try:

@@ -23,6 +23,11 @@ from pms.settings import Settings
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: Exit codes of ``pms infra status`` (the same meanings as ``pms status``).
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_NOT_DEPLOYED = 3
+
 _ACTION_STYLE = {"create": "[green]+ create[/]", "update": "[yellow]~ update[/]", "delete": "[red]- delete[/]",
                  "run": "[cyan]> run[/]", "unchanged": "[dim]= unchanged[/]"}
 
@@ -104,7 +109,9 @@ def deploy(settings: Settings, endpoint_url: str | None = None, *, console: Cons
 @_fails_cleanly
 def status(settings: Settings, endpoint_url: str | None = None, *, console: Console | None = None
            ) -> aws.StackStatus:
-    """Print what exists of the stack, each service's running/desired tasks and the load balancer address."""
+    """Print what exists of the stack, each service's running/desired tasks, the load balancer address,
+    and every reason the stack is not healthy (:func:`exit_code` turns the result into the exit status).
+    """
     out = _console(console)
     stack = _stack(settings)
     result = aws.status(stack, aws.Clients.connect(stack.region, endpoint_url))
@@ -126,7 +133,21 @@ def status(settings: Settings, endpoint_url: str | None = None, *, console: Cons
     out.print(services)
     if result.load_balancer_dns:
         out.print(f"Load balancer: [bold]{_lb_url(settings, result.load_balancer_dns)}[/]")
+    problems = result.problems
+    if problems:
+        out.print(f"[red]Stack {stack.name} is not healthy[/] ({len(problems)} problem(s)):")
+        for problem in problems:
+            out.print(f"  [red]-[/] {problem}", highlight=False)
+    else:
+        out.print(f"[green]Stack {stack.name} is healthy:[/] every service runs its desired task count.")
     return result
+
+
+def exit_code(result: aws.StackStatus) -> int:
+    """0 healthy, 1 deployed but something is missing, stopped or short of tasks, 3 not deployed."""
+    if not result.exists:
+        return EXIT_NOT_DEPLOYED
+    return EXIT_HEALTHY if result.healthy else EXIT_UNHEALTHY
 
 
 @_fails_cleanly

@@ -162,10 +162,10 @@ def infra_deploy(endpoint_url: Annotated[str | None, typer.Option(help="AWS endp
 
 @infra_app.command("status")
 def infra_status(endpoint_url: Annotated[str | None, typer.Option()] = None) -> None:
-    """Show the deployed stack and its load balancer address."""
+    """Show the deployed stack and its load balancer address (exit 0 healthy, 1 unhealthy, 3 not deployed)."""
     from infra import cli as infra_cli
 
-    infra_cli.status(_settings_or_exit(), endpoint_url=endpoint_url)
+    raise typer.Exit(infra_cli.exit_code(infra_cli.status(_settings_or_exit(), endpoint_url=endpoint_url)))
 
 
 @infra_app.command("destroy")

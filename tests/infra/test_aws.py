@@ -329,7 +329,8 @@ def test_status_reports_services_and_load_balancer(deployed: Deployment, console
     assert "1/1" in output(console)
 
 
-def test_pms_cli_runs_infra_status(deployed: Deployment, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def _cli_status(endpoint: str, stack_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Any:
+    """``pms infra status`` as a user runs it: settings from the environment, result as exit code + output."""
     from typer.testing import CliRunner
 
     from pms.cli import app
@@ -337,15 +338,47 @@ def test_pms_cli_runs_infra_status(deployed: Deployment, monkeypatch: pytest.Mon
 
     monkeypatch.chdir(tmp_path)  # no .env from the checkout
     for key, value in {"PMS_DATA_DIR": str(tmp_path), "PMS_KAFKA_BOOTSTRAP_SERVERS": KAFKA,
-                       "PMS_INFRA__REGION": REGION, "PMS_INFRA__STACK_NAME": "pms"}.items():
+                       "PMS_INFRA__REGION": REGION, "PMS_INFRA__STACK_NAME": stack_name}.items():
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
     try:
-        result = CliRunner().invoke(app, ["infra", "status", "--endpoint-url", deployed.endpoint])
+        return CliRunner().invoke(app, ["infra", "status", "--endpoint-url", endpoint])
     finally:
         get_settings.cache_clear()
-    assert result.exit_code == 0, result.output
+
+
+def test_pms_cli_runs_infra_status(deployed: Deployment, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    result = _cli_status(deployed.endpoint, "pms", monkeypatch, tmp_path)
+    assert result.exit_code == infra_cli.EXIT_HEALTHY, result.output
     assert "pms-alb" in result.output and "gateway" in result.output
+    assert "is healthy" in result.output
+
+
+def test_infra_status_exits_3_when_the_stack_is_not_deployed(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    result = _cli_status(moto_endpoint, "never-deployed", monkeypatch, tmp_path)
+    assert result.exit_code == infra_cli.EXIT_NOT_DEPLOYED, result.output
+    assert "never-deployed is not deployed" in result.output
+
+
+def test_infra_status_exits_1_on_a_stopped_database_and_a_scaled_down_service(
+    deployed: Deployment, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Drift that leaves the stack deployed but not serving is an unhealthy exit, naming each cause."""
+    gateway = next(t.name for t in deployed.stack.services if t.name.endswith("gateway"))
+    deployed.aws.ecs.update_service(cluster=deployed.stack.cluster, service=gateway, desiredCount=0)
+    deployed.aws.rds.stop_db_instance(DBInstanceIdentifier=deployed.stack.database.identifier)
+    try:
+        result = _cli_status(deployed.endpoint, "pms", monkeypatch, tmp_path)
+        assert result.exit_code == infra_cli.EXIT_UNHEALTHY, result.output
+        assert "is not healthy (2 problem(s))" in result.output
+        assert f"db-instance {deployed.stack.database.identifier} is stopped" in result.output
+        assert f"ecs-service {gateway} wants 0 task(s), the stack 1" in result.output
+    finally:
+        deployed.aws.rds.start_db_instance(DBInstanceIdentifier=deployed.stack.database.identifier)
+        infra_cli.deploy(deployed.settings, endpoint_url=deployed.endpoint, console=Console(file=io.StringIO()))
+    assert aws.status(deployed.stack, deployed.aws).healthy
 
 
 # -- failure paths -------------------------------------------------------------------------------
@@ -403,6 +436,15 @@ def test_services_that_never_run_fail_the_deploy_with_their_names(stuck: Stuck, 
     state = aws.status(desired_stack(stuck.settings), aws.Clients.connect(REGION, moto_endpoint))
     assert state.exists and not state.healthy
     assert {s.running for s in state.services} == {0}
+
+
+def test_infra_status_exits_1_for_services_without_running_tasks(
+    stuck: Stuck, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    result = _cli_status(moto_endpoint, "gone", monkeypatch, tmp_path)
+    assert result.exit_code == infra_cli.EXIT_UNHEALTHY, result.output
+    for task in desired_stack(stuck.settings).services:
+        assert f"ecs-service {task.name} runs 0 of 1 task(s)" in result.output
 
 
 def test_https_listener_forwards_and_http_redirects(stuck: Stuck, moto_endpoint: str) -> None:
