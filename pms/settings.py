@@ -80,6 +80,8 @@ class GatewaySettings(HttpService):
     rate_limit_per_minute: int = 1200
     #: Browser origins allowed to call the gateway (CORS), a JSON list.
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
+    #: Seconds between fetches of auth's token revocation list (logout, deactivation, role/password change).
+    revocation_refresh_s: float = 2.0
 
 
 class AnalyticsApiSettings(HttpService):

@@ -1,0 +1,96 @@
+"""The gateway's copy of auth's token revocation list, refreshed in the background.
+
+The gateway verifies tokens locally (no round trip to auth per request), so on its own it would
+accept a token until it expires even after logout, deactivation, a role change or a password
+change. Auth publishes what to refuse at ``GET /revocations``; the gateway fetches it every
+``settings.gateway.revocation_refresh_s`` and checks each verified principal against it, which
+costs a dictionary lookup per request.
+
+When auth cannot be reached the last list is kept (fail-open for availability: staff keep
+working, tokens still expire) and ``gateway_revocation_list_age_seconds`` grows, so an alert can
+say that revocations are not being applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client import CollectorRegistry, Gauge
+
+from pms.security import Principal, Role, encode_token
+from pms.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Subject of the gateway's own short-lived token for reading the list.
+SERVICE_SUBJECT = "service:gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One answer of auth: per-subject cut-offs (Unix time) and revoked token ids."""
+
+    cutoffs: dict[str, float] = field(default_factory=dict)
+    token_ids: frozenset[str] = frozenset()
+    fetched_at: float | None = None  # time.monotonic() of the fetch; None before the first one
+
+
+class RevocationList:
+    """Decides whether a verified principal was revoked, from the latest snapshot of auth's list."""
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient,
+                 registry: CollectorRegistry | None = None) -> None:
+        self._settings = settings
+        self._client = client
+        self._url = settings.auth.base_url.rstrip("/") + "/revocations"
+        self._interval = max(0.1, settings.gateway.revocation_refresh_s)
+        self.snapshot = Snapshot()
+        self._failing = False
+        if registry is not None:
+            age = Gauge("gateway_revocation_list_age_seconds",
+                        "Seconds since the revocation list was last fetched from auth (-1: never)",
+                        registry=registry)
+            age.set_function(self.age_s)
+
+    def refuses(self, principal: Principal) -> bool:
+        """True for a token given up by logout or issued before its user's last cut-off."""
+        snapshot = self.snapshot
+        cutoff = snapshot.cutoffs.get(principal.sub)
+        return (cutoff is not None and principal.iat < cutoff) or principal.jti in snapshot.token_ids
+
+    def age_s(self) -> float:
+        fetched = self.snapshot.fetched_at
+        return -1.0 if fetched is None else time.monotonic() - fetched
+
+    async def refresh(self) -> None:
+        """Fetch the list once and replace the snapshot; raises on any failure (the old one stays)."""
+        token = encode_token(self._settings, sub=SERVICE_SUBJECT, role=Role.ADMIN, ttl_s=60)
+        reply = await self._client.get(self._url, headers={"Authorization": f"Bearer {token}"})
+        reply.raise_for_status()
+        body = reply.json()
+        self.snapshot = Snapshot(
+            cutoffs={str(entry["sub"]): float(entry["tokensValidAfter"]) for entry in body["users"]},
+            token_ids=frozenset(str(jti) for jti in body["tokenIds"]),
+            fetched_at=time.monotonic(),
+        )
+
+    async def run(self) -> None:
+        """Refresh every interval until cancelled; one log line per outage, not one per attempt."""
+        while True:
+            try:
+                await self.refresh()
+                if self._failing:
+                    log.info("revocation list refreshed again")
+                    self._failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # auth down, slow or answering nonsense: keep the last list
+                if not self._failing:
+                    log.warning("cannot refresh the revocation list from auth; keeping the last one",
+                                extra={"fields": {"error": type(exc).__name__}})
+                    self._failing = True
+            await asyncio.sleep(self._interval)  # the refresh period, not a synchronisation
