@@ -79,13 +79,15 @@ class Analytics:
         frame = self.query(
             "SELECT tablename AS table_name FROM pg_catalog.pg_tables "
             "WHERE schemaname = 'public' AND tablename <> 'alembic_version' "
-            "AND has_table_privilege(format('%I.%I', schemaname, tablename), 'SELECT') "
+            "AND has_any_column_privilege(format('%I.%I', schemaname, tablename), 'SELECT') "
             "ORDER BY tablename"
         )
         return frame.get_column("table_name").to_list() if frame.height else []
 
     def table(self, name: str, *, limit: int | None = None) -> pl.DataFrame:
-        """A whole analytics table (or its first ``limit`` rows).
+        """A whole analytics table (or its first ``limit`` rows), the columns this role may read.
+
+        ``dead_letters.raw`` (bytes that may hold a name or an email) is not granted to the analyst.
 
         Raises:
             KeyError: ``name`` is not an analytics table; the message lists the valid ones.
@@ -93,7 +95,14 @@ class Analytics:
         known = self.tables()
         if name not in known:
             raise KeyError(f"unknown analytics table {name!r}; valid tables: {', '.join(known)}")
-        sql = f'SELECT * FROM "{name}"'  # noqa: S608 -- name checked against the catalogue above
+        readable = self.query(
+            "SELECT attname FROM pg_catalog.pg_attribute "
+            "WHERE attrelid = format('public.%I', CAST(:name AS text))::regclass "
+            "AND attnum > 0 AND NOT attisdropped AND has_column_privilege(attrelid, attnum, 'SELECT') "
+            "ORDER BY attnum", name=name,
+        ).get_column("attname").to_list()
+        columns = ", ".join('"' + column.replace('"', '""') + '"' for column in readable)
+        sql = f'SELECT {columns} FROM "{name}"'  # noqa: S608 -- names checked against the catalogue above
         if limit is not None:
             return self.query(sql + " LIMIT :limit", limit=int(limit))
         return self.query(sql)

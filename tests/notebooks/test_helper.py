@@ -68,6 +68,16 @@ def test_tables_lists_the_analytics_contract_and_table_rejects_others(analytics:
         analytics.table('geography"; DROP TABLE geography; --')
 
 
+def test_dead_letters_are_listed_and_read_without_their_raw_bytes(analytics: pms_notebook.Analytics) -> None:
+    """The analyst may not read ``dead_letters.raw``: ``table`` returns every other column."""
+    dead = analytics.table("dead_letters")
+    assert dead.columns == ["id", "topic", "partition", "kafka_offset", "reason", "raw_digest", "received_at"]
+    assert dead.height == 2
+    with pytest.raises(DBAPIError) as caught:
+        analytics.query("SELECT raw FROM dead_letters")
+    assert isinstance(caught.value.orig, psycopg.errors.InsufficientPrivilege)
+
+
 def test_transactions_are_read_only(analytics: pms_notebook.Analytics) -> None:
     for statement in (
         "INSERT INTO geography (city, patients) VALUES ('Nowhere', 1)",
