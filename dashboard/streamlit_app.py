@@ -68,7 +68,7 @@ with st.sidebar:
         st.caption(f"Signed in as **{auth.email}**")
         st.badge(auth.role.title(), icon=":material/badge:", color="blue")
         if st.button("Sign out", icon=":material/logout:", key="sign_out", width="stretch"):
-            ui.sign_out("You have signed out.")
+            ui.sign_out("You have signed out.", revoke=True)
             st.rerun()
 
 banner = st.container()

@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from dashboard.client import AuthSession, GatewayClient
+from dashboard.client import AuthSession, GatewayClient, GatewayError
 from dashboard.serve import GATEWAY_ARG
 
 AUTH_KEY = "auth"
@@ -54,8 +54,19 @@ def sign_in(auth: AuthSession) -> None:
         st.session_state.pop(key, None)
 
 
-def sign_out(note: str | None = None) -> None:
-    """Forget the token and everything derived from it in this session."""
+def sign_out(note: str | None = None, *, revoke: bool = False) -> None:
+    """Forget the token and everything derived from it in this session.
+
+    ``revoke`` (the Sign out button) also gives the token up at auth first, so a copy of it
+    cannot be used any more; if the gateway cannot be reached the local sign-out still happens
+    and the token simply expires.
+    """
+    auth = current_session()
+    if revoke and auth is not None and not auth.expired:
+        try:
+            GatewayClient(gateway_url(), auth.token).logout()
+        except GatewayError:
+            pass  # already invalid, or the gateway is away: nothing more this page can do
     for key in list(st.session_state.keys()):
         if key not in (GATEWAY_KEY,):
             del st.session_state[key]

@@ -73,7 +73,7 @@ def safe_subpath(subpath: str) -> bool:
 def auth_access(subpath: str) -> Access | None:
     """Access rule for ``/auth/<subpath>``; None when the gateway does not expose it."""
     head = subpath.split("/", 1)[0]
-    if subpath in ("login", "validate") or head == "me":
+    if subpath in ("login", "validate", "logout") or head == "me":
         return Access(PUBLIC)
     if head == "users":
         return Access(ADMIN_ONLY)

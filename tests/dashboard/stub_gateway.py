@@ -54,6 +54,7 @@ class StubState:
     next_mrn: int = 1000
     calls: Counter[str] = field(default_factory=Counter)
     last_query: dict[str, dict[str, str]] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
 
 
 def _now() -> str:
@@ -115,7 +116,10 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
     def principal(authorization: str | None = Header(default=None)) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("Authentication required")
-        return decode_token(settings, authorization.removeprefix("Bearer "))
+        verified = decode_token(settings, authorization.removeprefix("Bearer "))
+        if verified.jti in state.revoked:
+            raise Unauthorized("Token revoked; log in again")
+        return verified
 
     def need(p: Principal, *roles: str) -> None:
         if str(p.role) not in roles:
@@ -137,6 +141,11 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
         ttl = state.token_ttl_s if state.token_ttl_s is not None else settings.jwt.ttl_s
         token = encode_token(settings, sub=email, role=user["role"], ttl_s=ttl)
         return {"token": token, "tokenType": "Bearer", "expiresIn": ttl, "role": user["role"]}
+
+    @app.post("/auth/logout", status_code=204)
+    def logout(p: Principal = Depends(principal)) -> Response:
+        state.revoked.add(p.jti)
+        return Response(status_code=204)
 
     @app.get("/auth/me")
     def me(p: Principal = Depends(principal)) -> dict[str, Any]:
@@ -384,6 +393,7 @@ class StubGateway:
         self.state.failures.clear()
         self.state.calls.clear()
         self.state.last_query.clear()
+        self.state.revoked.clear()
         self.state.down = False
         self.state.token_ttl_s = None
         self.state.users.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import date
 
+import httpx
 import pytest
 
 from dashboard.client import AuthSession, GatewayClient
@@ -77,12 +78,24 @@ def test_login_opens_the_staff_pages_and_forgets_the_password(stub: StubGateway)
         at.switch_page("app_pages/users.py")
 
 
-def test_sign_out_returns_to_login(stub: StubGateway) -> None:
+def test_sign_out_returns_to_login_and_gives_the_token_up(stub: StubGateway) -> None:
     at = login(new_app(stub.url), "staff@pms.local")
+    token = at.session_state["auth"].token
     at.button(key="sign_out").click().run()
     assert "auth" not in at.session_state
     assert any("signed out" in t for t in texts(at.info))
     assert at.session_state["gateway_url"] == stub.url
+    assert stub.state.calls["POST /auth/logout"] == 1
+    assert httpx.get(stub.url + "/auth/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_sign_out_still_signs_out_when_the_gateway_is_down(stub: StubGateway) -> None:
+    at = login(new_app(stub.url), "staff@pms.local")
+    stub.state.down = True
+    at.button(key="sign_out").click().run()
+    assert not at.exception
+    assert "auth" not in at.session_state
+    assert any("signed out" in t for t in texts(at.info))
 
 
 def test_expired_token_sends_back_to_login_with_a_note(stub: StubGateway) -> None:
