@@ -348,6 +348,25 @@ def bootstrap_databases(
                             sql.Identifier("public", table), sql.Identifier(analyst_role)
                         )
                     )
+                # A narrowed table that got a table-wide SELECT back (``pms restore`` recreates it under the
+                # default privileges above, then replays only the column grants) is narrowed again.
+                widened = conn.execute(
+                    "WITH r AS (SELECT oid FROM pg_roles WHERE rolname = %s) "
+                    "SELECT c.relname, array_agg(a.attname::text ORDER BY a.attnum) FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid "
+                    "WHERE n.nspname = 'public' AND a.attnum > 0 AND NOT a.attisdropped "
+                    "AND EXISTS (SELECT 1 FROM aclexplode(c.relacl) t, r WHERE t.grantee = r.oid "
+                    "AND t.privilege_type = 'SELECT') "
+                    "AND EXISTS (SELECT 1 FROM aclexplode(a.attacl) x, r WHERE x.grantee = r.oid "
+                    "AND x.privilege_type = 'SELECT') GROUP BY c.relname",
+                    (analyst_role,),
+                ).fetchall()
+                for table, columns in widened:
+                    target = sql.Identifier("public", table)
+                    conn.execute(sql.SQL("REVOKE SELECT ON TABLE {} FROM {}").format(
+                        target, sql.Identifier(analyst_role)))
+                    conn.execute(sql.SQL("GRANT SELECT ({}) ON TABLE {} TO {}").format(
+                        sql.SQL(", ").join(map(sql.Identifier, columns)), target, sql.Identifier(analyst_role)))
                 conn.execute(
                     sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
                         sql.Identifier(analyst_role)

@@ -85,6 +85,27 @@ def test_a_later_bootstrap_does_not_grant_the_raw_bytes_back(servers: ServerSet,
             conn.execute(text("TRUNCATE dead_letters"))
 
 
+def test_bootstrap_narrows_a_table_widened_again_as_pms_restore_does(servers: ServerSet,
+                                                                      analytics_engine: Engine) -> None:
+    """``pms restore`` recreates dead_letters under the default privileges (a table-wide SELECT for the analyst)
+    and then replays only its column grants; the bootstrap it runs afterwards must take the table-wide one back."""
+    if servers.postgres is None:
+        pytest.skip("needs the embedded server's superuser")
+    _one_dead_letter(analytics_engine)
+    try:
+        with analytics_engine.begin() as conn:
+            conn.execute(text("GRANT SELECT ON dead_letters TO pms_analyst"))
+        with psycopg.connect(libpq_dsn(servers.settings.analyst_url())) as conn:
+            assert conn.execute("SELECT raw FROM dead_letters").fetchone() == (b"name=Jane Doe",)  # widened
+        servers.postgres.bootstrap()
+        _assert_analyst_cannot_read_raw(servers)
+    finally:
+        with analytics_engine.begin() as conn:
+            conn.execute(text("TRUNCATE dead_letters"))
+            conn.execute(text("REVOKE SELECT ON dead_letters FROM pms_analyst"))
+            conn.execute(text(f"GRANT SELECT ({DEAD_LETTER_READABLE}) ON dead_letters TO pms_analyst"))
+
+
 @pytest.fixture
 def scratch_analytics(servers: ServerSet) -> Iterator[URL]:
     """An empty database shaped like ``analytics`` (the analyst reads new tables by default), dropped after."""
