@@ -191,6 +191,27 @@ class InfraSettings(BaseModel):
     poll_interval_s: float = 5.0
 
 
+class SupervisorSettings(BaseModel):
+    """``pms up``: how children that die are restarted, how they are stopped, how their logs are kept."""
+
+    #: Restarts of one child allowed within restart_window_s; its next death stops everything (exit 1).
+    max_restarts: int = Field(default=5, ge=0)
+    #: Window, seconds, over which the restarts of one child are counted.
+    restart_window_s: float = Field(default=60.0, gt=0)
+    #: Delay before restarting a child that died, seconds; doubles with every recent restart.
+    backoff_initial_s: float = Field(default=0.5, ge=0)
+    #: Longest delay before a restart, seconds.
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    #: Seconds a child may take to exit after SIGTERM on stop before it is killed (a second Ctrl-C kills at once).
+    stop_timeout_s: float = Field(default=10.0, gt=0)
+    #: Seconds a service may take to answer its readiness probe before the start fails.
+    ready_timeout_s: float = Field(default=120.0, gt=0)
+    #: A child's log in <data_dir>/logs is rotated (copy-truncate) once larger than this, bytes.
+    log_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    #: Rotated copies kept per log (<name>.log.1 is the newest); 0 only truncates.
+    log_backups: int = Field(default=3, ge=0)
+
+
 class Settings(BaseSettings):
     """All configuration of the platform, one instance per process."""
 
@@ -231,6 +252,7 @@ class Settings(BaseSettings):
     dashboard: DashboardSettings = DashboardSettings()
     pipeline: PipelineSettings = PipelineSettings()
     infra: InfraSettings = InfraSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
 
     @property
     def mode(self) -> Mode:

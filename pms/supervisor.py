@@ -6,13 +6,26 @@ order, each as soon as everything it depends on answers its readiness probe. It 
 live status table while starting, prints where everything is and the admin login, and then
 watches the children until Ctrl-C / SIGTERM, when it stops them in reverse order.
 
-Restart policy (documented in the README): a child that exits on its own -- while starting
-or after it was ready -- is named, the tail of its log is printed, and it is restarted after
-an exponential backoff (``backoff_initial_s`` doubling up to ``backoff_max_s``). When one
-child has already been restarted ``max_restarts`` times within ``window_s`` seconds, the
-supervisor gives up: it stops everything and exits with :data:`EXIT_FAILED`. A child that
-does not become ready within ``ready_timeout_s`` is a start failure (stop everything, exit
-non-zero): waiting longer would only hide the problem.
+Restart policy (documented in the README, knobs in ``settings.supervisor``): a child that
+exits on its own -- while starting or after it was ready -- is named, the tail of its log is
+printed, and it is restarted after an exponential backoff (``backoff_initial_s`` doubling up
+to ``backoff_max_s``). When one child has already been restarted ``max_restarts`` times within
+``restart_window_s`` seconds, the supervisor gives up: it stops everything and exits with
+:data:`EXIT_FAILED`. A child that does not become ready within ``ready_timeout_s`` is a start
+failure (stop everything, exit non-zero): waiting longer would only hide the problem.
+
+Dependents of a child that died are named but NOT restarted: ``depends_on`` orders the start,
+and every such edge is a network client that reconnects by itself (the gRPC channel to
+billing, the gateway's HTTP upstreams), answering 502/503/``billingStatus PENDING`` meanwhile.
+Restarting them would only drop their in-flight work and lengthen the outage.
+
+Stopping: Ctrl-C / SIGTERM / SIGHUP stops children in reverse order, each with SIGTERM and
+``stop_timeout_s`` before SIGKILL; a second Ctrl-C (or any second stop signal) while that
+runs SIGKILLs everything still running at once.
+
+Logs: each child's stdout/stderr is appended to ``<data_dir>/logs/<name>.log``; the
+supervisor copy-truncates a log that outgrows ``log_max_bytes`` and keeps ``log_backups``
+copies (:func:`pms.process.rotate_log`), so the children need not cooperate.
 
 ``pms status`` reads the state file the supervisor keeps in the data dir (pids, ports,
 start time) and probes each service itself.
@@ -58,9 +71,12 @@ ADMIN_PASSWORD_FILE = "admin.password"
 #: Marker in the data dir: the generated admin password has been printed once.
 ADMIN_SHOWN_MARKER = ".admin-password-shown"
 LOG_TAIL_LINES = 20
+#: How often the supervisor checks the size of the logs it rotates, seconds.
+LOG_CHECK_INTERVAL_S = 1.0
 
 if TYPE_CHECKING:
     from pms.embedded import EmbeddedBroker, EmbeddedPostgres
+    from pms.settings import SupervisorSettings
 
 CommandFactory = Callable[[ServiceSpec], list[str]]
 
@@ -74,6 +90,11 @@ class RestartPolicy:
     window_s: float = 60.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: SupervisorSettings) -> RestartPolicy:
+        return cls(max_restarts=settings.max_restarts, window_s=settings.restart_window_s,
+                   backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s)
 
     def backoff(self, recent_restarts: int) -> float:
         """Delay before the next restart: doubles with every recent restart, capped."""
@@ -165,6 +186,8 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES, *, since: int = 0) -> str:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
+            if since > size:  # rotated (copy-truncated) since: this run's output starts at the top
+                since = 0
             handle.seek(max(since, size - 64 * 1024))
             data = handle.read().decode(errors="replace")
     except FileNotFoundError:
@@ -219,9 +242,9 @@ class Supervisor:
         only: start only these services and what they depend on.
         services: the service list (default: the registry); tests pass stand-ins.
         command: argv for a service (default ``python -m pms.cli serve NAME``).
-        policy: restart policy for children that die.
-        ready_timeout_s: how long one service may take to answer its probe.
-        stop_timeout_s: how long one service may take to exit after SIGTERM before SIGKILL.
+        policy: restart policy for children that die (default: from ``settings.supervisor``).
+        ready_timeout_s: how long one service may take to answer its probe (default: the setting).
+        stop_timeout_s: how long one service may take to exit after SIGTERM before SIGKILL (default: the setting).
         console: where status and messages go (default: stderr).
     """
 
@@ -233,25 +256,29 @@ class Supervisor:
         services: Sequence[ServiceSpec] | None = None,
         command: CommandFactory = serve_command,
         policy: RestartPolicy | None = None,
-        ready_timeout_s: float = 120.0,
+        ready_timeout_s: float | None = None,
         poll_interval_s: float = 0.1,
-        stop_timeout_s: float = 10.0,
+        stop_timeout_s: float | None = None,
         console: Console | None = None,
     ) -> None:
         self.settings = settings
         self.only = list(only or [])
         self.services = tuple(SERVICES if services is None else services)
         self.command = command
-        self.policy = policy or RestartPolicy()
-        self.ready_timeout_s = ready_timeout_s
+        self.policy = policy or RestartPolicy.from_settings(settings.supervisor)
+        self.ready_timeout_s = settings.supervisor.ready_timeout_s if ready_timeout_s is None else ready_timeout_s
         self.poll_interval_s = poll_interval_s
-        self.stop_timeout_s = stop_timeout_s
+        self.stop_timeout_s = settings.supervisor.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
         self.console = console or Console(stderr=True)
         self.children: list[Child] = []
         self.postgres: EmbeddedPostgres | None = None
         self.broker: EmbeddedBroker | None = None
         self._infra_restarts: dict[str, deque[float]] = {"postgres": deque(), "broker": deque()}
         self._stop = threading.Event()
+        #: Set by a second stop signal: everything still running is SIGKILLed, nothing waits any more.
+        self._force = threading.Event()
+        self._force_announced = False
+        self._next_log_check = 0.0
         self._started_at = datetime.now(UTC).isoformat(timespec="seconds")
         self._env: dict[str, str] = {}
 
@@ -399,6 +426,9 @@ class Supervisor:
             changed |= self._check_server("broker", self.broker)
             if changed:
                 self._write_state()
+            if now >= self._next_log_check:
+                self._next_log_check = now + LOG_CHECK_INTERVAL_S
+                self._rotate_logs()
 
     # -- one child -----------------------------------------------------------------------
     def _step(self, child: Child, now: float) -> None:
@@ -432,6 +462,7 @@ class Supervisor:
         return all(states.get(dep, State.READY) is State.READY for dep in child.spec.depends_on)
 
     def _spawn(self, child: Child, now: float) -> None:
+        self._rotate(child.log_path)  # logs are appended across runs: start below the limit
         child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
         child.proc = process.spawn(self.command(child.spec), log_path=child.log_path, env=self._env)
         child.state = State.STARTING
@@ -444,6 +475,11 @@ class Supervisor:
         child.proc = None
         self._error(f"{name} (pid {pid}) {describe_exit(code)}")
         self._show_tail(name, child.log_path, since=child.log_offset)
+        affected = self._dependents(name)
+        if affected:
+            self.console.print(f"affected while {name} is down: {', '.join(affected)} "
+                               f"(they depend on it, keep running and reconnect when it is back; not restarted)",
+                               highlight=False)
         recent = self._recent(child.restarts, now)
         if len(recent) >= self.policy.max_restarts:
             child.state = State.FAILED
@@ -458,6 +494,37 @@ class Supervisor:
         self.console.print(f"[yellow]restarting[/] {name} in {delay:.1f}s "
                            f"(restart {len(recent)} of at most {self.policy.max_restarts} "
                            f"per {self.policy.window_s:.0f}s)")
+
+    def _dependents(self, name: str) -> list[str]:
+        """Children that depend on ``name``, directly or through another child, in start order."""
+        affected: set[str] = set()
+        grew = True
+        while grew:
+            grew = False
+            for child in self.children:
+                spec = child.spec
+                if spec.name not in affected and any(dep == name or dep in affected for dep in spec.depends_on):
+                    affected.add(spec.name)
+                    grew = True
+        return [child.spec.name for child in self.children if child.spec.name in affected]
+
+    # -- logs ----------------------------------------------------------------------------
+    def _rotate(self, path: Path) -> bool:
+        supervisor = self.settings.supervisor
+        try:
+            return process.rotate_log(path, max_bytes=supervisor.log_max_bytes, backups=supervisor.log_backups)
+        except OSError as exc:  # a full disk must not take the supervisor down with it
+            self._error(f"could not rotate {path}: {exc}")
+            return False
+
+    def _rotate_logs(self) -> None:
+        """Copy-truncate every child's and server's log that outgrew ``log_max_bytes``."""
+        for child in self.children:
+            if self._rotate(child.log_path):
+                child.log_offset = 0  # this run's output now starts at the top of the file
+        for server in (self.postgres, self.broker):
+            if server is not None:
+                self._rotate(server.log_path)
 
     def _recent(self, restarts: deque[float], now: float) -> deque[float]:
         while restarts and now - restarts[0] > self.policy.window_s:
@@ -485,13 +552,21 @@ class Supervisor:
 
     # -- stop ----------------------------------------------------------------------------
     def _shutdown(self) -> None:
-        """Stop services in reverse start order, then the broker, then PostgreSQL (fast shutdown)."""
+        """Stop services in reverse start order, then the broker, then PostgreSQL (fast shutdown).
+
+        A stop signal while this runs (the second Ctrl-C) SIGKILLs whatever is still running.
+        """
+        self._stop.set()  # from here on, any stop signal means: kill
+        if self._live_procs():
+            self.console.print("stopping everything (Ctrl-C again to kill what is still running)")
         stopped_any = False
         for child in reversed(self.children):
             if child.proc is not None:
                 began = time.monotonic()
                 code = process.stop(child.proc, timeout=self.stop_timeout_s)
-                if time.monotonic() - began >= self.stop_timeout_s:
+                if self._force.is_set():
+                    self._announce_force()
+                elif time.monotonic() - began >= self.stop_timeout_s:
                     self.console.print(f"[yellow]{child.spec.name} ignored SIGTERM for {self.stop_timeout_s:.0f}s "
                                        f"and was killed[/] ({describe_exit(code)})")
                 child.proc = None
@@ -501,6 +576,8 @@ class Supervisor:
             if server is not None and server.proc is not None:
                 server.stop()
                 stopped_any = True
+        if self._force.is_set():
+            self._announce_force()
         self.broker = self.postgres = None
         if self.children or stopped_any:
             try:
@@ -512,13 +589,40 @@ class Supervisor:
         if stopped_any:
             self.console.print("stopped everything")
 
+    def _live_procs(self) -> list[Popen[bytes]]:
+        procs = [child.proc for child in self.children if child.proc is not None]
+        procs += [server.proc for server in (self.broker, self.postgres) if server is not None and server.proc]
+        return [proc for proc in procs if proc.returncode is None]
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        """First signal: stop in order. Any later one: SIGKILL everything still running, right now.
+
+        Runs in the main thread between bytecodes, possibly inside a ``wait``: it only sends
+        signals (no printing, no ``poll``); the waits return as the processes die, and
+        :meth:`_shutdown` says what happened.
+        """
+        if not self._stop.is_set():
+            self._stop.set()
+            return
+        self._force.set()
+        for proc in self._live_procs():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its session: the server and everything it forked
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _announce_force(self) -> None:
+        if not self._force_announced:
+            self._force_announced = True
+            self.console.print("[red]second Ctrl-C: killed everything that was still stopping[/] (SIGKILL)")
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
         # SIGHUP too: a closed terminal should stop PostgreSQL cleanly, not through the parent-death SIGKILL.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, lambda *_: self._stop.set())
+            previous[sig] = signal.signal(sig, self._on_stop_signal)
         return previous
 
     @staticmethod

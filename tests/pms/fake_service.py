@@ -6,7 +6,8 @@
 - ``grpc``: a gRPC server whose standard health service answers SERVING;
 - ``crash``: prints a failure line and exits with code 3 (like a module that cannot import);
 - ``never-ready``: listens, but ``/ready`` answers 503 forever;
-- ``stubborn``: like ``http`` but ignores SIGTERM (only SIGKILL stops it).
+- ``stubborn``: like ``http`` but ignores SIGTERM (only SIGKILL stops it);
+- ``chatty``: like ``http`` and prints a numbered 100-byte line every 2 ms (to fill its log).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CRASH_MESSAGE = "fake failure: this stand-in cannot start"
@@ -75,6 +77,15 @@ def serve_grpc(port: int) -> None:
     server.wait_for_termination()
 
 
+def chatter() -> None:
+    """Numbered lines, so a test can see that a rotated log continues where its copy ends."""
+    number = 0
+    stop = threading.Event()
+    while not stop.wait(0.002):
+        print(f"chatty line {number:08d} " + "." * 78, flush=True)
+        number += 1
+
+
 def main(argv: list[str]) -> None:
     mode, port = argv[0], int(argv[1])
     if mode == "crash":
@@ -82,6 +93,8 @@ def main(argv: list[str]) -> None:
         sys.exit(CRASH_EXIT_CODE)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if mode == "chatty":
+        threading.Thread(target=chatter, daemon=True).start()
     if mode == "grpc":
         serve_grpc(port)
     else:

@@ -2,7 +2,8 @@
 
 ``python -m tests.pms.supervisor_harness`` reads its settings from ``PMS_*`` (as ``pms up``
 does) and the stand-ins from ``PMS_TEST_SUPERVISOR`` (JSON): ``services`` (name, mode,
-section, probe, depends_on), optional ``only``, ``policy``, ``ready_timeout_s`` and ``stop_timeout_s``.
+section, probe, depends_on), optional ``only``, ``policy``, ``ready_timeout_s`` and ``stop_timeout_s``
+(without them the supervisor uses ``settings.supervisor``, like ``pms up``).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ def main() -> int:
         only=config.get("only"),
         services=specs,
         command=command,
-        policy=RestartPolicy(**config.get("policy", {})),
-        ready_timeout_s=float(config.get("ready_timeout_s", 30.0)),
-        stop_timeout_s=float(config.get("stop_timeout_s", 10.0)),
+        # Unset here: the supervisor takes them from settings.supervisor (PMS_SUPERVISOR__*), as `pms up` does.
+        policy=RestartPolicy(**config["policy"]) if "policy" in config else None,
+        ready_timeout_s=float(config["ready_timeout_s"]) if "ready_timeout_s" in config else None,
+        stop_timeout_s=float(config["stop_timeout_s"]) if "stop_timeout_s" in config else None,
         console=Console(stderr=True, width=200, force_terminal=False, color_system=None),
     )
     return supervisor.run()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,13 @@ import httpx
 import psutil
 import psycopg
 import pytest
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from pms import process
 from pms.embedded import libpq_dsn
 from pms.registry import Kind, Probe, ServiceSpec
-from pms.settings import KafkaSettings, PostgresSettings, Settings, to_env
+from pms.settings import KafkaSettings, PostgresSettings, Settings, SupervisorSettings, to_env
 from pms.supervisor import (
     ADMIN_PASSWORD_FILE,
     EXIT_FAILED,
@@ -58,6 +60,8 @@ STACK = [
     {"name": "gateway", "mode": "http", "section": "gateway", "depends_on": ["auth", "patient"]},
 ]
 FAST_POLICY = {"max_restarts": 2, "window_s": 60.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+#: The same policy as settings (PMS_SUPERVISOR__*), the way `pms up` gets it.
+FAST_SETTINGS = {"max_restarts": 2, "restart_window_s": 60.0, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 
 
 def _ports() -> dict[str, Any]:
@@ -76,7 +80,7 @@ def embedded_settings(data_dir: Path) -> Settings:
     )
 
 
-def external_settings(servers: ServerSet, data_dir: Path) -> Settings:
+def external_settings(servers: ServerSet, data_dir: Path, **overrides: Any) -> Settings:
     """External mode on the session's servers: the supervisor starts services only."""
     base = servers.settings
     return Settings(
@@ -88,6 +92,7 @@ def external_settings(servers: ServerSet, data_dir: Path) -> Settings:
         jwt={"secret": SecretStr("supervisor-test-secret-" + "x" * 32)},
         admin_password=SecretStr("configured-admin-password"),
         **_ports(),
+        **overrides,
     )
 
 
@@ -272,9 +277,9 @@ def test_up_then_sigint_leaves_nothing_and_a_restart_keeps_the_data(data_dir: Pa
 def test_crashing_child_is_restarted_then_supervisor_gives_up(
     servers: ServerSet, tmp_path: Path, run_supervisor: Any
 ) -> None:
-    settings = external_settings(servers, tmp_path / "data")
+    settings = external_settings(servers, tmp_path / "data", supervisor=FAST_SETTINGS)
     services = [STACK[1], {"name": "patient", "mode": "crash", "section": "patient"}]
-    run = run_supervisor(settings, {"services": services, "policy": FAST_POLICY})
+    run = run_supervisor(settings, {"services": services})  # the policy comes from settings.supervisor
     code = run.wait(timeout=60)
     out = run.output()
 
@@ -326,9 +331,9 @@ def test_killed_child_is_restarted_and_only_starts_what_is_needed(
 def test_service_that_never_gets_ready_fails_the_start(
     servers: ServerSet, tmp_path: Path, run_supervisor: Any
 ) -> None:
-    settings = external_settings(servers, tmp_path / "data")
+    settings = external_settings(servers, tmp_path / "data", supervisor={"ready_timeout_s": 1.5})
     services = [{"name": "auth", "mode": "never-ready", "section": "auth"}]
-    run = run_supervisor(settings, {"services": services, "ready_timeout_s": 1.5})
+    run = run_supervisor(settings, {"services": services})
     assert run.wait(timeout=30) == EXIT_FAILED
     out = run.output()
     assert "auth did not become ready within 2s" in out
@@ -340,14 +345,113 @@ def test_service_that_never_gets_ready_fails_the_start(
 def test_child_that_ignores_sigterm_is_killed_on_stop(
     servers: ServerSet, tmp_path: Path, run_supervisor: Any
 ) -> None:
-    settings = external_settings(servers, tmp_path / "data")
+    settings = external_settings(servers, tmp_path / "data", supervisor={"stop_timeout_s": 1.0})
     services = [{"name": "auth", "mode": "stubborn", "section": "auth"}]
-    run = run_supervisor(settings, {"services": services, "stop_timeout_s": 1.0})
+    run = run_supervisor(settings, {"services": services})
     run.wait_ready()
     tree = run.descendants()
     assert run.stop(signal.SIGINT) == EXIT_OK, run.output()
     assert "auth ignored SIGTERM for 1s and was killed (was killed by SIGKILL)" in run.output()
     assert _alive(tree) == []
+
+
+def test_second_ctrl_c_kills_what_is_still_stopping(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    """With a minute of grace for a child that ignores SIGTERM, the second Ctrl-C must not wait for it."""
+    settings = external_settings(servers, tmp_path / "data", supervisor={"stop_timeout_s": 60.0})
+    services = [STACK[1], {"name": "patient", "mode": "stubborn", "section": "patient"}]
+    run = run_supervisor(settings, {"services": services})
+    run.wait_ready()
+    tree = run.descendants()
+    run.proc.send_signal(signal.SIGINT)
+    process.wait_until(lambda: "Ctrl-C again" in run.output(), timeout=30, message="the stop to begin",
+                       alive=run.alive)
+    began = time.monotonic()
+    assert run.stop(signal.SIGINT, timeout=30) == EXIT_OK, run.output()
+    assert time.monotonic() - began < 30  # not the 60 s stop timeout
+    out = run.output()
+    assert "second Ctrl-C: killed everything that was still stopping" in out
+    assert "ignored SIGTERM" not in out
+    process.wait_until(lambda: not _alive(tree), timeout=10, message="every child to be gone")
+    assert not process.port_in_use("127.0.0.1", settings.patient.port)
+
+
+def test_dependents_of_a_dead_child_are_named_and_keep_running(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    settings = external_settings(servers, tmp_path / "data", supervisor=FAST_SETTINGS)
+    run = run_supervisor(settings, {"services": STACK})
+    run.wait_ready()
+    before = {name: run.service(name)["pid"] for name in ("auth", "patient", "gateway")}
+    billing = run.service("billing")["pid"]
+    os.kill(billing, signal.SIGKILL)
+    process.wait_until(
+        lambda: run.service("billing").get("restarts") == 1 and run.service("billing").get("state") == "ready",
+        timeout=30, message="billing restarted", alive=run.alive,
+    )
+    out = run.output()
+    assert f"billing (pid {billing}) was killed by SIGKILL" in out
+    # patient needs billing, the gateway needs patient: both named, auth is not.
+    assert "affected while billing is down: patient, gateway (they depend on it" in out
+    assert {name: run.service(name)["pid"] for name in before} == before
+    assert all(run.service(name)["restarts"] == 0 for name in before)
+    assert _status(settings)[0] == EXIT_OK
+    assert run.stop(signal.SIGTERM) == EXIT_OK, run.output()
+
+
+def test_logs_are_rotated_while_a_service_writes_them(
+    servers: ServerSet, tmp_path: Path, run_supervisor: Any
+) -> None:
+    settings = external_settings(servers, tmp_path / "data",
+                                 supervisor={"log_max_bytes": 20_000, "log_backups": 2})
+    run = run_supervisor(settings, {"services": [{"name": "auth", "mode": "chatty", "section": "auth"}]})
+    run.wait_ready()
+    log = settings.logs_dir / "auth.log"
+    oldest = settings.logs_dir / "auth.log.2"
+
+    def rotated_three_times() -> bool:
+        # the first generation (starting with the listening line) has been pushed out of .2
+        try:
+            return not oldest.read_text().startswith("fake http service listening")
+        except FileNotFoundError:
+            return False
+
+    process.wait_until(rotated_three_times, timeout=60, message="three rotations", alive=run.alive)
+    assert run.stop(signal.SIGINT) == EXIT_OK, run.output()
+
+    assert sorted(p.name for p in settings.logs_dir.iterdir()) == ["auth.log", "auth.log.1", "auth.log.2"]
+    numbers = []
+    for path in (oldest, settings.logs_dir / "auth.log.1", log):
+        data = path.read_bytes()
+        assert b"\0" not in data, f"{path.name} has a hole: the writer did not append after the truncate"
+        numbers.append([int(line.split()[2]) for line in data.decode().splitlines() if line.startswith("chatty")])
+    assert all(numbers), numbers
+    for older, newer in itertools.pairwise(numbers):
+        # each file continues where the one before it ends (copy-truncate may lose a line at the seam)
+        assert 0 < newer[0] - older[-1] <= 3, (older[-1], newer[0])
+    kept = sum(p.stat().st_size for p in settings.logs_dir.iterdir())
+    written = (numbers[-1][-1] + 1) * 100
+    assert kept < written  # the oldest output is gone: the logs stay bounded
+
+
+def test_restart_policy_and_timeouts_come_from_settings(tmp_path: Path) -> None:
+    settings = embedded_settings(tmp_path / "data").model_copy(update={"supervisor": SupervisorSettings(
+        max_restarts=7, restart_window_s=30, backoff_initial_s=0.25, backoff_max_s=4, stop_timeout_s=3,
+        ready_timeout_s=45)})
+    supervisor = Supervisor(settings, services=fake_specs(STACK))
+    assert supervisor.policy == RestartPolicy(max_restarts=7, window_s=30, backoff_initial_s=0.25, backoff_max_s=4)
+    assert (supervisor.stop_timeout_s, supervisor.ready_timeout_s) == (3, 45)
+    assert Supervisor(settings, stop_timeout_s=1.5).stop_timeout_s == 1.5  # an explicit argument still wins
+
+
+@pytest.mark.parametrize("variable", ["PMS_SUPERVISOR__MAX_RESTARTS=-1", "PMS_SUPERVISOR__STOP_TIMEOUT_S=0",
+                                      "PMS_SUPERVISOR__LOG_MAX_BYTES=0"])
+def test_nonsense_supervisor_settings_are_refused(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    name, _, value = variable.partition("=")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.rpartition("__")[2].lower()):
+        Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 def test_killed_supervisor_takes_its_children_with_it(
