@@ -5,10 +5,25 @@ is publish order. The producer is idempotent (no duplicates from its own retries
 keyed by patient id (one patient's events stay in one partition, in version order). A
 broker that is down only delays events; they stay unsent in the outbox until it answers.
 
-The embedded broker forgets topics when it restarts. After each publish the relay stores
-the topic's high watermarks; a topic that is missing, or whose watermarks went backwards,
-was reset, and the relay republishes the whole outbox from the start by itself. Consumers
-are idempotent by (patient_id, version), so a republish is safe.
+The relay wakes when a transaction that wrote outbox rows commits: an insert trigger
+(migration ``0002_outbox_notify``) NOTIFYs channel ``patient_outbox``, which the leader
+LISTENs on with its advisory-lock connection. The poll interval stays as the fallback: a
+lost notification costs at most one poll, and a LISTEN connection that breaks loses the
+lock with it, so the relay reconnects (or, while PostgreSQL is down, retries) and reads
+the outbox again before it waits for the next notification.
+
+The embedded broker forgets topics when it restarts. The relay stores a high watermark per
+partition in ``patient_relay_state``; a topic that is missing, or whose watermarks went
+below the stored ones, was reset, and the relay republishes the whole outbox from the start
+by itself. Consumers are idempotent by (patient_id, version), so a republish is safe.
+
+Which watermark is stored matters: Tansu 0.6 answers ListOffsets (an uncached
+``get_watermark_offsets``) with the start of the partition's *last record batch* + 1, not
+the log end. So the relay stores, from its own delivery reports, the offset of the *first*
+message it delivered to the partition in a round, + 1: never above what either Tansu or
+Kafka reports for that partition afterwards (every later batch starts at or after it), so
+no false reset, and no broker round trip per batch. A delivery report whose offset is below
+the stored watermark means the topic was reset under the relay: republish at once.
 """
 
 from __future__ import annotations
@@ -22,8 +37,9 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+import psycopg
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,10 +49,14 @@ from pms.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How often an idle relay checks the topic for a reset, seconds.
+#: How often the relay checks the topic for a reset (idle or busy), seconds.
 RESET_CHECK_INTERVAL_S = 1.0
 #: Longest wait for one batch's delivery reports before the batch is retried.
 FLUSH_TIMEOUT_S = 20.0
+#: The channel the outbox insert trigger notifies (migration 0002_outbox_notify).
+NOTIFY_CHANNEL = "patient_outbox"
+#: Longest single wait for a notification, so a stop never waits out a long poll interval.
+WAIT_SLICE_S = 0.5
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -44,7 +64,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "bootstrap.servers": settings.bootstrap_servers,
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        "linger.ms": 5,  # the relay flushes each batch at once, which sends without lingering
         "message.timeout.ms": 15000,
         "socket.timeout.ms": 10000,
         "log_level": 3,
@@ -74,7 +94,7 @@ def ensure_topic(admin: AdminClient, settings: Settings, *, timeout: float = 5.0
 
 
 #: pg advisory lock held by the one relay that publishes (one per patients database).
-_LEADER_LOCK_ID = 7_310_100 + zlib.crc32(b"outbox") % 1_000_000
+LEADER_LOCK_ID = 7_310_100 + zlib.crc32(b"outbox") % 1_000_000
 
 
 class OutboxRelay:
@@ -92,10 +112,15 @@ class OutboxRelay:
         self._lock_conn: Connection | None = None
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
-        self._probe: Consumer | None = None
         self._last_check = 0.0
+        #: The stored watermarks as this leader last read or wrote them.
+        self._stored: dict[int, int] = {}
+        #: Set by a republish: go again at once instead of waiting for a notification.
+        self._again = False
         self.published = 0
         self.resets = 0
+        #: Wake-ups by a notification (rather than by the poll interval running out).
+        self.notified = 0
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,11 +148,43 @@ class OutboxRelay:
                 self._close_clients()
                 self._release_leadership_if_broken()
                 self._last_check = 0.0  # next round: topic check first, so a down broker is not produced to
-                published = 0
                 self._stop.wait(min(1.0, self.poll_interval * 5))
                 continue
-            if published == 0:
+            if published >= self.batch_size or self._again:
+                self._again = False
+                continue  # a full batch (more are probably waiting), or the outbox was marked unsent
+            if self._lock_conn is not None:
+                # Leader and listening: whatever was committed after this round's read notifies.
+                self._wait_for_notification(self.poll_interval)
+            elif published == 0:
                 self._stop.wait(self.poll_interval)
+
+    def _wait_for_notification(self, timeout: float) -> bool:
+        """Wait until an outbox insert commits (True) or ``timeout`` passes (False).
+
+        A broken LISTEN connection gives up leadership (the server released the lock with
+        it) and returns at once, so the next round reconnects and reads what it missed.
+        """
+        conn = self._lock_conn
+        if conn is None:
+            self._stop.wait(timeout)
+            return False
+        listener = conn.connection.driver_connection
+        assert isinstance(listener, psycopg.Connection)
+        deadline = time.monotonic() + timeout
+        try:
+            while not self._stop.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                if any(True for _ in listener.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1)):
+                    self.notified += 1
+                    return True
+        except psycopg.Error as exc:
+            log.warning("outbox relay lost its LISTEN connection; reconnecting",
+                        extra={"fields": {"error": type(exc).__name__}})
+            self._release_leadership()
+        return False
 
     # -- one round ------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -138,19 +195,28 @@ class OutboxRelay:
         if now - self._last_check >= RESET_CHECK_INTERVAL_S:
             self.check_topic()
             self._last_check = now
-        with self.factory() as session:
+        with self._session() as session:
             rows = patient_repository.unsent_events(session, limit=self.batch_size)
         if not rows:
             return 0
-        delivered = self._publish(rows)
-        with self.factory() as session:
+        delivered, firsts = self._publish(rows)
+        if any(offset < self._stored.get(partition, 0) for partition, offset in firsts.items()):
+            # Offsets below what this topic already had: it was reset since the last check.
+            self._republish("offsets went backwards")
+            return delivered
+        marks = {partition: offset + 1 for partition, offset in firsts.items()}
+        if delivered and not firsts:
+            # No offsets in the delivery reports (not seen so far): ask the broker, but never let
+            # a broker hiccup here undo the sent marks (that would publish the batch twice).
+            with suppress(Exception):
+                marks = self._broker_watermarks()
+        with self._session() as session:
+            # One transaction: the sent marks and the watermarks they produced.
             patient_repository.mark_sent(session, [row[0] for row in rows[:delivered]], sent_at=datetime.now(UTC))
+            patient_repository.save_relay_state(session, self.topic, marks)
             session.commit()
-        if delivered:
-            # Separately: a broker hiccup here must not undo the "sent" marks above.
-            with self.factory() as session:
-                patient_repository.save_relay_state(session, self.topic, self._watermarks())
-                session.commit()
+        for partition, mark in marks.items():
+            self._stored[partition] = max(mark, self._stored.get(partition, 0))
         self.published += delivered
         if delivered < len(rows):
             # Keep order: everything after the first failure is sent again, with a fresh producer.
@@ -158,14 +224,17 @@ class OutboxRelay:
             raise RuntimeError(f"{len(rows) - delivered} events not delivered")
         return delivered
 
-    def _publish(self, rows: list[tuple[int, Any, bytes]]) -> int:
-        """Produce ``rows`` in order; return the length of the prefix that was delivered."""
+    def _publish(self, rows: list[tuple[int, Any, bytes]]) -> tuple[int, dict[int, int]]:
+        """Produce ``rows`` in order; return the length of the delivered prefix and, per
+        partition, the lowest offset delivered to it within that prefix."""
         producer = self._get_producer()
-        results: list[bool | None] = [None] * len(rows)
+        results: list[tuple[int, int] | None] = [None] * len(rows)
 
         def _report(index: int) -> Callable[[KafkaError | None, Message], None]:
-            def _callback(err: KafkaError | None, _msg: Message) -> None:
-                results[index] = err is None
+            def _callback(err: KafkaError | None, msg: Message) -> None:
+                if err is None:
+                    partition, offset = msg.partition(), msg.offset()
+                    results[index] = (partition if partition is not None else -1, offset if offset is not None else -1)
             return _callback
 
         for index, (_id, patient_id, payload) in enumerate(rows):
@@ -178,65 +247,86 @@ class OutboxRelay:
                     producer.poll(0.1)
         producer.flush(FLUSH_TIMEOUT_S)
         delivered = 0
-        for ok in results:
-            if not ok:
+        firsts: dict[int, int] = {}
+        for result in results:
+            if result is None:
                 break
             delivered += 1
-        return delivered
+            partition, offset = result
+            if partition >= 0 and offset >= 0:
+                firsts[partition] = min(offset, firsts.get(partition, offset))
+        return delivered, firsts
 
     # -- topic reset detection ------------------------------------------------------------
     def check_topic(self) -> bool:
         """Republish from the start when the topic was lost or reset; True when it was."""
-        admin = self._get_admin()
-        created = ensure_topic(admin, self.settings)
-        with self.factory() as session:
+        created = ensure_topic(self._get_admin(), self.settings)
+        with self._session() as session:
             stored = patient_repository.relay_state(session, self.topic)
-            reset = created
-            if not reset:
-                current = self._watermarks()
-                reset = any(current.get(p, 0) < hw for p, hw in stored.items())
-            if not reset and not stored:
+            reason = "topic missing" if created else ""
+            if not reason and stored:
+                current = self._broker_watermarks()
+                if any(current.get(p, 0) < hw for p, hw in stored.items()):
+                    reason = "watermarks went backwards"
+            if not reason and not stored and patient_repository.any_sent(session):
                 # Events were sent, but never to this topic as we know it (state lost or topic renamed).
-                reset = patient_repository.any_sent(session)
-            if not reset:
-                return False
+                reason = "no state for this topic"
+        if not reason:
+            self._stored = stored
+            return False
+        return self._republish(reason)
+
+    def _republish(self, reason: str) -> bool:
+        """Mark the whole outbox unsent (the next rounds publish it again); True if it had events."""
+        with self._session() as session:
             count = patient_repository.mark_all_unsent(session)
             patient_repository.clear_relay_state(session, self.topic)
             session.commit()
+        self._stored = {}
+        self._again = True
         if count:
             self.resets += 1
             log.warning("event topic was reset; republishing the outbox",
-                        extra={"fields": {"topic": self.topic, "events": count}})
+                        extra={"fields": {"topic": self.topic, "events": count, "reason": reason}})
             # A broker that lost its state has also forgotten our producer id: start afresh.
             self._close_producer()
         return count > 0
 
-    def _watermarks(self) -> dict[int, int]:
+    def _broker_watermarks(self) -> dict[int, int]:
+        """High watermark per partition as the broker reports it (one ListOffsets request)."""
         admin = self._get_admin()
-        metadata = admin.list_topics(timeout=5)
-        topic = metadata.topics.get(self.topic)
+        topic = admin.list_topics(timeout=5).topics.get(self.topic)
         if topic is None:
             return {}
-        probe = self._get_probe()
-        marks = {}
-        for partition in topic.partitions:
-            _low, high = probe.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=5, cached=False)
-            marks[int(partition)] = int(high)
-        return marks
+        specs = {TopicPartition(self.topic, int(p)): OffsetSpec.latest() for p in topic.partitions}
+        futures = admin.list_offsets(specs, request_timeout=5)
+        return {tp.partition: int(future.result(timeout=5).offset) for tp, future in futures.items()}
 
     # -- leadership -----------------------------------------------------------------------
+    def _session(self) -> Session:
+        """A session on the leader's own connection: no pool checkout (and pre-ping) per statement."""
+        return self.factory(bind=self._lock_conn) if self._lock_conn is not None else self.factory()
+
     def _acquire_leadership(self) -> bool:
         if self._lock_conn is not None:
             return True
         conn = self.engine.connect()
-        got = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": _LEADER_LOCK_ID}).scalar()
-        conn.commit()
-        if got:
-            self._lock_conn = conn
-            log.info("outbox relay is the leader", extra={"fields": {"topic": self.topic}})
-            return True
-        conn.close()
-        return False
+        try:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": LEADER_LOCK_ID}).scalar()
+            if got:
+                # Before the first read of the outbox, so no commit falls between read and LISTEN.
+                conn.execute(text(f"LISTEN {NOTIFY_CHANNEL}"))
+            conn.commit()
+        except Exception:
+            conn.invalidate()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._lock_conn = conn
+        self._last_check = 0.0  # a new leader checks the topic (and loads the stored watermarks) first
+        log.info("outbox relay is the leader", extra={"fields": {"topic": self.topic}})
+        return True
 
     def _release_leadership_if_broken(self) -> None:
         if self._lock_conn is None:
@@ -251,10 +341,11 @@ class OutboxRelay:
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
             with suppress(Exception):  # a dead connection released the lock already
-                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _LEADER_LOCK_ID})
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": LEADER_LOCK_ID})
                 conn.commit()
             with suppress(Exception):
-                conn.invalidate()
+                conn.invalidate()  # never back to the pool: it LISTENs
 
     # -- clients --------------------------------------------------------------------------
     def _get_producer(self) -> Producer:
@@ -267,13 +358,6 @@ class OutboxRelay:
             self._admin = AdminClient({"bootstrap.servers": self.settings.bootstrap_servers, "log_level": 3})
         return self._admin
 
-    def _get_probe(self) -> Consumer:
-        if self._probe is None:
-            self._probe = Consumer({"bootstrap.servers": self.settings.bootstrap_servers,
-                                    "group.id": "pms-patient-relay-probe", "enable.auto.commit": False,
-                                    "log_level": 3})
-        return self._probe
-
     def _close_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
@@ -282,8 +366,4 @@ class OutboxRelay:
 
     def _close_clients(self) -> None:
         self._close_producer()
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            with suppress(Exception):
-                probe.close()
         self._admin = None

@@ -231,10 +231,20 @@ def relay_state(session: Session, topic: str) -> dict[int, int]:
 
 
 def save_relay_state(session: Session, topic: str, watermarks: dict[int, int]) -> None:
-    for partition, hw in watermarks.items():
-        stmt = pg_insert(RelayState).values(topic=topic, partition=partition, high_watermark=hw)
-        session.execute(stmt.on_conflict_do_update(index_elements=["topic", "partition"],
-                                                   set_={"high_watermark": stmt.excluded.high_watermark}))
+    """Upsert the watermarks of ``topic`` in one statement; a stored watermark never goes down.
+
+    Never lowering them keeps a reset visible: had a reset topic already taken new events
+    when they are saved, lower values would overwrite the evidence. (A reset clears the rows
+    with ``clear_relay_state`` first.)
+    """
+    if not watermarks:
+        return
+    stmt = pg_insert(RelayState).values([
+        {"topic": topic, "partition": partition, "high_watermark": hw} for partition, hw in sorted(watermarks.items())
+    ])
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["topic", "partition"],
+        set_={"high_watermark": func.greatest(RelayState.high_watermark, stmt.excluded.high_watermark)}))
 
 
 def clear_relay_state(session: Session, topic: str) -> None:

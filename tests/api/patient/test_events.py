@@ -1,4 +1,5 @@
-"""Outbox + relay on a real broker: order, no lost events, broker outage, topic loss, crash."""
+"""Outbox + relay on a real broker: order, no lost events, broker outage, topic loss, crash,
+wake-up by NOTIFY (and polling when a notification is lost), a killed LISTEN connection."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from api.patient import replay as patient_replay
+from api.patient.relay import LEADER_LOCK_ID
 from pms import process
 from pms.embedded import EmbeddedBroker, libpq_dsn
 from pms.settings import Settings
@@ -39,10 +42,54 @@ def _sql(settings: Settings, query: str, params: Any = None) -> list[tuple[Any, 
         return conn.execute(query, params).fetchall()
 
 
+def _sql_command(settings: Settings, statement: str) -> None:
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients")), autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def _insert_outbox_rows(conn: psycopg.Connection[Any], count: int) -> list[uuid.UUID]:
+    """Insert ``count`` outbox rows, one statement each, uncommitted; return their event ids."""
+    event_ids = [uuid.uuid4() for _ in range(count)]
+    for event_id in event_ids:
+        conn.execute(
+            "INSERT INTO patient_outbox (event_id, patient_id, version, event_type, payload, occurred_at) "
+            "VALUES (%s, %s, 1, 'PATIENT_CREATED', %s, now())", (event_id, uuid.uuid4(), b"x"))
+    return event_ids
+
+
 def _unsent(settings: Settings, patient_ids: list[str]) -> int:
     rows = _sql(settings, "SELECT count(*) FROM patient_outbox WHERE sent_at IS NULL AND patient_id = ANY(%s)",
                 ([uuid.UUID(p) for p in patient_ids],))
     return int(rows[0][0])
+
+
+def _with_poll(settings: Settings, seconds: float) -> Settings:
+    return settings.model_copy(update={"patient": settings.patient.model_copy(
+        update={"outbox_poll_interval_s": seconds})})
+
+
+def _leader_pid(settings: Settings) -> int | None:
+    """The backend pid of the relay holding the leader lock (its LISTEN connection), if any."""
+    rows = _sql(settings, "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                          "AND classid = 0 AND objid = %s AND objsubid = 1", (LEADER_LOCK_ID,))
+    return int(rows[0][0]) if rows else None
+
+
+def _assert_watermarks_never_above_the_broker(settings: Settings) -> None:
+    """The stored watermarks are what the next reset check compares the broker's with: one above
+    the broker's answer would republish the whole outbox for nothing."""
+    topic = settings.kafka.topic
+    stored = dict(_sql(settings, "SELECT partition, high_watermark FROM patient_relay_state WHERE topic = %s",
+                       (topic,)))
+    assert stored, "the relay saved no watermarks"
+    probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": f"t-{uuid.uuid4().hex}",
+                      "log_level": 3})
+    try:
+        for partition, high_watermark in stored.items():
+            _low, high = probe.get_watermark_offsets(TopicPartition(topic, partition), timeout=10, cached=False)
+            assert 0 < high_watermark <= high, (partition, high_watermark, high)
+    finally:
+        probe.close()
 
 
 def _assert_once_in_order(events: list[Any], expected: dict[str, int]) -> None:
@@ -125,23 +172,91 @@ def test_broker_down_during_100_creates_then_all_arrive_once_in_order(
 
 
 def test_crash_between_commit_and_publish_still_publishes(broker_settings: Settings, tmp_path: Path) -> None:
-    # A relay that polls once an hour: after its start-up round, nothing gets published by it.
-    lazy = broker_settings.model_copy(update={"patient": broker_settings.patient.model_copy(
-        update={"outbox_poll_interval_s": 3600.0})})
-    svc = start_patient(lazy, tmp_path, name="lazy")
-    try:
-        process.wait_until(lambda: _sql(lazy, "SELECT count(*) FROM patient_outbox WHERE sent_at IS NULL")[0][0] == 0,
-                           timeout=60, message="start-up round to finish")
-        with Api(lazy, svc.base_url).client() as client:
-            patient = client.post("/patients", json=new_patient_body(name="Crash Test")).json()
-        assert _unsent(lazy, [patient["id"]]) == 1  # committed, not yet published
-        svc.kill()  # SIGKILL: no shutdown hooks run
-    finally:
-        svc.stop()
+    # The test holds the leader lock, so this service's relay never publishes: its events are
+    # committed, then it crashes before any could go out.
+    with psycopg.connect(libpq_dsn(broker_settings.database_url_for("patients")), autocommit=True) as lock:
+        assert lock.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_ID,)).fetchone() == (True,)
+        svc = start_patient(broker_settings, tmp_path, name="not-leader")
+        try:
+            with Api(broker_settings, svc.base_url).client() as client:
+                created = [client.post("/patients", json=new_patient_body(name=f"Crash Test {i}")).json()
+                           for i in range(30)]
+            assert _unsent(broker_settings, [p["id"] for p in created]) == 30  # committed, not published
+            svc.kill()  # SIGKILL: no shutdown hooks run
+        finally:
+            svc.stop()
     restarted = start_patient(broker_settings, tmp_path, name="restarted")
     try:
-        events = read_events(broker_settings, until=has_versions({patient["id"]: 1}))
-        _assert_once_in_order(events, {patient["id"]: 1})
-        process.wait_until(lambda: _unsent(broker_settings, [patient["id"]]) == 0, timeout=30, message="marked sent")
+        expected = {p["id"]: 1 for p in created}
+        events = read_events(broker_settings, until=has_versions(expected), timeout=60)
+        _assert_once_in_order(events, expected)
+        process.wait_until(lambda: _unsent(broker_settings, list(expected)) == 0, timeout=30, message="marked sent")
+        # Several events per partition went out in one batch: the watermarks taken from the
+        # delivery reports must not exceed what the broker reports (Tansu: last batch start + 1).
+        _assert_watermarks_never_above_the_broker(broker_settings)
     finally:
         restarted.stop()
+
+
+def test_a_commit_wakes_the_relay_long_before_its_poll_and_a_killed_listen_connection_recovers(
+    broker_settings: Settings, tmp_path: Path
+) -> None:
+    # Polling once a minute: an event within 15 s can only have been woken by the notification.
+    lazy = _with_poll(broker_settings, 60.0)
+    svc = start_patient(lazy, tmp_path, name="lazy")
+    try:
+        process.wait_until(lambda: _leader_pid(lazy) is not None, timeout=30, message="the relay to lead")
+        with Api(lazy, svc.base_url).client() as client:
+            first = client.post("/patients", json=new_patient_body()).json()
+            read_events(lazy, until=has_versions({first["id"]: 1}), timeout=15)
+
+            # Kill the relay's LISTEN (and advisory lock) connection, as a PostgreSQL restart would.
+            old_pid = _leader_pid(lazy)
+            assert _sql(lazy, "SELECT pg_terminate_backend(%s)", (old_pid,)) == [(True,)]
+            during = client.post("/patients", json=new_patient_body()).json()
+            process.wait_until(lambda: _leader_pid(lazy) not in (None, old_pid), timeout=15,
+                               message="the relay to reconnect and lead again")
+            after = client.post("/patients", json=new_patient_body()).json()
+            expected = {first["id"]: 1, during["id"]: 1, after["id"]: 1}
+            events = read_events(lazy, until=has_versions(expected), timeout=15)
+        _assert_once_in_order(events, expected)
+        assert "lost its LISTEN connection" in svc.log_tail(200)
+    finally:
+        svc.stop()
+
+
+def test_a_lost_notification_costs_one_poll_not_the_event(
+    running: tuple[ServiceProcess, Api], broker_settings: Settings
+) -> None:
+    _svc, api = running
+    with api.client() as client:
+        warm = client.post("/patients", json=new_patient_body()).json()
+        read_events(broker_settings, until=has_versions({warm["id"]: 1}))
+        # No trigger, no notification: only the poll (50 ms here) can find these.
+        _sql_command(broker_settings, "ALTER TABLE patient_outbox DISABLE TRIGGER patient_outbox_notify")
+        try:
+            silent = [client.post("/patients", json=new_patient_body()).json() for _ in range(3)]
+        finally:
+            _sql_command(broker_settings, "ALTER TABLE patient_outbox ENABLE TRIGGER patient_outbox_notify")
+    expected = {p["id"]: 1 for p in [warm, *silent]}
+    events = read_events(broker_settings, until=has_versions(expected), timeout=30)
+    _assert_once_in_order(events, expected)
+
+
+def test_the_outbox_trigger_notifies_once_per_transaction_and_only_on_commit(broker_settings: Settings) -> None:
+    # No relay runs here; the committed stand-in rows are deleted again before any could see them.
+    dsn = libpq_dsn(broker_settings.database_url_for("patients"))
+    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as writer:
+        listener.execute("LISTEN patient_outbox")
+        _insert_outbox_rows(writer, 2)
+        writer.rollback()
+        assert list(listener.notifies(timeout=0.3)) == []  # rolled back: nothing to wake for
+        event_ids = _insert_outbox_rows(writer, 2)  # two statements, one transaction
+        try:
+            writer.commit()
+            got = list(listener.notifies(timeout=5, stop_after=1))
+            got += list(listener.notifies(timeout=0.3))
+        finally:
+            writer.execute("DELETE FROM patient_outbox WHERE event_id = ANY(%s)", (event_ids,))
+            writer.commit()
+        assert [(n.channel, n.payload) for n in got] == [("patient_outbox", "")]
