@@ -6,6 +6,7 @@ knowing all; the service adds its routers.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pms.errors import error_response, install_error_handlers, route_template
@@ -65,6 +67,40 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class ErrorBody(BaseModel):
+    """The one error shape (``pms.errors``), for ``responses=`` in routers and the OpenAPI documents."""
+
+    message: str
+    errors: dict[str, str] = Field(default_factory=dict)
+
+
+_VALIDATION_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def document_validation_as_400(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace FastAPI's documented 422 by the 400 ``pms.errors`` really answers (in place; idempotent).
+
+    Every service turns a request validation error into a 400 in the one error shape, so a 422 in
+    the document would mislead generated clients and contract tests. An operation that already
+    documents its own 400 keeps its description (and its schema, if it gives one).
+    """
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
+            if "422" not in responses:
+                continue
+            del responses["422"]
+            components.setdefault("ErrorBody", ErrorBody.model_json_schema())
+            answer = responses.setdefault("400", {"description": "Invalid input: per-field reasons in `errors`"})
+            answer.setdefault("content", {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}})
+    for name in _VALIDATION_SCHEMAS:  # HTTPValidationError first: it is what refers to ValidationError
+        others = {key: value for key, value in components.items() if key != name}
+        if name in components and f'"#/components/schemas/{name}"' not in json.dumps([schema["paths"], others]):
+            del components[name]
+    return schema
+
+
 def create_service_app(
     *,
     name: str,
@@ -78,6 +114,8 @@ def create_service_app(
 ) -> FastAPI:
     """A FastAPI app with the platform's outer layer; the caller includes its routers."""
     app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
+    generate_openapi = app.openapi
+    app.openapi = lambda: document_validation_as_400(generate_openapi())  # type: ignore[method-assign]
     app.state.settings = settings
     app.state.service_name = name
     install_error_handlers(app)

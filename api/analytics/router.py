@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
@@ -18,8 +18,18 @@ from api.analytics.schemas import (
     RegistrationsRead,
     SummaryRead,
 )
+from pms.web import ErrorBody
 
-router = APIRouter(prefix="/analytics", tags=["analytics"])
+#: Answers every route may give besides its 200 (a 400 for bad parameters is documented by pms.web).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "No or bad bearer token"},
+    403: {"model": ErrorBody, "description": "Role not allowed"},
+    503: {"model": ErrorBody, "description": "Database unavailable, or the pipeline has not created the analytics "
+                                             "tables yet; retry after `Retry-After` seconds",
+          "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "string"}}}},
+}
+
+router = APIRouter(prefix="/analytics", tags=["analytics"], responses=ERROR_RESPONSES)
 
 
 @router.get("/summary", response_model=SummaryRead)
