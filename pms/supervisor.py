@@ -58,7 +58,7 @@ from sqlalchemy.engine import URL
 from pms import process
 from pms.probe import probe
 from pms.registry import SERVICES, Probe, ServiceSpec, serve_command, start_order
-from pms.settings import Mode, Settings, child_env, read_or_create_secret
+from pms.settings import Mode, Settings, SupervisorSettings, child_env, read_or_create_secret
 
 #: Exit codes of ``pms up`` and ``pms status``.
 EXIT_OK = 0
@@ -76,9 +76,9 @@ LOG_CHECK_INTERVAL_S = 1.0
 
 if TYPE_CHECKING:
     from pms.embedded import EmbeddedBroker, EmbeddedPostgres
-    from pms.settings import SupervisorSettings
 
 CommandFactory = Callable[[ServiceSpec], list[str]]
+_DEFAULTS = SupervisorSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +86,11 @@ class RestartPolicy:
     """When to restart a child that died, and when to give up on it."""
 
     #: Restarts of one child allowed inside ``window_s``; the next death stops everything.
-    max_restarts: int = 5
-    window_s: float = 60.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
+    #: Defaults are the settings' (``PMS_SUPERVISOR__*``), so there is one place for them.
+    max_restarts: int = _DEFAULTS.max_restarts
+    window_s: float = _DEFAULTS.restart_window_s
+    backoff_initial_s: float = _DEFAULTS.backoff_initial_s
+    backoff_max_s: float = _DEFAULTS.backoff_max_s
 
     @classmethod
     def from_settings(cls, settings: SupervisorSettings) -> RestartPolicy:
