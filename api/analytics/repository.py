@@ -33,6 +33,22 @@ def registrations_between(*, session: Session, start: date, end: date) -> list[t
     return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
 
+def small_count_basis(*, session: Session, threshold: int) -> dict[str, tuple[int, int, date | None]]:
+    """Per daily series (``registrations``, ``removals``) over ALL days: how many days hold a count from 1 to
+    ``threshold - 1``, their sum, and the day with the smallest count >= ``threshold`` (earliest on ties)."""
+    t = m.daily_registrations
+    columns = []
+    for column in (t.c.registrations, t.c.removals):
+        small = column.between(1, threshold - 1)
+        columns += [
+            func.count().filter(small),
+            func.coalesce(func.sum(column).filter(small), 0),
+            select(t.c.day).where(column >= threshold).order_by(column, t.c.day).limit(1).scalar_subquery(),
+        ]
+    row = session.execute(select(*columns).select_from(t)).one()
+    return {"registrations": (int(row[0]), int(row[1]), row[2]), "removals": (int(row[3]), int(row[4]), row[5])}
+
+
 def summary_counts(*, session: Session, today: date) -> dict[str, int]:
     """Active patients, registrations since today-0/6/29 days and all removals, in one round trip."""
     reg = m.daily_registrations

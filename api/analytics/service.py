@@ -9,11 +9,24 @@ each breakdown is published with its total, hiding one cell is not enough (total
 other cells gives it back), so further cells are hidden, smallest first, until at least two
 are hidden and the hidden cells add up to at least ``threshold``; when that is impossible
 the total is hidden too.
+
+Registrations and removals are different: the same days are summed into many answers (day,
+week and month buckets, partial first/last buckets, range totals, the summary's rolling
+``newToday``/``new7d``/``new30d``), so hiding per answer cannot work (a week bucket minus its
+shown days, or two ranges one day apart, would give a hidden day back). Instead each daily
+series has ONE set of hidden days, decided on the whole series and never on the question
+(:class:`HiddenDays`), and every registrations figure an ANALYST sees is a sum of days that
+contains none of them: a bucket, total or window holding a hidden day is hidden. Every
+published figure is then a sum of published days, so no combination of answers says more
+about a hidden day than that it is hidden. The all-time total still follows from other
+answers (active + removed patients), hence the one complementary day (see
+:func:`hidden_days`). Residual risks are in the README (Analytics, small-count suppression).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from sqlalchemy.orm import Session
@@ -73,6 +86,48 @@ def suppress_cells(counts: Sequence[int], *, threshold: int) -> tuple[list[bool]
     return hidden, sum(hidden) < 2 or hidden_sum < threshold
 
 
+@dataclass(frozen=True, slots=True)
+class HiddenDays:
+    """The days of one daily series (registrations or removals) an ANALYST never sees, in any answer."""
+
+    threshold: int
+    #: The complementary day (see :func:`hidden_days`), hidden although its count is not small.
+    complement: date | None = None
+    applied: bool = True
+
+    def hides(self, day: date, count: int) -> bool:
+        return self.applied and (0 < count < self.threshold or day == self.complement)
+
+
+def hidden_days(*, small_days: int, small_sum: int, smallest_large_day: date | None, threshold: int) -> HiddenDays:
+    """Decide the hidden days of one daily series from the whole series (never from a question).
+
+    Every day with a count from 1 to ``threshold - 1`` is hidden. The series' all-time total can be
+    worked out from other answers (active plus removed patients), and that total minus every shown
+    day is the sum of the hidden days; so when fewer than two days are hidden, or they add up to
+    less than ``threshold``, the day with the smallest count >= ``threshold`` is hidden as well.
+
+    Args:
+        small_days: how many days have a count from 1 to ``threshold - 1``.
+        small_sum: the sum of those counts.
+        smallest_large_day: the day with the smallest count >= ``threshold`` (earliest on ties), if any.
+        threshold: the privacy threshold.
+    """
+    complement = small_days > 0 and (small_days < 2 or small_sum < threshold)
+    return HiddenDays(threshold=threshold, complement=smallest_large_day if complement else None)
+
+
+def _series_rules(*, session: Session, suppression: Suppression) -> tuple[HiddenDays, HiddenDays]:
+    """The hidden days of the registrations and of the removals series (nothing hidden for STAFF/ADMIN)."""
+    if not suppression.applied:
+        off = HiddenDays(threshold=suppression.threshold, applied=False)
+        return off, off
+    basis = analytics_repository.small_count_basis(session=session, threshold=suppression.threshold)
+    regs, rems = (hidden_days(small_days=n, small_sum=total, smallest_large_day=day, threshold=suppression.threshold)
+                  for n, total, day in (basis["registrations"], basis["removals"]))
+    return regs, rems
+
+
 def _count(value: int, *, hidden: bool) -> Count:
     return Count(value=None if hidden else value, suppressed=hidden)
 
@@ -108,13 +163,24 @@ def summary(*, session: Session, principal: Principal, threshold: int) -> Summar
     """Active patients, recent registrations and removals, as of the pipeline's last commit."""
     suppression = suppression_for(principal=principal, threshold=threshold)
     status = analytics_repository.status(session=session)
-    counts = analytics_repository.summary_counts(session=session, today=_today())
+    today = _today()
+    counts = analytics_repository.summary_counts(session=session, today=today)
+    # The new-registration windows are sums of days like any registrations answer: hidden when they hold
+    # a hidden day (see HiddenDays), so that they cannot be set against registrations answers.
+    window_hidden = dict.fromkeys((0, 6, 29), False)
+    if suppression.applied:
+        rule, _ = _series_rules(session=session, suppression=suppression)
+        for day, registered, _removed in analytics_repository.registrations_between(
+                session=session, start=today - timedelta(days=29), end=today):
+            if rule.hides(day, registered):
+                for days in window_hidden:
+                    window_hidden[days] |= day >= today - timedelta(days=days)
     return SummaryRead(
         as_of=_as_of(status),
         active_patients=_single(counts["active"], suppression),
-        new_today=_single(counts["new_today"], suppression),
-        new_7d=_single(counts["new_7d"], suppression),
-        new_30d=_single(counts["new_30d"], suppression),
+        new_today=_count(counts["new_today"], hidden=window_hidden[0]),
+        new_7d=_count(counts["new_7d"], hidden=window_hidden[6]),
+        new_30d=_count(counts["new_30d"], hidden=window_hidden[29]),
         removed_total=_single(counts["removed"], suppression),
         last_event_at=status["last_event_at"] if status else None,
         lag_messages=status["lag_messages"] if status else None,
@@ -164,17 +230,20 @@ def registrations(
     if (end - start).days // {"day": 1, "week": 7, "month": 28}[granularity.value] + 1 > MAX_BUCKETS:
         raise BadRequest(errors={"from": f"range too long for granularity '{granularity.value}'"})
     suppression = suppression_for(principal=principal, threshold=threshold)
+    reg_rule, rem_rule = _series_rules(session=session, suppression=suppression)
     periods = _periods(start, end, granularity)
     index = {p: i for i, p in enumerate(periods)}
     regs = [0] * len(periods)
     rems = [0] * len(periods)
+    reg_hidden = [False] * len(periods)
+    rem_hidden = [False] * len(periods)
     for day, r, x in analytics_repository.registrations_between(session=session, start=start, end=end):
         i = index[_period_start(day, granularity)]
         regs[i] += r
         rems[i] += x
-    # A range total minus the shown buckets would give a hidden bucket back: no totals then.
-    reg_hidden, _ = _hide(regs, suppression)
-    rem_hidden, _ = _hide(rems, suppression)
+        # A bucket (a partial first or last one too) is a sum of days: hidden when it holds a hidden day.
+        reg_hidden[i] |= reg_rule.hides(day, r)
+        rem_hidden[i] |= rem_rule.hides(day, x)
     reg_total_hidden, rem_total_hidden = any(reg_hidden), any(rem_hidden)
     buckets = [
         RegistrationBucket(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.analytics.service import age_band, suppress_cells
+from api.analytics.service import HiddenDays, age_band, hidden_days, suppress_cells
 
 
 def test_nothing_hidden_when_every_cell_is_zero_or_large() -> None:
@@ -47,3 +49,38 @@ def test_age_bands_use_age_reached_this_year() -> None:
     assert age_band(1946, reference_year=2026) == "80+"
     assert age_band(None, reference_year=2026) == "unknown"
     assert age_band(2030, reference_year=2026) == "unknown"
+
+
+# -- registrations: one set of hidden days per series, decided on the whole series --------------------------
+
+D = date(2025, 3, 12)
+
+
+def test_no_hidden_days_without_small_counts() -> None:
+    rule = hidden_days(small_days=0, small_sum=0, smallest_large_day=D, threshold=10)
+    assert rule.complement is None
+    assert not rule.hides(D, 0) and not rule.hides(D, 10) and not rule.hides(D, 500)
+
+
+def test_every_small_day_is_hidden_whatever_the_question() -> None:
+    rule = hidden_days(small_days=3, small_sum=12, smallest_large_day=D, threshold=10)
+    assert rule.complement is None  # three hidden days adding up to 12: the all-time total gives nothing away
+    assert [rule.hides(D, c) for c in (0, 1, 9, 10)] == [False, True, True, False]
+
+
+def test_a_lone_small_day_takes_the_smallest_large_day_with_it() -> None:
+    """The all-time total (active + removed patients) minus every shown day would be that one day."""
+    rule = hidden_days(small_days=1, small_sum=4, smallest_large_day=D, threshold=10)
+    assert rule.complement == D
+    assert rule.hides(D, 57) and not rule.hides(D + timedelta(days=1), 57)
+
+
+def test_small_days_adding_up_to_less_than_the_threshold_take_a_large_day_with_them() -> None:
+    assert hidden_days(small_days=2, small_sum=9, smallest_large_day=D, threshold=10).complement == D
+    assert hidden_days(small_days=2, small_sum=10, smallest_large_day=D, threshold=10).complement is None
+    # No large day at all: then the all-time total is itself small, and hidden wherever it is published.
+    assert hidden_days(small_days=1, small_sum=4, smallest_large_day=None, threshold=10).complement is None
+
+
+def test_nothing_is_hidden_when_suppression_does_not_apply() -> None:
+    assert not HiddenDays(threshold=10, complement=D, applied=False).hides(D, 3)
