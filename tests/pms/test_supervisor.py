@@ -127,7 +127,7 @@ class SupervisorRun:
         def all_ready() -> bool:
             state = self.state()
             return bool(state and state["services"] and all(s["state"] == "ready" for s in state["services"])
-                        and "pms is up" in self.output())
+                        and "Admin login:" in self.output())  # the summary's last line
 
         try:
             process.wait_until(all_ready, timeout=timeout, interval=0.1, message="all services ready",
