@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import Any
 
-from sqlalchemy import ScalarSelect, func, select
+from sqlalchemy import ScalarSelect, func, select, text
 from sqlalchemy.orm import Session
 
 from stream_processing import models as analytics_models
@@ -33,20 +33,31 @@ def registrations_between(*, session: Session, start: date, end: date) -> list[t
     return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
 
+_SMALL_COUNT_BASIS = text(
+    "SELECT count(*) FILTER (WHERE registrations BETWEEN 1 AND :below), "
+    "coalesce(sum(registrations) FILTER (WHERE registrations BETWEEN 1 AND :below), 0), "
+    "min(ARRAY[registrations, day - DATE '1970-01-01']) FILTER (WHERE registrations >= :threshold), "
+    "count(*) FILTER (WHERE removals BETWEEN 1 AND :below), "
+    "coalesce(sum(removals) FILTER (WHERE removals BETWEEN 1 AND :below), 0), "
+    "min(ARRAY[removals, day - DATE '1970-01-01']) FILTER (WHERE removals >= :threshold) "
+    "FROM daily_registrations"
+)
+_EPOCH = date(1970, 1, 1)
+
+
 def small_count_basis(*, session: Session, threshold: int) -> dict[str, tuple[int, int, date | None]]:
     """Per daily series (``registrations``, ``removals``) over ALL days: how many days hold a count from 1 to
-    ``threshold - 1``, their sum, and the day with the smallest count >= ``threshold`` (earliest on ties)."""
-    t = m.daily_registrations
-    columns = []
-    for column in (t.c.registrations, t.c.removals):
-        small = column.between(1, threshold - 1)
-        columns += [
-            func.count().filter(small),
-            func.coalesce(func.sum(column).filter(small), 0),
-            select(t.c.day).where(column >= threshold).order_by(column, t.c.day).limit(1).scalar_subquery(),
-        ]
-    row = session.execute(select(*columns).select_from(t)).one()
-    return {"registrations": (int(row[0]), int(row[1]), row[2]), "removals": (int(row[3]), int(row[4]), row[5])}
+    ``threshold - 1``, their sum, and the day with the smallest count >= ``threshold`` (earliest on ties).
+
+    One scan of the (small: one row per day) table; ``min(ARRAY[count, day])`` picks that day without a sort.
+    """
+    row = session.execute(_SMALL_COUNT_BASIS, {"below": threshold - 1, "threshold": threshold}).one()
+
+    def day(pair: list[int] | None) -> date | None:
+        return None if pair is None else _EPOCH + timedelta(days=int(pair[1]))
+
+    return {"registrations": (int(row[0]), int(row[1]), day(row[2])),
+            "removals": (int(row[3]), int(row[4]), day(row[5]))}
 
 
 def summary_counts(*, session: Session, today: date) -> dict[str, int]:
