@@ -428,8 +428,10 @@ def test_logs_are_rotated_while_a_service_writes_them(
         numbers.append([int(line.split()[2]) for line in data.decode().splitlines() if line.startswith("chatty")])
     assert all(numbers), numbers
     for older, newer in itertools.pairwise(numbers):
-        # each file continues where the one before it ends (copy-truncate may lose a line at the seam)
-        assert 0 < newer[0] - older[-1] <= 3, (older[-1], newer[0])
+        # Each file continues where the one before it ends. Copy-truncate can lose what is written between
+        # its last read and the truncate: microseconds, unless the supervisor is descheduled right there
+        # (this machine is loaded), hence a bound of 0.1 s of output rather than "one line".
+        assert 0 < newer[0] - older[-1] <= 50, (older[-1], newer[0])
     kept = sum(p.stat().st_size for p in settings.logs_dir.iterdir())
     written = (numbers[-1][-1] + 1) * 100
     assert kept < written  # the oldest output is gone: the logs stay bounded
