@@ -11,6 +11,7 @@ by version). Either way the tables stay exact.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 from psycopg import errors as pg_errors
@@ -45,14 +46,18 @@ _SQL_TYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One consumed message: where it came from and its parsed value."""
+class Record(NamedTuple):
+    """One consumed message: where it came from and its value.
+
+    The pipeline passes the raw bytes (``None`` for a null value) and the sink parses the whole
+    batch at once; an event dict or a DeadLetter from :func:`transforms.parse_event` is
+    accepted too. A NamedTuple because the sink makes one per message in Quix's hot loop.
+    """
 
     topic: str
     partition: int
     offset: int
-    value: dict[str, Any] | transforms.DeadLetter
+    value: bytes | dict[str, Any] | transforms.DeadLetter | None
 
 
 @dataclass
@@ -99,32 +104,74 @@ def _rows(frame: pl.DataFrame, columns: Sequence[str]) -> tuple[str, dict[str, s
     return source, {"rows": frame.select(columns).write_json()}
 
 
+_STORED_JSON_SCHEMA: dict[str, Any] = {
+    "patient_id": pl.String, "version": pl.Int64, "active": pl.Boolean, "gender": pl.String,
+    "birth_date": pl.Int32, "birth_year": pl.Int32, "city": pl.String, "registered_date": pl.Int32,
+    "billing_status": pl.String, "removed_on": pl.Int32, "last_event_at": pl.Int64,
+}
+
+
 def _read_stored(conn: Connection, patient_ids: list[str]) -> pl.DataFrame:
-    """The stored facts of ``patient_ids``, row-locked until the transaction ends."""
-    rows = conn.execute(
+    """The stored facts of ``patient_ids``, row-locked (in key order) until the transaction ends.
+
+    Ids go in as one comma-joined string and the rows come back as one JSON document that
+    Polars reads, dates as day numbers and the timestamp as epoch microseconds (so the session
+    time zone cannot matter): converting thousands of rows to Python objects cost more than
+    the lookup itself.
+    """
+    if not patient_ids:
+        return transforms.facts_frame()
+    doc = conn.execute(
         text(
-            "SELECT patient_id::text AS patient_id, version, active, gender, birth_date, birth_year, city,"
-            " registered_date, billing_status, removed_on, last_event_at"
-            " FROM patient_facts WHERE patient_id = ANY(CAST(:ids AS uuid[]))"
-            " ORDER BY patient_id FOR UPDATE"
+            "SELECT coalesce(json_agg(f), '[]')::text FROM ("
+            " SELECT patient_id, version, active, gender, birth_date - DATE '1970-01-01' AS birth_date, birth_year,"
+            " city, registered_date - DATE '1970-01-01' AS registered_date, billing_status,"
+            " removed_on - DATE '1970-01-01' AS removed_on,"
+            " CAST(floor(extract(epoch FROM last_event_at) * 1000000) AS bigint) AS last_event_at"
+            " FROM patient_facts WHERE patient_id = ANY(CAST(string_to_array(:ids, ',') AS uuid[]))"
+            " ORDER BY patient_id FOR UPDATE) AS f"
         ),
-        {"ids": patient_ids},
-    ).mappings().all()
-    return transforms.facts_frame([dict(r) for r in rows])
+        {"ids": ",".join(patient_ids)},
+    ).scalar_one()
+    if doc == "[]":
+        return transforms.facts_frame()
+    frame = pl.read_json(io.StringIO(doc), schema=_STORED_JSON_SCHEMA)
+    return frame.with_columns(
+        pl.col("birth_date", "registered_date", "removed_on").cast(pl.Date),
+        pl.col("last_event_at").cast(pl.Datetime("us", "UTC")),
+    ).cast(transforms.FACT_SCHEMA)
+
+
+#: Per-session staging table of the facts a batch writes (a TEMP table: private to the connection,
+#: so concurrent pipeline processes never see each other's rows; emptied by every commit).
+_FACTS_STAGE = "pipeline_facts_stage"
 
 
 def _write_facts(conn: Connection, facts: pl.DataFrame) -> None:
+    """Upsert ``facts`` into patient_facts where they are newer than the stored version.
+
+    The rows go in by COPY (CSV written by Polars) into a session temp table and from there
+    in one INSERT ... ON CONFLICT: PostgreSQL reads CSV far faster than it unpacks the same
+    rows from ``json_to_recordset`` (measured: about a third less time per batch).
+    """
     cols = transforms.FACT_COLUMNS
-    source, params = _rows(facts, cols)
+    names = ", ".join(cols)
+    conn.execute(text(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_FACTS_STAGE} (LIKE patient_facts INCLUDING DEFAULTS)"
+        " ON COMMIT DELETE ROWS"
+    ))
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy(f"COPY {_FACTS_STAGE} ({names}) FROM STDIN (FORMAT csv)") as copy:
+        # Nulls are unquoted empty fields, empty strings are "" -- exactly CSV COPY's defaults.
+        copy.write(facts.select(cols).write_csv(include_header=False))
     updates = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
     conn.execute(
         text(
-            f"INSERT INTO patient_facts ({', '.join(cols)}, updated_at)"  # noqa: S608 -- columns are constants
-            f" SELECT s.*, now() FROM {source}"
+            f"INSERT INTO patient_facts ({names}, updated_at)"  # noqa: S608 -- columns are constants
+            f" SELECT {names}, now() FROM {_FACTS_STAGE}"
             f" ON CONFLICT (patient_id) DO UPDATE SET {updates}, updated_at = now()"
             " WHERE patient_facts.version < excluded.version"
-        ),
-        params,
+        )
     )
 
 
@@ -153,16 +200,15 @@ def _write_aggregate(conn: Connection, table: str, delta: pl.DataFrame) -> None:
     )
 
 
-def _write_dead_letters(conn: Connection, dead: list[Record]) -> int:
+def _write_dead_letters(conn: Connection, dead: list[tuple[Record, transforms.DeadLetter]]) -> int:
     if not dead:
         return 0
     rows = []
-    for record in dead:
-        assert isinstance(record.value, transforms.DeadLetter)
-        raw = record.value.raw
+    for record, letter in dead:
+        raw = letter.raw
         rows.append({
             "topic": record.topic, "partition": record.partition, "kafka_offset": record.offset,
-            "reason": record.value.reason[:500], "raw": raw, "raw_digest": hashlib.md5(raw).hexdigest(),  # noqa: S324
+            "reason": letter.reason[:500], "raw": raw, "raw_digest": hashlib.md5(raw).hexdigest(),  # noqa: S324
         })
     result = conn.execute(
         text(
@@ -179,9 +225,10 @@ def _write_positions(
     conn: Connection, records: Sequence[Record], consumer: str, watermarks: WatermarkLookup | None
 ) -> None:
     positions: dict[tuple[str, int], int] = {}
-    for record in records:
-        key = (record.topic, record.partition)
-        positions[key] = max(positions.get(key, -1), record.offset + 1)
+    for topic, partition, offset, _ in records:
+        key = (topic, partition)
+        if offset >= positions.get(key, 0):
+            positions[key] = offset + 1
     rows = []
     for (topic, partition), next_offset in sorted(positions.items()):
         high = watermarks(topic, partition) if watermarks else None
@@ -214,17 +261,16 @@ def apply_records(
     pipeline counters. Safe with concurrent callers: each partition of the batch is held by
     a transaction-scoped advisory lock and rows are locked in key order.
     """
-    events = [r.value for r in records if not isinstance(r.value, transforms.DeadLetter)]
-    dead = [r for r in records if isinstance(r.value, transforms.DeadLetter)]
+    frame, dead_at = transforms.parse_values([r.value for r in records])
+    dead = [(records[i], letter) for i, letter in sorted(dead_at.items())]
     with engine.begin() as conn:
         for topic, partition in sorted({(r.topic, r.partition) for r in records}):
             conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:topic), :partition)"),
                          {"topic": topic, "partition": partition})
         applied = stale = 0
-        occurred: list[datetime] = []
+        occurred = pl.Series("occurred_at", [], pl.Datetime("us", "UTC"))
         last_event_at: datetime | None = None
-        if events:
-            frame = transforms.events_frame(events)
+        if not frame.is_empty():
             stored = _read_stored(conn, frame.get_column("patient_id").unique().sort().to_list())
             plan = transforms.plan_batch(frame, stored)
             applied, stale = plan.applied.height, plan.stale
@@ -232,7 +278,7 @@ def apply_records(
                 _write_facts(conn, plan.new_facts)
                 for table, delta in transforms.aggregate_deltas(plan.old_facts, plan.new_facts).items():
                     _write_aggregate(conn, table, delta)
-            occurred = plan.applied.get_column("occurred_at").to_list()
+            occurred = plan.applied.get_column("occurred_at")
             last_event_at = frame.get_column("occurred_at").max()  # type: ignore[assignment]
         dead_count = _write_dead_letters(conn, dead)
         if records:
@@ -241,7 +287,7 @@ def apply_records(
         samples = 0
         if freshness is not None:
             now = datetime.now(UTC)
-            freshness.add((now - t).total_seconds() * 1000 for t in occurred)
+            freshness.add(((now - occurred).dt.total_microseconds() / 1000).to_list())
             p50, p99 = freshness.percentiles()
             samples = len(freshness.samples)
         conn.execute(
@@ -260,7 +306,7 @@ def apply_records(
             {"processed": len(records), "applied": applied, "stale": stale, "dead": dead_count,
              "last_event_at": last_event_at, "p50": p50, "p99": p99, "samples": samples},
         )
-    return BatchResult(events=len(events), applied=applied, stale=stale, dead_letters=dead_count)
+    return BatchResult(events=frame.height, applied=applied, stale=stale, dead_letters=dead_count)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -290,6 +336,7 @@ class AnalyticsSink(BatchingSink):
         self._retry_after_s = retry_after_s
         self._attempts = attempts
         self._consumer = consumer_name()
+        self._pending: list[Record] = []
         self.batches_written = 0
 
     def freshness_percentiles(self) -> tuple[float | None, float | None]:
@@ -300,20 +347,29 @@ class AnalyticsSink(BatchingSink):
         with self._engine.connect() as conn:
             conn.execute(text("SELECT 1 FROM pipeline_status WHERE id = 1"))
 
+    def add(self, value: Any, key: Any, timestamp: int, headers: Any, topic: str, partition: int,
+            offset: int) -> None:
+        """Keep the message for the checkpoint's transaction: one tuple, nothing parsed.
+
+        Quix calls this once per message in its consumer loop, so it does the least possible
+        (BatchingSink's per-partition SinkBatch of SinkItems cost more than the append).
+        """
+        self._pending.append(Record(topic, partition, offset, value))
+
     def write(self, batch: SinkBatch) -> None:
-        self._apply(self._records([batch]))
+        self._apply([Record(batch.topic, batch.partition, item.offset, item.value) for item in batch])
 
     def flush(self) -> None:
-        try:
-            batches = [b for b in self._batches.values() if b.size]
-            if batches:
-                self._apply(self._records(batches))
-        finally:
-            self._batches.clear()
+        """Write everything added since the last checkpoint (all partitions) in one transaction."""
+        records, self._pending = self._pending, []
+        self._batches.clear()
+        if records:
+            self._apply(records)
 
-    @staticmethod
-    def _records(batches: Iterable[SinkBatch]) -> list[Record]:
-        return [Record(b.topic, b.partition, item.offset, item.value) for b in batches for item in b]
+    def on_paused(self) -> None:
+        """Back-pressure: Quix seeks back to the last commit, so what was added is dropped."""
+        self._pending = []
+        super().on_paused()
 
     def _apply(self, records: list[Record]) -> None:
         for attempt in range(1, self._attempts + 1):

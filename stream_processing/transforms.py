@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -100,7 +101,10 @@ def _parse_time(value: str) -> datetime:
         raise InvalidEvent("invalid occurred_at") from exc
     if parsed.tzinfo is None:  # the contract says UTC; a naive stamp is read as UTC
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00+01:00 lies before datetime.min in UTC
+        raise InvalidEvent("invalid occurred_at") from exc
 
 
 def event_from_proto(msg: patient_events_pb2.PatientEvent) -> dict[str, Any]:
@@ -120,6 +124,9 @@ def event_from_proto(msg: patient_events_pb2.PatientEvent) -> dict[str, Any]:
         raise InvalidEvent("version must be >= 1")
     birth_date = _parse_date(msg.date_of_birth, "date_of_birth")
     registered_date = _parse_date(msg.registered_date, "registered_date")
+    for name in ("city", "billing_status"):
+        if "\x00" in getattr(msg, name):  # PostgreSQL text cannot hold NUL: the batch would fail forever
+            raise InvalidEvent(f"invalid {name}")
     gender = msg.gender.strip().lower()
     carries_state = bool(gender or birth_date or registered_date or msg.city.strip() or msg.billing_status.strip())
     return {
@@ -154,6 +161,152 @@ def parse_event(raw: bytes | None) -> dict[str, Any] | DeadLetter:
         msg.ClearField("name")
         msg.ClearField("email")
         return DeadLetter(str(exc), msg.SerializeToString())
+
+
+# The canonical forms the patient service writes. A batch's rows in these forms are validated and
+# normalised by Polars in one pass; any other row goes through event_from_proto, whose rules they
+# reproduce exactly (tests/stream_processing/test_transforms.py holds the two paths equal).
+_UUID_RE = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_DATE_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"
+_TIME_RE = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{6})?"
+            r"[+-]([01][0-9]|2[0-3]):[0-5][0-9]$")
+# Python's str.strip() and Polars' strip_chars() agree when what is stripped is ASCII whitespace and
+# the kept text starts and ends with a character neither of them calls whitespace (their sets differ:
+# Python also strips \x1c-\x1f). _EDGE is that character class, held to both by a test over all of Unicode.
+_EDGE = r"[^\x00-\x20\x7F-\xA0\x{1680}\x{180E}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}]"
+_TRIMMABLE_RE = rf"(?s)^[ \t\n\r]*({_EDGE}(.*{_EDGE})?)?[ \t\n\r]*$"
+_ASCII_RE = r"^[\x20-\x7e\t\n\r]*$"
+_RAW_SCHEMA: dict[str, Any] = {
+    "__i": pl.Int64, "__type": pl.Int64, "patient_id": pl.String, "version": pl.Int64, "__time": pl.String,
+    "__gender": pl.String, "__dob": pl.String, "__registered": pl.String, "__city": pl.String,
+    "__billing": pl.String,
+}
+
+
+def parse_batch(raws: list[bytes | None]) -> tuple[pl.DataFrame, dict[int, DeadLetter]]:
+    """Decode a batch of Kafka message values at once: the batch form of :func:`parse_event`.
+
+    Per message only the protobuf decode and the field reads run in Python; validation and
+    normalisation (UUID, dates, timestamps, trimming, case) run vectorised in Polars. This
+    is what lets the deserializer hand the raw bytes through untouched, so the one-message-
+    at-a-time consumer loop does no parsing at all.
+
+    Returns:
+        The events (EVENT_SCHEMA plus ``__i``, the message's index in ``raws``) in input order,
+        and the dead letters by index.
+    """
+    dead: dict[int, DeadLetter] = {}
+    columns: tuple[list[Any], ...] = tuple([] for _ in _RAW_SCHEMA)
+    index, types, ids, versions, times, genders, dobs, registered, cities, billing = columns
+    decode = patient_events_pb2.PatientEvent.FromString
+    for i, raw in enumerate(raws):
+        if not raw:
+            dead[i] = DeadLetter("empty message", b"")
+            continue
+        try:
+            msg = decode(raw)
+        except (DecodeError, RuntimeError, ValueError):
+            dead[i] = DeadLetter("not a PatientEvent (protobuf decode failed)", bytes(raw))
+            continue
+        index.append(i)
+        types.append(msg.event_type)
+        ids.append(msg.patient_id)
+        versions.append(msg.version)
+        times.append(msg.occurred_at)
+        genders.append(msg.gender)
+        dobs.append(msg.date_of_birth)
+        registered.append(msg.registered_date)
+        cities.append(msg.city)
+        billing.append(msg.billing_status)
+    raw_frame = pl.DataFrame(dict(zip(_RAW_SCHEMA, columns, strict=True)), schema=_RAW_SCHEMA)
+    fast, slow_index = _normalise(raw_frame)
+    slow: list[dict[str, Any]] = []
+    for i in slow_index:
+        parsed = parse_event(raws[i])
+        if isinstance(parsed, DeadLetter):
+            dead[i] = parsed
+        else:
+            slow.append(parsed | {"__i": i})
+    events = fast
+    if slow:
+        slow_frame = pl.DataFrame(slow, schema=EVENT_SCHEMA | {"__i": pl.Int64}, orient="row")
+        events = pl.concat([fast, slow_frame.select(fast.columns)]).sort("__i")
+    return events, dead
+
+
+def parse_values(values: Sequence[object]) -> tuple[pl.DataFrame, dict[int, DeadLetter]]:
+    """Events and dead letters of a batch of consumed values, whatever stage each is at.
+
+    A value is the raw message (``bytes``, or ``None`` for a null value), an event dict from
+    :func:`parse_event`, or a :class:`DeadLetter`. Returns the events (EVENT_SCHEMA) in input
+    order and the dead letters by index in ``values``.
+    """
+    raw_at = [i for i, v in enumerate(values) if v is None or isinstance(v, bytes | bytearray | memoryview)]
+    if len(raw_at) == len(values):  # the pipeline's case: everything straight from Kafka
+        events, dead = parse_batch(values)  # type: ignore[arg-type]
+        return events.drop("__i"), dead
+    frame, parsed_dead = parse_batch([values[i] for i in raw_at])  # type: ignore[misc]
+    dead = {raw_at[j]: letter for j, letter in parsed_dead.items()}
+    frames = [frame.with_columns(pl.col("__i").map_elements(raw_at.__getitem__, return_dtype=pl.Int64))]
+    parsed: list[dict[str, Any]] = []
+    for i, value in enumerate(values):
+        if isinstance(value, DeadLetter):
+            dead[i] = value
+        elif isinstance(value, dict):
+            parsed.append(value | {"__i": i})
+    if parsed:
+        frames.append(pl.DataFrame(parsed, schema=EVENT_SCHEMA | {"__i": pl.Int64}, orient="row")
+                      .select(frame.columns))
+    return pl.concat(frames).sort("__i").drop("__i"), dead
+
+
+def _normalise(raw: pl.DataFrame) -> tuple[pl.DataFrame, list[int]]:
+    """The rows of ``raw`` in canonical form as events, and the indexes of all other rows."""
+    dob = pl.col("__dob").str.to_date("%Y-%m-%d", strict=False)
+    registered = pl.col("__registered").str.to_date("%Y-%m-%d", strict=False)
+    occurred = pl.col("__time").str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", strict=False)
+    parsed = raw.with_columns(dob.alias("birth_date"), registered.alias("registered_date"),
+                              occurred.dt.convert_time_zone("UTC").alias("occurred_at"))
+
+    def date_ok(text: str, value: str) -> pl.Expr:
+        return (pl.col(text) == "") | (pl.col(text).str.contains(_DATE_RE) & (pl.col(value).dt.year() >= 1))
+
+    canonical = (
+        pl.col("__type").is_in(list(_EVENT_TYPES))
+        & pl.col("patient_id").str.contains(_UUID_RE)
+        & (pl.col("version") >= 1)
+        & date_ok("__dob", "birth_date")
+        & date_ok("__registered", "registered_date")
+        & pl.col("__time").str.contains(_TIME_RE)
+        & pl.col("occurred_at").dt.year().is_between(2, 9998)  # far from datetime's range in any offset
+        & pl.all_horizontal([pl.col(c).str.contains(_TRIMMABLE_RE) & ~pl.col(c).str.contains("\x00", literal=True)
+                             for c in ("__gender", "__city", "__billing")])
+        & pl.col("__gender").str.contains(_ASCII_RE)
+        & pl.col("__billing").str.contains(_ASCII_RE)
+    ).fill_null(False)
+    parsed = parsed.with_columns(canonical.alias("__canonical"))
+    slow = parsed.filter(~pl.col("__canonical")).get_column("__i").to_list()
+    gender = pl.col("__gender").str.strip_chars().str.to_lowercase()
+    city = pl.col("__city").str.strip_chars()
+    billing = pl.col("__billing").str.strip_chars()
+    event_type = pl.col("__type").replace_strict(_EVENT_TYPES, return_dtype=pl.String)
+    has_state = ((gender != "") | pl.col("birth_date").is_not_null() | pl.col("registered_date").is_not_null()
+                 | (city != "") | (billing != ""))
+    fast = parsed.filter(pl.col("__canonical")).select(
+        "__i",
+        "patient_id",
+        "version",
+        event_type.alias("event_type"),
+        "occurred_at",
+        (has_state | (event_type != DELETED)).alias("carries_state"),
+        pl.when(gender.is_in(sorted(GENDERS))).then(gender).otherwise(pl.lit("unknown")).alias("gender"),
+        "birth_date",
+        pl.col("birth_date").dt.year().cast(pl.Int32).alias("birth_year"),
+        city.alias("city"),
+        "registered_date",
+        billing.str.to_uppercase().alias("billing_status"),
+    ).cast(EVENT_SCHEMA)
+    return fast, slow
 
 
 def events_frame(events: list[dict[str, Any]]) -> pl.DataFrame:
