@@ -6,6 +6,10 @@ topic -- and (2) the real pipeline process (``pms serve pipeline``) applies them
 taken from ``pipeline_status.events_processed`` between its first and its last commit, so the
 consumer group join (~3 s on Tansu) is reported apart. Target (issue 5): >= 0.3x of the raw loop.
 
+Ceiling: (3) the same Quix Streams consumer loop, deserializer and sink ``add`` as the pipeline's,
+with a sink whose flush writes nothing, over the same topic in its own consumer group: how fast
+Quix alone can go here, i.e. the most the pipeline could reach with a free database.
+
 Freshness: then events are produced at a steady 200/s with ``occurred_at`` = now, and the
 pipeline's own freshness p50/p99 (``occurred_at`` -> analytics commit, over a window of exactly
 those events) is read from ``pipeline_status``. Baseline: bare produce -> consume latency at the
@@ -21,6 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from quixstreams import Application
 
 from api.patient.relay import ensure_topic, producer_config
 from bench.harness import (
@@ -36,6 +41,8 @@ from bench.harness import (
 from pms import process
 from pms.contracts import patient_events_pb2
 from pms.settings import Settings
+from stream_processing import app as app_module
+from stream_processing.sink import AnalyticsSink, Record
 
 EVENTS = 50_000
 STEADY_RATE = 200.0
@@ -82,6 +89,7 @@ def run(settings: Settings, report: Report, *, events: int = EVENTS) -> None:
 
     # The raw loop is short and the machine noisy: take the better of a run before and one after.
     raw_rates = [_raw_consume(settings, events)]
+    quix_rate = _quix_noop_consume(settings, events)
 
     with services(settings, ["pipeline"]):
         ready_at = time.perf_counter()
@@ -103,6 +111,9 @@ def run(settings: Settings, report: Report, *, events: int = EVENTS) -> None:
                             f"best of {', '.join(f'{r:.0f}' for r in raw_rates)}"))
         report.add(Row("pipeline", "events/s into analytics (first -> last commit)", rate, "events/s",
                        baseline=raw_rate, target=">= 0.3x", note="baseline: raw consume + parse, same topic"))
+        report.add(Row("pipeline", "Quix loop, sink writing nothing (ceiling)", quix_rate, "events/s",
+                       baseline=raw_rate, note="same deserializer and sink.add as the pipeline, in-process, "
+                                               "first -> last message; baseline: raw consume + parse"))
         report.add(Row("pipeline", "group join + first batch", first_t - ready_at, "s",
                        note="process ready -> first commit in pipeline_status"))
 
@@ -124,6 +135,52 @@ def run(settings: Settings, report: Report, *, events: int = EVENTS) -> None:
     report.add(Row("pipeline", "freshness p50 @200/s", p50, "ms", baseline=percentile(floor, 50), note=note))
     report.add(Row("pipeline", "freshness p99 @200/s", p99, "ms", baseline=percentile(floor, 99),
                    target="<= 1000 ms", note=note))
+
+
+class _NoWriteSink(AnalyticsSink):
+    """The pipeline's sink minus the database: counts what Quix hands it and stops the app at ``total``."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(None, freshness_window=1)  # type: ignore[arg-type] -- never touches the engine
+        self.total = total
+        self.seen = 0
+        self.first: float | None = None
+        self.first_size = 0
+        self.last: float | None = None
+        self.application: Application | None = None
+
+    def setup(self) -> None:
+        pass
+
+    def _apply(self, records: list[Record]) -> None:
+        if self.first is None:  # the first checkpoint: the group has been joined
+            self.first, self.first_size = time.perf_counter(), len(records)
+        self.seen += len(records)
+        if self.seen >= self.total and self.last is None:
+            self.last = time.perf_counter()
+            assert self.application is not None
+            self.application.stop()
+
+
+def _quix_noop_consume(settings: Settings, events: int) -> float:
+    """Events/s through Quix with the pipeline's per-message path and a sink that writes nothing.
+
+    Timed between the first and the last checkpoint flush, like the pipeline's own rate.
+    """
+    cfg = settings.model_copy(update={"pipeline": settings.pipeline.model_copy(
+        update={"consumer_group": "bench-quix-noop"})})
+    application = app_module.build_application(cfg)
+    sink = _NoWriteSink(events)
+    sink.application = application
+    topic = application.topic(cfg.kafka.topic, value_deserializer=app_module.PatientEventDeserializer(),
+                              key_deserializer="bytes", config=app_module.topic_config(cfg))
+    application.dataframe(topic).sink(sink)
+    application.run()
+    if sink.last is None or sink.first is None:
+        raise RuntimeError(f"the Quix loop saw only {sink.seen} of {events} events")
+    if sink.last <= sink.first:
+        return float("nan")
+    return (sink.seen - sink.first_size) / (sink.last - sink.first)
 
 
 def _raw_consume(settings: Settings, events: int) -> float:
