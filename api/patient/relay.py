@@ -203,6 +203,7 @@ class OutboxRelay:
         if any(offset < self._stored.get(partition, 0) for partition, offset in firsts.items()):
             # Offsets below what this topic already had: it was reset since the last check.
             self._republish("offsets went backwards")
+            self._last_check = 0.0  # and the next round checks the topic (it may need creating) first
             return delivered
         marks = {partition: offset + 1 for partition, offset in firsts.items()}
         if delivered and not firsts:
@@ -211,9 +212,9 @@ class OutboxRelay:
             with suppress(Exception):
                 marks = self._broker_watermarks()
         with self._session() as session:
-            # One transaction: the sent marks and the watermarks they produced.
-            patient_repository.mark_sent(session, [row[0] for row in rows[:delivered]], sent_at=datetime.now(UTC))
-            patient_repository.save_relay_state(session, self.topic, marks)
+            # One statement: the sent marks and the watermarks they produced, atomically.
+            patient_repository.mark_sent(session, [row[0] for row in rows[:delivered]], sent_at=datetime.now(UTC),
+                                         topic=self.topic, watermarks=marks)
             session.commit()
         for partition, mark in marks.items():
             self._stored[partition] = max(mark, self._stored.get(partition, 0))
@@ -278,7 +279,7 @@ class OutboxRelay:
 
     def _republish(self, reason: str) -> bool:
         """Mark the whole outbox unsent (the next rounds publish it again); True if it had events."""
-        with self._session() as session:
+        with self.factory() as session:  # a pooled connection: a transaction, not the leader's autocommit
             count = patient_repository.mark_all_unsent(session)
             patient_repository.clear_relay_state(session, self.topic)
             session.commit()
@@ -304,7 +305,9 @@ class OutboxRelay:
 
     # -- leadership -----------------------------------------------------------------------
     def _session(self) -> Session:
-        """A session on the leader's own connection: no pool checkout (and pre-ping) per statement."""
+        """A session on the leader's own connection: no pool checkout (and pre-ping) per round, and
+        autocommit, so a read costs no BEGIN/ROLLBACK round trips. Anything that must be atomic
+        is one statement (``mark_sent``) or uses ``self.factory()``."""
         return self.factory(bind=self._lock_conn) if self._lock_conn is not None else self.factory()
 
     def _acquire_leadership(self) -> bool:
@@ -317,6 +320,8 @@ class OutboxRelay:
                 # Before the first read of the outbox, so no commit falls between read and LISTEN.
                 conn.execute(text(f"LISTEN {NOTIFY_CHANNEL}"))
             conn.commit()
+            if got:
+                conn.execution_options(isolation_level="AUTOCOMMIT")  # see _session
         except Exception:
             conn.invalidate()
             raise

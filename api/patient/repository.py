@@ -211,9 +211,19 @@ def unsent_events(session: Session, *, limit: int) -> list[tuple[int, uuid.UUID,
     return [(r[0], r[1], r[2]) for r in rows]
 
 
-def mark_sent(session: Session, ids: list[int], *, sent_at: datetime) -> None:
-    if ids:
-        session.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=sent_at))
+def mark_sent(session: Session, ids: list[int], *, sent_at: datetime, topic: str | None = None,
+              watermarks: dict[int, int] | None = None) -> None:
+    """Mark ``ids`` sent; with ``watermarks``, also save them for ``topic`` (see ``save_relay_state``).
+
+    Both in ONE statement (the UPDATE as a data-modifying CTE of the upsert): one round trip,
+    and atomic even on an autocommit connection such as the relay's.
+    """
+    mark = update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(sent_at=sent_at)
+    if topic is not None and watermarks:
+        session.execute(_relay_state_upsert(topic, watermarks).add_cte(mark.cte("sent")) if ids
+                        else _relay_state_upsert(topic, watermarks))
+    elif ids:
+        session.execute(mark)
 
 
 def any_sent(session: Session) -> bool:
@@ -237,14 +247,17 @@ def save_relay_state(session: Session, topic: str, watermarks: dict[int, int]) -
     when they are saved, lower values would overwrite the evidence. (A reset clears the rows
     with ``clear_relay_state`` first.)
     """
-    if not watermarks:
-        return
+    if watermarks:
+        session.execute(_relay_state_upsert(topic, watermarks))
+
+
+def _relay_state_upsert(topic: str, watermarks: dict[int, int]) -> Any:
     stmt = pg_insert(RelayState).values([
         {"topic": topic, "partition": partition, "high_watermark": hw} for partition, hw in sorted(watermarks.items())
     ])
-    session.execute(stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=["topic", "partition"],
-        set_={"high_watermark": func.greatest(RelayState.high_watermark, stmt.excluded.high_watermark)}))
+        set_={"high_watermark": func.greatest(RelayState.high_watermark, stmt.excluded.high_watermark)})
 
 
 def clear_relay_state(session: Session, topic: str) -> None:
