@@ -24,13 +24,18 @@ from pms.settings import Settings, get_settings
 from pms.web import create_service_app
 
 DATABASE = "patients"
+#: Pooled database connections kept open (see create_app).
+POOL_SIZE = 40
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:
     """Build the patient service; ``background=False`` leaves out the relay and retry threads."""
     settings = settings or get_settings()
-    engine = db.make_engine(settings.database_url_for(DATABASE))
+    # As many pooled connections as the threadpool has threads (anyio's default 40): beyond
+    # pool_size SQLAlchemy closes each returned connection, and a new PostgreSQL connection per
+    # request (a backend fork, authentication) cost more than the create itself under load.
+    engine = db.make_engine(settings.database_url_for(DATABASE), pool_size=POOL_SIZE, max_overflow=10)
     factory = db.session_factory(engine)
 
     @asynccontextmanager
@@ -64,6 +69,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     _backlog_gauges(app, engine)
     app.state.engine = engine
     app.state.session_factory = factory
+    # Creates are two single statements, each atomic by itself: no BEGIN/COMMIT round trips.
+    app.state.autocommit_sessions = db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
     app.state.billing = BillingGateway(settings)
     app.include_router(router)
     return app

@@ -72,6 +72,9 @@ class Patient(Base):
               postgresql_ops={"email": "gin_trgm_ops"}),
         Index("ix_patients_phone", "phone"),
         Index("ix_patients_date_of_birth", "date_of_birth"),
+        # Likely-duplicate lookup: nearest lower(name) per birth date (migration 0003_write_path).
+        Index("ix_patients_duplicate_lookup", "date_of_birth", func.dmetaphone(text("name")),
+              text("lower(name) gist_trgm_ops"), postgresql_using="gist"),
         # The list's stable order (created_at, id) over active rows.
         Index("ix_patients_active_order", "created_at", "id", postgresql_where=text("deleted_at IS NULL")),
         # Every PENDING patient has a due time, so the retry worker's queue (below) misses nobody.

@@ -74,20 +74,20 @@ def create_patient(
     request: Request,
     response: Response,
     data: PatientCreate,
-    session: SessionDep,
     user: StaffUser,
     request_id: RequestId,
 ) -> Any:
     """Register a patient; the answer lists likely duplicates for review."""
-    patient = patient_service.create(
-        session=session, data=data, actor=user.sub, request_id=request_id,
-        billing=request.app.state.billing, settings=request.app.state.settings,
+    state = request.app.state
+    created = patient_service.create(
+        sessions=state.autocommit_sessions, data=data, actor=user.sub, request_id=request_id,
+        billing=state.billing, settings=state.settings,
     )
-    candidates = patient_service.duplicates(session=session, patient=patient)
+    patient = created.patient
     response.headers["Location"] = f"/patients/{patient.id}"
     _etag(response, patient.version)
     body = PatientCreated.model_validate(patient)  # possibleDuplicates: its default, set below
-    body.possible_duplicates = candidates
+    body.possible_duplicates = created.duplicates
     return body
 
 

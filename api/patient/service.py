@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.patient import events as patient_events
 from api.patient import repository as patient_repository
@@ -84,16 +84,32 @@ def _write_or_conflict(write: Callable[[], None], session: Session) -> None:
         raise
 
 
+@dataclass(slots=True)
+class Registration:
+    """A created patient and the likely duplicates found when it was registered."""
+
+    patient: Patient
+    duplicates: list[DuplicateCandidate]
+
+
 def create(
     *,
-    session: Session,
+    sessions: sessionmaker[Session],
     data: PatientCreate,
     actor: str,
     request_id: str | None = None,
     billing: BillingGateway | None = None,
     settings: Settings | None = None,
-) -> Patient:
+) -> Registration:
     """Register a patient, open its billing account if billing answers in time, and queue its event.
+
+    ``sessions`` must make AUTOCOMMIT sessions: the create is two statements and no open
+    transaction. First one read (is the email taken? likely duplicates), then billing is
+    called with its deadline while nothing is locked (the patient id is made here, and billing
+    is idempotent on it), then ONE statement writes the patient with its final billing status,
+    its outbox event and its audit entry atomically. A create that fails after billing answered
+    (the email was taken meanwhile, the database went away) leaves an account for a patient id
+    that never exists: harmless, nothing refers to it and no patient can ever get that id.
 
     Raises:
         Conflict: another active patient already uses the email (also under concurrency:
@@ -102,35 +118,39 @@ def create(
     now = datetime.now(UTC)
     patient = Patient(
         id=uuid.uuid4(),
-        mrn=patient_repository.next_mrns(session, 1)[0],
         **data.model_dump(include=set(EDITABLE_FIELDS)),
+        billing_account_id=None,
         billing_status=BillingStatus.PENDING,
-        billing_attempts=0,
         billing_next_attempt_at=now,
         version=1,
         created_at=now,
         updated_at=now,
     )
-    session.add(patient)
-    # Flush first: a taken email answers 409 before billing is ever called.
-    _write_or_conflict(session.flush, session)
-    account = None
-    if billing is not None:
-        account = billing.open_account(patient_id=patient.id, name=patient.name, email=patient.email,
-                                       in_request=True)
-    if account is not None:
-        patient.billing_account_id = account.account_id
-        patient.billing_status = account.status
-        patient.billing_next_attempt_at = None
-    else:
-        # Every PENDING patient has a due time: the retry worker's queue is that index.
-        patient.billing_next_attempt_at = now + (backoff(settings, 0) if settings is not None else timedelta(0))
-    session.add(patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now))
-    provided = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
-    patient_repository.add_audit(session, patient=patient, actor=actor, action="create", fields=provided,
-                                 request_id=request_id)
-    _write_or_conflict(session.commit, session)
-    return patient
+    with sessions() as session:
+        taken, rows = patient_repository.create_preflight(session, patient)
+        if taken:
+            raise EMAIL_TAKEN
+        account = None
+        if billing is not None:
+            account = billing.open_account(patient_id=patient.id, name=patient.name, email=patient.email,
+                                           in_request=True)
+        if account is not None:
+            patient.billing_account_id = account.account_id
+            patient.billing_status = account.status
+            patient.billing_next_attempt_at = None
+        else:
+            # Every PENDING patient has a due time: the retry worker's queue is that index.
+            patient.billing_next_attempt_at = now + (backoff(settings, 0) if settings is not None else timedelta(0))
+        provided = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
+        outbox = patient_events.outbox_row(patient, event_type=patient_events.CREATED, occurred_at=now)
+        try:
+            patient.mrn = patient_repository.insert_created(session, patient, outbox=outbox, actor=actor,
+                                                            fields=provided, request_id=request_id)
+        except IntegrityError as exc:
+            if _is_email_conflict(exc):
+                raise EMAIL_TAKEN from None
+            raise
+    return Registration(patient=patient, duplicates=[_candidate(row) for row in rows])
 
 
 def backoff(settings: Settings, attempts: int) -> timedelta:
@@ -219,14 +239,15 @@ def delete(
 
 def duplicates(*, session: Session, patient: Patient) -> list[DuplicateCandidate]:
     """Return likely duplicates of ``patient`` (same birth date + similar name, or same phone)."""
-    candidates = []
-    for row in patient_repository.duplicates_of(session, patient):
-        reasons = [reason for reason in ("same_phone", "similar_name", "sounds_alike") if row[reason]]
-        candidates.append(DuplicateCandidate(
-            id=row["id"], mrn=row["mrn"], name=row["name"], date_of_birth=row["date_of_birth"],
-            phone=row["phone"], reasons=reasons, score=round(float(row["score"]), 3),
-        ))
-    return candidates
+    return [_candidate(row) for row in patient_repository.duplicates_of(session, patient)]
+
+
+def _candidate(row: dict[str, Any]) -> DuplicateCandidate:
+    reasons = [reason for reason in ("same_phone", "similar_name", "sounds_alike") if row[reason]]
+    return DuplicateCandidate(
+        id=row["id"], mrn=row["mrn"], name=row["name"], date_of_birth=row["date_of_birth"],
+        phone=row["phone"], reasons=reasons, score=round(float(row["score"]), 3),
+    )
 
 
 def audit(*, session: Session, patient_id: str | uuid.UUID) -> Sequence[AuditEntry]:

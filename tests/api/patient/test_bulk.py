@@ -112,5 +112,77 @@ def test_search_and_duplicate_lookups_are_index_backed(seeded: int, session: Ses
         plan = _plan(session, sql, {
             "id": patient.id, "name": patient.name, "dob": date(1970, 1, 1), "phone": "+12025550142",
             "threshold": 0.45, "limit": 10})
-        assert "ix_patients_date_of_birth" in plan and "Seq Scan" not in plan
+        # Both name branches are nearest-neighbour scans of the one GiST index, ordered by distance.
+        assert plan.count("Order By: (lower((name)::text) <-> ") == 2, plan
+        assert "ix_patients_duplicate_lookup" in plan and "Seq Scan" not in plan, plan
         assert ("ix_patients_phone" in plan) is with_phone
+
+
+#: The duplicate query before the KNN index (0003_write_path): a scan of every patient of the birth
+#: date. The reference the indexed query must agree with, row for row and in order.
+_REFERENCE_DUPLICATES = """
+    SELECT p.id, p.mrn, p.name, p.date_of_birth, p.phone,
+           similarity(lower(p.name), lower(:name)) AS score,
+           coalesce(p.phone = :phone, false) AS same_phone,
+           (p.date_of_birth = :dob AND similarity(lower(p.name), lower(:name)) >= :threshold) AS similar_name,
+           (p.date_of_birth = :dob AND dmetaphone(p.name) = dmetaphone(:name)) AS sounds_alike
+    FROM patients p
+    WHERE p.deleted_at IS NULL AND p.id <> :id
+      AND ((p.date_of_birth = :dob
+            AND (similarity(lower(p.name), lower(:name)) >= :threshold
+                 OR dmetaphone(p.name) = dmetaphone(:name))) OR p.phone = :phone)
+    ORDER BY same_phone DESC, score DESC, p.id
+    LIMIT :limit
+"""
+
+
+def test_indexed_duplicate_lookup_equals_the_full_scan(bulk_settings: Settings, session: Session) -> None:
+    """Ties, same-sounding but dissimilar names, phones, deleted rows and more than ``limit`` matches."""
+    import uuid
+
+    from api.patient.schemas import PatientCreate
+
+    dob = date(1903, 2, 28)  # nobody else in this database is born that day
+    phone = "+12025550199"
+    names = ([f"Bench Patient c16{i:03d}" for i in range(40)]  # many near-identical names: ties
+             + [f"Wrench Patient c16{i:03d}" for i in range(15)]  # similar, but they sound different
+             + ["Katherine Pemberton", "Catherine Pemberton", "Kathryn Pembertonne", "K. Pemberton",
+                "Smith John", "Smyth Jon", "Schmidt Johann", "Zed Quux"])
+    items = [PatientCreate.model_validate({
+        "name": name, "email": f"dup.{uuid.uuid4().hex[:10]}@example.org", "address": "1 Road",
+        "dateOfBirth": dob.isoformat(), "registeredDate": "2024-01-01",
+        "phone": phone if i % 7 == 0 else None,
+    }) for i, name in enumerate(names)]
+    # Same phone on another birth date: found through the phone branch only.
+    items += [PatientCreate.model_validate({
+        "name": f"Other Person {i}", "email": f"dup.{uuid.uuid4().hex[:10]}@example.org", "address": "1 Road",
+        "dateOfBirth": "1950-06-01", "registeredDate": "2024-01-01", "phone": phone}) for i in range(12)]
+    assert patient_service.create_many(session=session, items=items, actor="test") == len(items)
+    # A deleted near-twin must never be offered.
+    session.execute(text("UPDATE patients SET deleted_at = now() WHERE date_of_birth = :dob AND name = :n"),
+                    {"dob": dob, "n": "Bench Patient c16005"})
+    session.commit()
+
+    probes = [("Bench Patient c16999", None), ("Bench Patient c16999", phone), ("Catherine Pemberton", None),
+              ("Trench Patient c16999", None),  # sounds like none of them: the similarity branch alone
+              ("Jon Smith", None), ("Smith", phone), ("Nobody Alike", None), ("Nobody Alike", phone)]
+    sizes = []
+    try:
+        for name, probe_phone in probes:
+            params = {"id": uuid.uuid4(), "name": name, "dob": dob, "phone": probe_phone,
+                      "threshold": patient_repository.DUPLICATE_NAME_SIMILARITY,
+                      "limit": patient_repository.DUPLICATE_LIMIT}
+            expected = [dict(r) for r in session.execute(text(_REFERENCE_DUPLICATES), params).mappings()]
+            actual = [dict(r) for r in session.execute(
+                text(patient_repository.duplicate_candidates_sql(with_phone=probe_phone is not None)),
+                params).mappings()]
+            assert actual == expected, (name, probe_phone)
+            assert all(r["name"] != "Bench Patient c16005" for r in actual)
+            sizes.append(len(actual))
+        # The probes covered an empty answer, partial ones and answers cut at the limit.
+        assert 0 in sizes and patient_repository.DUPLICATE_LIMIT in sizes, sizes
+    finally:
+        session.rollback()  # soft-delete: other modules share this database; rows and history stay
+        session.execute(text("UPDATE patients SET deleted_at = now() "
+                             "WHERE deleted_at IS NULL AND email LIKE 'dup.%@example.org'"))
+        session.commit()
