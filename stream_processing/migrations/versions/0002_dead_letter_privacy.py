@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import context, op
+from sqlalchemy.engine import make_url
 
 revision: str = "0002_dead_letter_privacy"
 down_revision: str | None = "0001_analytics_tables"
@@ -30,14 +31,17 @@ READABLE = ("id", "topic", "partition", "kafka_offset", "reason", "raw_digest", 
 
 
 def _analyst_role() -> str:
-    """The analyst role's name, from the settings ``pms.db.migrate`` hands to Alembic."""
-    settings = context.config.attributes.get("settings")
-    if settings is not None:
-        name = settings.analyst_url().username
-        if name:
-            return str(name)
+    """The analyst role's name: the user of ``PMS_ANALYST_DATABASE_URL`` in the settings ``pms.db.migrate``
+    hands to Alembic, else the embedded role (what ``settings.analyst_url()`` would use, without creating
+    its password file as a side effect)."""
     from pms.embedded import ANALYST_ROLE
 
+    settings = context.config.attributes.get("settings")
+    url = getattr(settings, "analyst_database_url", None)
+    if url is not None:
+        name = make_url(url.get_secret_value()).username
+        if name:
+            return str(name)
     return ANALYST_ROLE
 
 
