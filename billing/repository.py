@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from billing.models import BillingAccount
 
+#: What the service reads of an account (Core columns: no ORM identity map for a one-row answer).
+_ACCOUNT_COLUMNS = (BillingAccount.id, BillingAccount.patient_id, BillingAccount.status, BillingAccount.created_at)
 
-def insert_if_absent(session: Session, *, patient_id: uuid.UUID) -> BillingAccount | None:
+
+def insert_if_absent(session: Session, *, patient_id: uuid.UUID) -> Row[Any] | None:
     """Insert an ACTIVE account for ``patient_id``; None when the patient already has one.
 
     ``ON CONFLICT (patient_id) DO NOTHING`` lets the unique constraint arbitrate between
     concurrent callers: exactly one insert wins, the others wait for it and get no row.
+    A Core statement on the table: the answer is one row of columns, not an ORM object.
     """
+    table = BillingAccount.__table__
     statement = (
-        insert(BillingAccount)
+        insert(table)
         .values(patient_id=patient_id)
-        .on_conflict_do_nothing(index_elements=[BillingAccount.patient_id])
-        .returning(BillingAccount)
+        .on_conflict_do_nothing(index_elements=[table.c.patient_id])
+        .returning(*_ACCOUNT_COLUMNS)
     )
-    return session.execute(statement).scalars().one_or_none()
+    return session.execute(statement).one_or_none()
 
 
 def get_by_patient_id(session: Session, *, patient_id: uuid.UUID) -> BillingAccount | None:

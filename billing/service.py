@@ -10,7 +10,9 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import Row
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing import repository as billing_repository
@@ -70,14 +72,18 @@ def create(*, sessions: sessionmaker[Session], patient_id: str, name: str = "", 
     """
     pid = parse_patient_id(patient_id)
     _check_contact_bounds(name=name, email=email)
-    with sessions() as session, session.begin():
-        row = billing_repository.insert_if_absent(session, patient_id=pid)
-        created = row is not None
+    with sessions() as session:
+        # With the server's AUTOCOMMIT sessions the insert is its own transaction (no BEGIN and
+        # COMMIT round trips) and the commit below is a no-op; with other sessions it commits.
+        inserted = billing_repository.insert_if_absent(session, patient_id=pid)
+        created = inserted is not None
+        row: AccountRow | Row[Any] | None = inserted
         if row is None:
             # READ COMMITTED: this statement sees the winner's committed row.
             row = billing_repository.get_by_patient_id(session, patient_id=pid)
         if row is None:  # the account was deleted between the two statements; not a path we have
             raise RuntimeError("billing account vanished during create")
+        session.commit()
         return _account(row, created=created)
 
 
@@ -96,7 +102,7 @@ def get_or_raise(*, sessions: sessionmaker[Session], patient_id: str) -> Account
         return _account(row, created=False)
 
 
-def _account(row: AccountRow, *, created: bool) -> Account:
+def _account(row: AccountRow | Row[Any], *, created: bool) -> Account:
     return Account(
         account_id=str(row.id),
         status=row.status,
