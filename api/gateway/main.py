@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
 from api.gateway.router import router
+from api.gateway.upstream import UpstreamClient
 from pms.settings import Settings
 from pms.web import create_service_app
 
@@ -78,7 +79,12 @@ def create_app(settings: Settings) -> FastAPI:
             trust_env=False,  # never route patient data through a proxy from the environment
         ) as client:
             app.state.http_client = client
-            yield
+            app.state.upstream_client = UpstreamClient(timeout=gateway.upstream_timeout_s,
+                                                       connect_timeout=min(gateway.upstream_timeout_s, 5.0))
+            try:
+                yield
+            finally:
+                await app.state.upstream_client.aclose()
 
     app = create_service_app(
         name="gateway",
