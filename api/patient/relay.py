@@ -128,7 +128,8 @@ class OutboxRelay:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self._close_clients()
         self._release_leadership()
 

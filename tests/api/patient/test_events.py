@@ -12,10 +12,13 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
+from api.patient import relay as patient_relay
 from api.patient import replay as patient_replay
 from api.patient.relay import LEADER_LOCK_ID
-from pms import process
+from pms import db, process
+from pms.contracts import patient_events_pb2
 from pms.embedded import EmbeddedBroker, libpq_dsn
 from pms.settings import Settings
 from tests.api.patient.conftest import Api, has_versions, new_patient_body, patient_settings, read_events, start_patient
@@ -260,3 +263,63 @@ def test_the_outbox_trigger_notifies_once_per_transaction_and_only_on_commit(bro
             writer.execute("DELETE FROM patient_outbox WHERE event_id = ANY(%s)", (event_ids,))
             writer.commit()
         assert [(n.channel, n.payload) for n in got] == [("patient_outbox", "")]
+
+
+def _insert_events(settings: Settings, patient_ids: list[uuid.UUID], *, version: int) -> None:
+    """Committed outbox rows with valid PatientEvents for patients that exist nowhere else."""
+    rows = []
+    for patient_id in patient_ids:
+        event = patient_events_pb2.PatientEvent(event_id=str(uuid.uuid4()), patient_id=str(patient_id),
+                                                version=version, occurred_at="2026-01-01T00:00:00+00:00")
+        rows.append((uuid.UUID(event.event_id), patient_id, version, event.SerializeToString()))
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients")), autocommit=True) as conn:
+        conn.cursor().executemany(
+            "INSERT INTO patient_outbox (event_id, patient_id, version, event_type, payload, occurred_at) "
+            "VALUES (%s, %s, %s, 'PATIENT_UPDATED', %s, now())", rows)
+
+
+def test_a_topic_recreated_between_two_checks_is_seen_in_the_delivery_reports(
+    broker_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An in-process relay driven round by round (no thread, no service), so the test decides
+    # when the periodic reset check may run: only on its first round.
+    settings, topic = broker_settings, broker_settings.kafka.topic
+    db.migrate(settings, "patients")
+    engine = db.make_engine(settings.database_url_for("patients"), pool_size=2, max_overflow=0)
+    relay = patient_relay.OutboxRelay(settings, engine, db.session_factory(engine))
+    markers = [uuid.uuid4() for _ in range(6)]
+    everything = "SELECT count(*) FROM patient_outbox"
+    unsent = "SELECT count(*) FROM patient_outbox WHERE sent_at IS NULL"
+    try:
+        _insert_events(settings, markers, version=1)
+        process.wait_until(lambda: relay.run_once() == 0 and _sql(settings, unsent)[0][0] == 0, timeout=60,
+                           message="the relay to publish the outbox")
+        stored = dict(_sql(settings, "SELECT partition, high_watermark FROM patient_relay_state WHERE topic = %s",
+                           (topic,)))
+        assert stored and all(mark > 0 for mark in stored.values())
+
+        monkeypatch.setattr(patient_relay, "RESET_CHECK_INTERVAL_S", 3600.0)  # no check from here on
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers, "log_level": 3})
+        admin.delete_topics([topic])[topic].result(timeout=10)
+        process.wait_until(lambda: topic not in admin.list_topics(timeout=5).topics, timeout=10,
+                           message="the topic to be gone")
+        admin.create_topics([NewTopic(topic, num_partitions=settings.kafka.partitions,
+                                      replication_factor=1)])[topic].result(timeout=10)
+        # Same keys as before, so these land in partitions that have a stored watermark.
+        _insert_events(settings, markers, version=2)
+        resets = relay.resets
+        assert relay.run_once() > 0  # delivered to the empty topic at offsets below the stored ones
+        assert relay.resets == resets + 1
+        assert _sql(settings, "SELECT count(*) FROM patient_relay_state WHERE topic = %s", (topic,)) == [(0,)]
+        assert _sql(settings, unsent) == _sql(settings, everything)  # the whole outbox goes out again
+
+        process.wait_until(lambda: relay.run_once() == 0 and _sql(settings, unsent)[0][0] == 0, timeout=60,
+                           message="the relay to republish the outbox")
+        events = read_events(settings, until=has_versions({str(m): 2 for m in markers}))
+        assert {e.event.patient_id for e in events if e.event.version == 1} >= {str(m) for m in markers}
+    finally:
+        relay.stop()
+        engine.dispose()
+        # These patients exist nowhere else: keep them out of every later test's outbox.
+        _sql_command(settings, "DELETE FROM patient_outbox WHERE patient_id IN ("
+                     + ", ".join(f"'{m}'" for m in markers) + ")")
