@@ -9,16 +9,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from billing.client import BillingClient
 from pms import process
+from pms.embedded import libpq_dsn
 from pms.settings import Settings
 from tests.api.patient.conftest import Api, new_patient_body, patient_settings, start_patient
 from tests.fixtures.servers import ServerSet
 from tests.fixtures.services import ServiceProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _billing_accounts(settings: Settings) -> int:
+    with psycopg.connect(libpq_dsn(settings.database_url_for("billing"))) as conn:
+        row = conn.execute("SELECT count(*) FROM billing_accounts").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_billing_outage_leaves_patients_pending_until_the_retry_worker_opens_one_account_each(
@@ -33,6 +42,12 @@ def test_billing_outage_leaves_patients_pending_until_the_retry_worker_opens_one
             assert online.status_code == 201
             assert online.json()["billingStatus"] == "ACTIVE" and online.json()["billingAccountId"]
             assert online.json()["version"] == 1  # the account was opened inside the create
+
+            # A taken email is a 409 decided before billing is called: no account is opened for it.
+            accounts_before = _billing_accounts(settings)
+            taken = client.post("/patients", json=new_patient_body(email=online.json()["email"].upper()))
+            assert taken.status_code == 409 and taken.json()["errors"] == {"email": "Already used by another patient"}
+            assert _billing_accounts(settings) == accounts_before
 
             billing.stop()
             created = []
