@@ -224,3 +224,14 @@ def test_positions_lag_and_freshness_are_recorded(analytics: Engine) -> None:
     assert counters["last_event_at"] == max(e.occurred_at for e in events)
     # occurred_at is weeks before "now": freshness must say so, and p99 >= p50.
     assert counters["freshness_p99_ms"] >= counters["freshness_p50_ms"] > 3600 * 1000
+
+
+def test_text_that_csv_or_copy_could_misread_is_stored_as_is(analytics: Engine) -> None:
+    """The facts travel as CSV through COPY: quotes, separators, newlines and NULL markers stay text."""
+    cities = ['x,"y"\nz', "\\N", '""', "'; DROP TABLE geography; --", "Tromsø\r\n", "\t"]
+    events = [e for i, city in enumerate(cities)
+              for e in history(str(uuid.uuid4()), [PatientState(city=city, billing=city.upper())],
+                               start=BASE_TIME + timedelta(minutes=i))]
+    deliver(analytics, events)
+    assert_exact(analytics, events)
+    assert {row[0] for row in read_tables(analytics)["geography"]} == {c.strip() for c in cities}
