@@ -67,6 +67,72 @@ class _BodyTooLarge(Exception):
     pass
 
 
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode("latin-1")
+
+
+class RequestContext:
+    """Request id (``X-Request-ID``, taken or made; ``request.state.request_id``), metrics, access log.
+
+    A plain ASGI middleware: Starlette's ``@app.middleware("http")`` (BaseHTTPMiddleware) runs
+    every request through an extra task and memory streams, ~0.5 ms of CPU per request in
+    the write bench's profile of the patient service and the gateway. Unhandled exceptions
+    are logged and answered 500 in the one error shape (when no answer was started yet).
+    """
+
+    def __init__(self, app: ASGIApp, *, service: str, requests_total: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.service = service
+        self.requests_total = requests_total
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for key, value in scope.get("headers") or ():
+            if key == _REQUEST_ID_KEY:
+                request_id = value.decode("latin-1")
+                break
+        request_id = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != _REQUEST_ID_KEY]
+                headers.append((_REQUEST_ID_KEY, request_id.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request failed", extra={"fields": {"service": self.service, "request_id": request_id}})
+            if started:
+                raise
+            await error_response(500, "Internal error")(scope, receive, send_with_id)
+        elapsed = time.perf_counter() - start
+        route = route_template(Request(scope))
+        method = scope.get("method", "")
+        self.requests_total.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(elapsed)
+        if route not in ("/health", "/metrics"):
+            # Route template, never the raw path or query: those can carry patient data.
+            log.info(
+                "request",
+                extra={"fields": {
+                    "service": self.service, "request_id": request_id, "method": method,
+                    "route": route, "status": status, "ms": round(elapsed * 1000, 2),
+                }},
+            )
+
+
 class ErrorBody(BaseModel):
     """The one error shape (``pms.errors``), for ``responses=`` in routers and the OpenAPI documents."""
 
@@ -130,34 +196,8 @@ def create_service_app(
     )
     app.state.metrics_registry = registry
 
-    @app.middleware("http")
-    async def _request_context(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        request.state.request_id = request_id
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-        except Exception:
-            log.exception("request failed", extra={"fields": {"service": name, "request_id": request_id}})
-            response = error_response(500, "Internal error")
-        elapsed = time.perf_counter() - start
-        route = route_template(request)
-        requests_total.labels(request.method, route, str(status)).inc()
-        latency.labels(request.method, route).observe(elapsed)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        if route not in ("/health", "/metrics"):
-            # Route template, never the raw path or query: those can carry patient data.
-            log.info(
-                "request",
-                extra={"fields": {
-                    "service": name, "request_id": request_id, "method": request.method,
-                    "route": route, "status": status, "ms": round(elapsed * 1000, 2),
-                }},
-            )
-        return response
-
+    app.add_middleware(RequestContext, service=name, requests_total=requests_total,  # type: ignore[arg-type]
+                       latency=latency)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)  # type: ignore[arg-type]
 
     @app.get("/health", tags=["ops"], summary="Liveness")
