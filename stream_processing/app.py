@@ -10,6 +10,7 @@ More processes in the same group share the partitions.
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import os
 import threading
@@ -88,19 +89,18 @@ class _Application(Application):
 
 
 def build_application(settings: Settings) -> Application:
-    """The Quix Application with the consumer settings that let groups join fast on Tansu.
+    """The Quix Application with the consumer settings that let groups join fast on Tansu and
+    survive a broker that comes back empty (see :class:`BrokerRestartGuard`).
 
-    ``broker_availability_timeout=0`` turns off Quix's broker probe, and that is what lets the
-    pipeline survive a broker that comes back empty. After an outage the probe sends an
-    all-topics metadata request. That request does not mark a vanished topic as gone, so the
-    consumer keeps fetching the old topic id. Tansu answers a fetch for an unknown topic with
-    a zero topic id plus a leader hint. librdkafka (2.12 up to at least 2.16) then looks the
-    hint's topic up by a NULL name and crashes with SIGSEGV in
-    ``rd_kafka_metadata_cache_find``. Reproduced in 4 of 15 broker restarts with the probe,
-    none in 37 without it (docs/readme/faults.md). Without the probe, GroupWatchdog below
-    handles a consumer that stays outside its group.
+    ``broker_availability_timeout=0`` turns off Quix's broker probe. After an outage the probe
+    sends an all-topics metadata request, which does not mark a vanished topic as gone and
+    holds back the consumer's own refresh, so the consumer kept fetching the old topic id
+    straight into the crash the guard prevents. GroupWatchdog (no member id for ``stall_s``,
+    which librdkafka also reports after a broker outage longer than the session timeout) is
+    the pipeline's stand-in for what the probe was for.
     """
-    return _Application(
+    guard = BrokerRestartGuard(settings.kafka.topic, rejoin_timeout_s=settings.kafka.session_timeout_ms / 1000)
+    app = _Application(
         broker_address=settings.bootstrap_servers,
         consumer_group=settings.pipeline.consumer_group,
         auto_offset_reset="earliest",
@@ -110,12 +110,16 @@ def build_application(settings: Settings) -> Application:
         consumer_extra_config={
             "session.timeout.ms": settings.kafka.session_timeout_ms,
             "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
+            "statistics.interval.ms": BrokerRestartGuard.STATS_INTERVAL_MS,
+            "stats_cb": guard.on_stats,
         },
         consumer_poll_timeout=0.1,
         use_changelog_topics=False,
         state_dir=str(settings.data_dir / "pipeline-state"),
         loglevel="WARNING",
     )
+    guard.consumer = lambda: app._consumer._consumer  # Quix keeps its confluent-kafka consumer private
+    return app
 
 
 class WatermarkProbe:
@@ -201,6 +205,144 @@ class GroupWatchdog:
         thread = threading.Thread(target=loop, name="pipeline-group-watchdog", daemon=True)
         thread.start()
         return thread
+
+
+class BrokerRestartGuard:
+    """Stop fetching while every broker is down. Resume once the broker knows the topic again
+    and the consumer has rejoined its group.
+
+    This works around a SIGSEGV that is still in librdkafka 2.16 and happens when Tansu comes
+    back empty:
+
+    1. The consumer's fetch names a topic Tansu no longer has (forgotten on restart, or
+       recreated under a new topic id).
+    2. Tansu answers with a zero topic id, a ``CurrentLeader`` tag and an empty
+       ``NodeEndpoints`` tag.
+    3. librdkafka treats that as a KIP-951 leader change. Its main thread looks the topic up
+       by a NULL name (``rd_kafka_metadata_update_op`` -> ``rd_kafka_metadata_cache_find``
+       -> ``strcmp(NULL)``).
+
+    librdkafka fetches its assigned partitions again as soon as it reconnects, before any
+    metadata refresh. So the partitions are paused while all brokers are down. Two conditions
+    have to hold before they resume:
+
+    * A metadata request that names the topic finds it with partitions. That request also
+      hands librdkafka the new topic id.
+    * The consumer holds a member id other than the one it had when paused. An empty broker
+      has forgotten the group, so a batch processed under the old member would fail its
+      offset commit (Unknown member), and Quix exits on a failed commit. A broker that kept
+      the group (real Kafka) is given ``rejoin_timeout_s`` to show that, then resumed anyway.
+
+    A cluster that still has a broker up (a rolling restart of real Kafka) is never paused.
+
+    :meth:`on_stats` is librdkafka's statistics callback. confluent-kafka calls it inside
+    ``poll()``, on the thread that owns the consumer, so it only pauses (a local call). The
+    checks run on a helper thread: a blocking client call made inside a callback aborts the
+    process (confluent-kafka asserts ``CallState_get: cs != NULL``).
+    """
+
+    #: How often librdkafka reports broker states; the outage has to be seen before the reconnect.
+    STATS_INTERVAL_MS = 100
+    #: Pause between two looks for the topic and the group while paused.
+    CHECK_INTERVAL_S = 0.2
+    #: Longest wait for the metadata answer that decides whether to resume.
+    METADATA_TIMEOUT_S = 2.0
+
+    def __init__(self, topic: str, *, rejoin_timeout_s: float) -> None:
+        self.topic = topic
+        self.rejoin_timeout_s = rejoin_timeout_s
+        #: Returns the confluent-kafka consumer; set once the Application has created it.
+        self.consumer: Callable[[], Any] | None = None
+        self.pauses = 0
+        self._paused: list[TopicPartition] = []
+        self._member_at_pause: str | None = None
+        self._down = False
+        self._lock = threading.Lock()
+        #: (state, join_state, assignment size) of the group as librdkafka last reported it.
+        self.group_state: tuple[Any, Any, Any] | None = None
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused)
+
+    @staticmethod
+    def all_brokers_down(stats: dict[str, Any]) -> bool:
+        """Whether every broker known by node id is anything but UP (bootstrap entries ignored)."""
+        states = [b.get("state") for b in stats.get("brokers", {}).values() if b.get("nodeid", -1) >= 0]
+        return bool(states) and all(state != "UP" for state in states)
+
+    def on_stats(self, stats_json: str) -> None:
+        if self.consumer is None:
+            return
+        try:
+            stats = json.loads(stats_json)
+            self._note_group(stats.get("cgrp") or {})
+            self._down = self.all_brokers_down(stats)
+            if self._down and not self._paused:
+                self._pause(self.consumer())
+        except (KafkaException, RuntimeError, ValueError) as exc:  # closed consumer, bad stats: next tick
+            log.warning("broker restart guard: %s", type(exc).__name__)
+
+    def _note_group(self, cgrp: dict[str, Any]) -> None:
+        """Log the consumer group's state when it changes (rare: joins, rebalances, outages)."""
+        state = (cgrp.get("state"), cgrp.get("join_state"), cgrp.get("assignment_size"))
+        if state != self.group_state:
+            self.group_state = state
+            log.info("consumer group state", extra={"fields": {
+                "state": state[0], "join_state": state[1], "assigned": state[2]}})
+
+    def _pause(self, consumer: Any) -> None:
+        assigned = consumer.assignment()
+        if not assigned:
+            return
+        with self._lock:
+            consumer.pause(assigned)
+            self._paused = assigned
+            self._member_at_pause = consumer.memberid()
+            self.pauses += 1
+        log.warning("every broker is down: fetching paused until the topic is back",
+                    extra={"fields": {"partitions": len(assigned)}})
+        threading.Thread(target=self._resume_when_back, args=(consumer,),
+                         name="pipeline-broker-restart-guard", daemon=True).start()
+
+    def topic_is_back(self, consumer: Any) -> bool:
+        """Ask the broker for the topic by name (which also updates librdkafka's topic id)."""
+        topic = consumer.list_topics(self.topic, timeout=self.METADATA_TIMEOUT_S).topics.get(self.topic)
+        return topic is not None and topic.error is None and bool(topic.partitions)
+
+    def _rejoined(self, consumer: Any, up_since: float) -> str | None:
+        """Why the group has the consumer again, or None while it is still joining."""
+        member = consumer.memberid()
+        if member and member != self._member_at_pause:
+            return "rejoined"
+        if time.monotonic() - up_since >= self.rejoin_timeout_s:
+            return "kept its membership" if member else "no member yet, rejoin timeout"
+        return None
+
+    def _resume_when_back(self, consumer: Any) -> None:
+        up_since: float | None = None
+        why: str | None = None
+        while self._paused:
+            time.sleep(self.CHECK_INTERVAL_S)
+            try:
+                if self._down:
+                    up_since = None
+                    continue
+                up_since = up_since or time.monotonic()
+                if not self.topic_is_back(consumer) or not (why := self._rejoined(consumer, up_since)):
+                    continue  # not recreated yet (the outbox relay does that), or still joining
+                with self._lock:
+                    # All of them, assigned right now or not: librdkafka keeps an application
+                    # pause across a rebalance, so a partition the group hands back mid-outage
+                    # would otherwise stay paused for good.
+                    consumer.resume(self._paused)
+                    self._paused = []
+            except KafkaException:
+                continue  # the broker went away again mid-request: keep waiting
+            except RuntimeError:
+                return  # the consumer was closed: the process is stopping
+        log.warning("the broker knows the topic again and the group has the consumer: fetching resumed",
+                    extra={"fields": {"group": why}})
 
 
 def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink, engine: Engine) -> threading.Thread:

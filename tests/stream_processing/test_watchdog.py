@@ -1,8 +1,20 @@
-"""The group watchdog: a consumer stuck outside its group ends the process; a member never does."""
+"""The pipeline's guards against a broker that goes away.
+
+The group watchdog: a consumer stuck outside its group ends the process; a member never does.
+The broker restart guard: no fetch while every broker is down, resume once the topic is back.
+"""
 
 from __future__ import annotations
 
-from stream_processing.app import GroupWatchdog
+import json
+import threading
+from dataclasses import dataclass
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from pms.process import wait_until
+from stream_processing.app import BrokerRestartGuard, GroupWatchdog
 
 
 class Consumer:
@@ -77,3 +89,167 @@ def test_a_client_error_counts_as_outside_the_group() -> None:
     consumer.now += 61
     assert not watchdog.check()
     assert consumer.stalls == [1]
+
+
+# -- BrokerRestartGuard: no fetch while the broker is away, resume once it has the topic again ----------
+
+
+def stats(*states: str, bootstrap: str = "UP") -> str:
+    """librdkafka statistics JSON with one broker per state (node ids 1..n) and a bootstrap entry."""
+    brokers = {"127.0.0.1:9092/bootstrap": {"nodeid": -1, "state": bootstrap}}
+    brokers |= {f"127.0.0.1:9092/{n}": {"nodeid": n, "state": s} for n, s in enumerate(states, start=1)}
+    return json.dumps({"brokers": brokers})
+
+
+@dataclass
+class Topic:
+    partitions: dict[int, object]
+    error: object = None
+
+
+@dataclass
+class Metadata:
+    topics: dict[str, Topic]
+
+
+class FetchingConsumer:
+    """A stand-in for the confluent-kafka consumer: assignment, pause/resume and a broker that may lack the topic."""
+
+    def __init__(self, partitions: int = 3) -> None:
+        self.assigned = [TopicPartition("patient", p) for p in range(partitions)]
+        self.paused: set[tuple[str, int]] = set()
+        self.topic_exists = False
+        self.member = "m-1"
+        self.lookups = 0
+        self.closed = False
+
+    def memberid(self) -> str:
+        return self.member
+
+    def assignment(self) -> list[TopicPartition]:
+        if self.closed:
+            raise RuntimeError("Consumer closed")
+        return list(self.assigned)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused |= {(tp.topic, tp.partition) for tp in partitions}
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused -= {(tp.topic, tp.partition) for tp in partitions}
+
+    def list_topics(self, topic: str, timeout: float) -> Metadata:
+        self.lookups += 1
+        if self.closed:
+            raise RuntimeError("Consumer closed")
+        return Metadata({topic: Topic({0: None, 1: None, 2: None})} if self.topic_exists else {})
+
+
+def guard_for(consumer: FetchingConsumer, rejoin_timeout_s: float = 60.0) -> BrokerRestartGuard:
+    guard = BrokerRestartGuard("patient", rejoin_timeout_s=rejoin_timeout_s)
+    guard.CHECK_INTERVAL_S = 0.01
+    guard.consumer = lambda: consumer
+    return guard
+
+
+def test_only_an_outage_of_every_broker_counts_as_down() -> None:
+    down = BrokerRestartGuard.all_brokers_down
+    assert down(json.loads(stats("DOWN")))
+    assert down(json.loads(stats("CONNECT", "TRY_CONNECT")))
+    assert not down(json.loads(stats("UP")))
+    assert not down(json.loads(stats("DOWN", "UP")))  # a rolling restart of a real cluster: keep fetching
+    assert not down(json.loads(stats("UP", bootstrap="DOWN")))  # the bootstrap connection is not a broker
+    assert not down({"brokers": {}}) and not down({})
+
+
+def test_fetching_pauses_while_the_broker_is_away_and_resumes_once_topic_and_group_are_back() -> None:
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    guard.on_stats(stats("UP"))
+    assert consumer.paused == set() and not guard.paused
+
+    guard.on_stats(stats("DOWN"))
+    assert consumer.paused == {("patient", 0), ("patient", 1), ("patient", 2)}
+    guard.on_stats(stats("CONNECT"))
+    assert guard.pauses == 1  # one pause per outage
+
+    guard.on_stats(stats("UP"))  # back, but empty: the topic is not there yet
+    wait_until(lambda: consumer.lookups >= 3, timeout=10, message="the guard to look for the topic")
+    assert consumer.paused and guard.paused
+
+    consumer.topic_exists = True  # the outbox relay recreated it
+    looked = consumer.lookups
+    wait_until(lambda: consumer.lookups >= looked + 3, timeout=10, message="the guard to look again")
+    assert guard.paused  # the empty broker forgot the group: a commit under member m-1 would fail
+
+    consumer.member = "m-2"  # rejoined
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    assert consumer.paused == set()
+
+
+def test_a_broker_that_kept_the_group_is_resumed_after_the_rejoin_timeout() -> None:
+    consumer = FetchingConsumer()
+    consumer.topic_exists = True
+    guard = guard_for(consumer, rejoin_timeout_s=0.3)
+    guard.on_stats(stats("DOWN"))
+    guard.on_stats(stats("UP"))
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    assert consumer.paused == set() and consumer.member == "m-1"
+
+
+def test_a_second_outage_pauses_again() -> None:
+    consumer = FetchingConsumer()
+    consumer.topic_exists = True
+    guard = guard_for(consumer)
+    for outage in (1, 2):
+        guard.on_stats(stats("DOWN"))
+        assert consumer.paused and guard.pauses == outage
+        consumer.member = f"m-{outage + 1}"
+        guard.on_stats(stats("UP"))
+        wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+        assert consumer.paused == set()
+
+
+def test_every_paused_partition_is_resumed_even_if_a_rebalance_took_it_away_meanwhile() -> None:
+    """librdkafka keeps an application pause across a re-assignment: one left paused would never fetch again."""
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    guard.on_stats(stats("DOWN"))
+    consumer.assigned = []  # the group is rebalancing right now
+    consumer.topic_exists = True
+    consumer.member = "m-2"
+    guard.on_stats(stats("UP"))
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    assert consumer.paused == set()
+
+
+def test_nothing_to_pause_without_an_assignment_and_nothing_before_the_consumer_exists() -> None:
+    consumer = FetchingConsumer(partitions=0)
+    guard = guard_for(consumer)
+    guard.on_stats(stats("DOWN"))
+    assert not guard.paused and guard.pauses == 0
+    unbound = BrokerRestartGuard("patient", rejoin_timeout_s=60)
+    unbound.on_stats(stats("DOWN"))  # the Application has not created its consumer yet
+    assert not unbound.paused
+
+
+def test_a_closed_consumer_or_garbage_stats_do_not_raise_into_poll(caplog: pytest.LogCaptureFixture) -> None:
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    guard.on_stats("{not json")
+    consumer.closed = True
+    guard.on_stats(stats("DOWN"))
+    assert not guard.paused
+    assert [r.getMessage() for r in caplog.records] == ["broker restart guard: JSONDecodeError",
+                                                       "broker restart guard: RuntimeError"]
+
+
+def test_the_resumer_ends_when_the_consumer_is_closed_while_paused() -> None:
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    guard.on_stats(stats("DOWN"))
+    guard.on_stats(stats("UP"))
+    wait_until(lambda: consumer.lookups >= 1, timeout=10, message="the guard to look for the topic")
+    consumer.closed = True
+    resumers = lambda: [t for t in threading.enumerate() if t.name == "pipeline-broker-restart-guard"]  # noqa: E731
+    wait_until(lambda: not resumers(), timeout=10, message="the resumer thread to end")
+    assert guard.paused  # nothing resumed on a closed consumer
