@@ -8,6 +8,7 @@ import httpx
 from fastapi import Request
 
 from api.gateway.ratelimit import RateLimiter
+from api.gateway.revocation import RevocationList
 from api.gateway.rules import Access
 from pms.errors import Forbidden, TooManyRequests, Unauthorized
 from pms.security import Principal, bearer_token, decode_token, get_app_settings
@@ -26,11 +27,15 @@ def http_client(request: Request) -> httpx.AsyncClient:
 
 
 def identify(request: Request) -> Caller:
-    """Verify the bearer token locally with the shared key (no round trip to auth)."""
+    """Verify the bearer token locally with the shared key (no round trip to auth), then refuse it
+    if auth has revoked it (logout, deactivation, role or password change)."""
     try:
         principal = decode_token(get_app_settings(request), bearer_token(request))
     except Unauthorized as exc:
         return Caller(None, exc)
+    revocations: RevocationList | None = getattr(request.app.state, "revocations", None)
+    if revocations is not None and revocations.refuses(principal):
+        return Caller(None, Unauthorized("Token revoked; log in again"))
     request.state.principal = principal
     return Caller(principal, None)
 

@@ -1,14 +1,16 @@
 """The API gateway: ``create_app(settings)`` is what ``pms serve gateway`` runs.
 
-The one public entry point. It checks the JWT locally on every protected call, applies the
+The one public entry point. It checks the JWT locally on every protected call (and against
+auth's revocation list, refreshed in the background: :mod:`api.gateway.revocation`), applies the
 role rules of :mod:`api.gateway.rules`, limits each caller's rate and forwards to the auth,
 patient and analytics services with one pooled HTTP client.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import httpx
 from fastapi import FastAPI
@@ -17,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
+from api.gateway.revocation import RevocationList
 from api.gateway.router import router
 from api.gateway.upstream import UpstreamClient
 from pms.settings import Settings
@@ -81,9 +84,15 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.http_client = client
             app.state.upstream_client = UpstreamClient(timeout=gateway.upstream_timeout_s,
                                                        connect_timeout=min(gateway.upstream_timeout_s, 5.0))
+            revocations = RevocationList(settings, client, registry=app.state.metrics_registry)
+            app.state.revocations = revocations
+            refresher = asyncio.create_task(revocations.run(), name="revocation-list")
             try:
                 yield
             finally:
+                refresher.cancel()
+                with suppress(asyncio.CancelledError):
+                    await refresher
                 await app.state.upstream_client.aclose()
 
     app = create_service_app(
