@@ -226,8 +226,8 @@ class BrokerRestartGuard:
     metadata refresh. So the partitions are paused while all brokers are down. Two conditions
     have to hold before they resume:
 
-    * A metadata request that names the topic finds it with partitions. That request also
-      hands librdkafka the new topic id.
+    * A metadata request finds the topic with partitions. That request also hands
+      librdkafka the new topic id.
     * The consumer holds a member id other than the one it had when paused. An empty broker
       has forgotten the group, so a batch processed under the old member would fail its
       offset commit (Unknown member), and Quix exits on a failed commit. A broker that kept
@@ -306,9 +306,21 @@ class BrokerRestartGuard:
                          name="pipeline-broker-restart-guard", daemon=True).start()
 
     def topic_is_back(self, consumer: Any) -> bool:
-        """Ask the broker for the topic by name (which also updates librdkafka's topic id)."""
-        topic = consumer.list_topics(self.topic, timeout=self.METADATA_TIMEOUT_S).topics.get(self.topic)
-        return topic is not None and topic.error is None and bool(topic.partitions)
+        """Whether the broker has the topic again; if so, tell the consumer group too.
+
+        The first request names the topic, so librdkafka takes the topic's new id from the
+        answer. It does not touch the group, which matters while the topic is missing: a
+        group update then reports "Subscribed topic not available" through ``poll()``, and
+        Quix exits on that. Once the topic is there, one all-topics request follows.
+        librdkafka applies that answer to the consumer group as well. A consumer that
+        rejoined while the topic was missing holds no partitions, and this makes it rejoin
+        for them instead of waiting up to ``topic.metadata.refresh.interval.ms`` (5 min).
+        """
+        named = consumer.list_topics(self.topic, timeout=self.METADATA_TIMEOUT_S).topics.get(self.topic)
+        if named is None or named.error is not None or not named.partitions:
+            return False
+        consumer.list_topics(timeout=self.METADATA_TIMEOUT_S)
+        return True
 
     def _rejoined(self, consumer: Any, up_since: float) -> str | None:
         """Why the group has the consumer again, or None while it is still joining."""

@@ -121,6 +121,7 @@ class FetchingConsumer:
         self.topic_exists = False
         self.member = "m-1"
         self.lookups = 0
+        self.group_updates = 0
         self.closed = False
 
     def memberid(self) -> str:
@@ -137,11 +138,16 @@ class FetchingConsumer:
     def resume(self, partitions: list[TopicPartition]) -> None:
         self.paused -= {(tp.topic, tp.partition) for tp in partitions}
 
-    def list_topics(self, topic: str, timeout: float) -> Metadata:
+    def list_topics(self, topic: str | None = None, timeout: float = -1) -> Metadata:
         self.lookups += 1
         if self.closed:
             raise RuntimeError("Consumer closed")
-        return Metadata({topic: Topic({0: None, 1: None, 2: None})} if self.topic_exists else {})
+        if topic is None:  # all topics: librdkafka also updates the group from this answer
+            self.group_updates += 1
+        topics = {"billing": Topic({0: None})}
+        if self.topic_exists:
+            topics["patient"] = Topic({0: None, 1: None, 2: None})
+        return Metadata({topic: topics[topic]} if topic in topics else {} if topic else topics)
 
 
 def guard_for(consumer: FetchingConsumer, rejoin_timeout_s: float = 60.0) -> BrokerRestartGuard:
@@ -184,6 +190,20 @@ def test_fetching_pauses_while_the_broker_is_away_and_resumes_once_topic_and_gro
     consumer.member = "m-2"  # rejoined
     wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
     assert consumer.paused == set()
+
+
+def test_the_group_hears_of_the_topic_only_once_it_exists() -> None:
+    """A group update while the topic is missing makes librdkafka report it through poll(), and Quix exits."""
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    guard.on_stats(stats("DOWN"))
+    guard.on_stats(stats("UP"))
+    wait_until(lambda: consumer.lookups >= 3, timeout=10, message="the guard to look for the topic")
+    assert consumer.group_updates == 0
+    consumer.topic_exists = True
+    consumer.member = "m-2"
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    assert consumer.group_updates >= 1
 
 
 def test_a_broker_that_kept_the_group_is_resumed_after_the_rejoin_timeout() -> None:
