@@ -1,10 +1,10 @@
-"""Gateway dependencies: the pooled client, the caller, the rate limit, the role check."""
+"""Gateway dependencies: the pooled upstream session, the caller, the rate limit, the role check."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 from fastapi import Request
 
 from api.gateway.ratelimit import RateLimiter
@@ -22,8 +22,9 @@ class Caller:
     error: Unauthorized | None
 
 
-def http_client(request: Request) -> httpx.AsyncClient:
-    return request.app.state.http_client
+def http_client(request: Request) -> aiohttp.ClientSession:
+    """The upstream session every forwarded call shares (built in the lifespan by proxy.upstream_session)."""
+    return request.app.state.upstream_session
 
 
 def identify(request: Request) -> Caller:

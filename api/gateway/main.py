@@ -21,7 +21,6 @@ from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
 from api.gateway.revocation import RevocationList
 from api.gateway.router import router
-from api.gateway.upstream import UpstreamClient
 from pms.settings import Settings
 from pms.web import create_service_app
 
@@ -81,9 +80,9 @@ def create_app(settings: Settings) -> FastAPI:
             follow_redirects=False,
             trust_env=False,  # never route patient data through a proxy from the environment
         ) as client:
-            app.state.http_client = client
-            app.state.upstream_client = UpstreamClient(timeout=gateway.upstream_timeout_s,
-                                                       connect_timeout=min(gateway.upstream_timeout_s, 5.0))
+            # Forwarded calls go through aiohttp (api.gateway.proxy); httpx stays for the revocation list.
+            app.state.upstream_session = proxy.upstream_session(timeout=gateway.upstream_timeout_s,
+                                                                connect_timeout=min(gateway.upstream_timeout_s, 5.0))
             revocations = RevocationList(settings, client, registry=app.state.metrics_registry)
             app.state.revocations = revocations
             refresher = asyncio.create_task(revocations.run(), name="revocation-list")
@@ -93,7 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
                 refresher.cancel()
                 with suppress(asyncio.CancelledError):
                     await refresher
-                await app.state.upstream_client.aclose()
+                await app.state.upstream_session.close()
 
     app = create_service_app(
         name="gateway",
