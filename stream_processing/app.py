@@ -9,6 +9,7 @@ More processes in the same group share the partitions.
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -21,8 +22,10 @@ from typing import Any
 from confluent_kafka import KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge
 from quixstreams import Application
+from quixstreams.checkpointing.exceptions import CheckpointConsumerCommitError
 from quixstreams.models import TopicConfig
 from quixstreams.models.serializers import Deserializer, SerializationContext
+from quixstreams.processing import ProcessingContext
 from sqlalchemy import Engine
 
 from pms import db
@@ -58,16 +61,69 @@ def topic_config(settings: Settings) -> TopicConfig:
     )
 
 
+class _CommitTolerantContext(ProcessingContext):
+    """Quix's processing context, except that a failed offset commit drops the checkpoint instead of
+    ending the process.
+
+    Quix raises ``CheckpointConsumerCommitError`` out of ``Application.run()`` when the offset
+    commit fails, and the process exits with code 1. After an empty broker restart that is the
+    common case: a batch processed just before the broker died is committed to a broker that
+    forgot the group ("Unknown member"). Dropping the checkpoint is safe here. The sinks were
+    flushed first (step 1 of ``Checkpoint.commit``), so the analytics transaction has already
+    committed. Offsets only ever follow that transaction, and the sink skips what it has already
+    applied, so the events of the dropped checkpoint are at most redelivered and skipped.
+
+    Failures that go on for ``give_up_after_s`` with no successful commit in between still end
+    the process. The error is raised as before, so the supervisor restarts it.
+    """
+
+    #: How long commits may keep failing before the error is raised (the pipeline's stall budget).
+    give_up_after_s: float = 60.0
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+    commits_dropped: int = 0
+    _failing_since: float | None = None
+
+    def commit_checkpoint(self, force: bool = False, revoking: bool = False) -> None:
+        commits = self._checkpoint is not None and (force or self.checkpoint.expired()) and not self.checkpoint.empty()
+        try:
+            super().commit_checkpoint(force=force, revoking=revoking)
+        except CheckpointConsumerCommitError as exc:
+            now = self.clock()
+            self._failing_since = self._failing_since if self._failing_since is not None else now
+            if now - self._failing_since >= self.give_up_after_s:
+                raise
+            self.commits_dropped += 1
+            log.warning("offset commit failed: checkpoint dropped, its events will be redelivered and skipped",
+                        extra={"fields": {"error": exc.description, "code": exc.code, "revoking": revoking}})
+            self.init_checkpoint()
+        else:
+            if commits:
+                self._failing_since = None
+
+
 class _Application(Application):
-    """Quix's Application, plus a deadline on shutdown.
+    """Quix's Application, plus a deadline on shutdown and a failed offset commit that is not fatal.
 
     On SIGTERM Quix finishes its loop, commits and leaves the group; against a broker that
     does not answer (or while still joining) that can hang well past a supervisor's patience.
     Exiting hard after ``STOP_GRACE_S`` is safe: offsets are only ever committed after the
-    analytics transaction, so anything unfinished is simply redelivered.
+    analytics transaction, so anything unfinished is simply redelivered. For the same reason
+    a failed offset commit only drops the checkpoint (:class:`_CommitTolerantContext`).
     """
 
     STOP_GRACE_S = 3.0
+
+    def __init__(self, *args: Any, commit_failure_budget_s: float = 60.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Swapped before any StreamingDataFrame exists: app.dataframe() hands this object to them.
+        old = self._processing_context
+        self._processing_context = _CommitTolerantContext(
+            **{f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.init})
+        self._processing_context.give_up_after_s = commit_failure_budget_s
+
+    @property
+    def commits_dropped(self) -> int:
+        return self._processing_context.commits_dropped
 
     def _arm_watchdog(self) -> None:
         def _exit() -> None:
@@ -107,6 +163,7 @@ def build_application(settings: Settings) -> Application:
         commit_interval=settings.pipeline.batch_timeout_s,
         commit_every=settings.pipeline.batch_size,
         broker_availability_timeout=0,
+        commit_failure_budget_s=settings.pipeline.stall_timeout_s,
         consumer_extra_config={
             "session.timeout.ms": settings.kafka.session_timeout_ms,
             "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
@@ -145,14 +202,22 @@ class WatermarkProbe:
 
 
 class GroupWatchdog:
-    """Exit the process when the consumer has silently left its group and does not come back.
+    """Exit the process when the consumer has silently stopped consuming and does not come back.
 
     After the broker disappears and returns, librdkafka sometimes loses its group membership
     ("Unknown member") and Quix keeps polling without ever rejoining: the process looks alive
-    while analytics stop. A consumer with no member id for ``stall_s`` is that state; exiting
-    (code 70) lets the supervisor, compose or ECS start a fresh process, which is safe because
-    offsets only follow the analytics transaction. Idle extra replicas keep their member id,
-    so they are not affected.
+    while analytics stop. A consumer with no member id for ``stall_s`` is that state.
+
+    The other silent state keeps a member id: the consumer rejoined while the topic was still
+    missing and holds no partitions. ``starved`` (see :class:`StarvationProbe`) reports it: no
+    partitions while the topic has events that nobody in the group consumes. After half the
+    budget ``nudge`` is called once (an all-topics metadata request, which makes librdkafka
+    rejoin for the partitions). If the state lasts the whole budget the process exits. An idle
+    extra replica (more members than partitions) is never starved, because the members that do
+    hold partitions move the group's offsets.
+
+    Exiting (code 70) lets the supervisor, compose or ECS start a fresh process. That is safe
+    because offsets only follow the analytics transaction.
     """
 
     EXIT_CODE = 70
@@ -164,12 +229,19 @@ class GroupWatchdog:
         stall_s: float,
         clock: Callable[[], float] = time.monotonic,
         on_stall: Callable[[], None] | None = None,
+        starved: Callable[[], bool] | None = None,
+        nudge: Callable[[], None] | None = None,
     ) -> None:
         self._member_id = member_id
         self._stall_s = stall_s
         self._clock = clock
         self._on_stall = on_stall or self._exit
+        self._starved = starved
+        self._nudge = nudge
         self._last_member = clock()
+        self._starved_since: float | None = None
+        self._nudged = False
+        self.reason = ""
 
     def joined(self) -> bool:
         try:
@@ -177,23 +249,49 @@ class GroupWatchdog:
         except (KafkaException, RuntimeError):
             return False
 
+    def _look_for_starvation(self, now: float) -> None:
+        try:
+            starved = self._starved is not None and self._starved()
+        except (KafkaException, RuntimeError):
+            starved = False  # a broker that does not answer is the member-id check's business
+        if not starved:
+            self._starved_since, self._nudged = None, False
+            return
+        if self._starved_since is None:
+            self._starved_since = now
+        if not self._nudged and self._nudge is not None and now - self._starved_since >= self._stall_s / 2:
+            self._nudged = True
+            log.warning("consumer holds no partition while the group's events wait: asking it to rejoin")
+            try:
+                self._nudge()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("rejoin request failed: %s", type(exc).__name__)
+
     def check(self) -> bool:
         """One look; returns False (after calling ``on_stall``) when the consumer is stuck."""
         now = self._clock()
         if self.joined():
             self._last_member = now
+            self._look_for_starvation(now)
+            if self._starved_since is None or now - self._starved_since < self._stall_s:
+                return True
+            self.reason = "held no partition while the group's events waited"
+        elif now - self._last_member >= self._stall_s:
+            self.reason = "outside its group"
+        else:
             return True
-        if now - self._last_member >= self._stall_s:
-            self._on_stall()
-            return False
-        return True
+        self._on_stall()
+        return False
 
     def healthy(self) -> bool:
-        """For /ready: not outside a group for longer than half the stall budget."""
-        return self.joined() or self._clock() - self._last_member < self._stall_s / 2
+        """For /ready: neither outside a group nor starved for longer than half the stall budget."""
+        now = self._clock()
+        if self._starved_since is not None and now - self._starved_since >= self._stall_s / 2:
+            return False
+        return self.joined() or now - self._last_member < self._stall_s / 2
 
     def _exit(self) -> None:
-        log.error("consumer has been outside its group for %.0fs; exiting so it is restarted", self._stall_s)
+        log.error("consumer %s for %.0fs; exiting so it is restarted", self.reason, self._stall_s)
         logging.shutdown()
         os._exit(self.EXIT_CODE)
 
@@ -205,6 +303,56 @@ class GroupWatchdog:
         thread = threading.Thread(target=loop, name="pipeline-group-watchdog", daemon=True)
         thread.start()
         return thread
+
+
+class StarvationProbe:
+    """Whether the consumer holds no partition while the topic has events nobody in its group consumes.
+
+    That is the state of a consumer that rejoined its group while the topic was missing (after
+    an empty broker restart): it keeps a member id, so the member-id check cannot see it, and
+    librdkafka would only notice the topic at its next metadata refresh (5 minutes). It counts
+    as starved when, without partitions, the topic exists, the group's committed offsets lag
+    behind the log end and they did not move since the previous look. An idle extra replica in
+    a group with more members than partitions sees the others' commits move (or no lag) and is
+    never starved.
+
+    It runs on the watchdog's thread, so the blocking client calls are fine (they would abort
+    the process inside a librdkafka callback). The log end comes from ListOffsets, which Tansu
+    answers with the start of the last record batch + 1: a lower bound, so at worst a lag is
+    missed, never invented.
+    """
+
+    TIMEOUT_S = 2.0
+
+    def __init__(self, topic: str, consumer: Callable[[], Any]) -> None:
+        self.topic = topic
+        self.consumer = consumer
+        self._last: tuple[int, ...] | None = None
+
+    def __call__(self) -> bool:
+        consumer = self.consumer()
+        if consumer.assignment():
+            self._last = None
+            return False
+        meta = consumer.list_topics(self.topic, timeout=self.TIMEOUT_S).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            self._last = None
+            return False  # nothing to consume until the relay recreates the topic
+        partitions = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
+        committed = consumer.committed(partitions, timeout=self.TIMEOUT_S)
+        positions = tuple(tp.offset for tp in committed)
+        lag = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, tp.partition),
+                                                       timeout=self.TIMEOUT_S, cached=False)
+            lag += max(0, high - (tp.offset if tp.offset >= 0 else low))
+        moved = self._last is not None and positions != self._last
+        self._last = positions
+        return lag > 0 and not moved
+
+    def nudge(self) -> None:
+        """An all-topics metadata request; librdkafka applies its answer to the group as well."""
+        self.consumer().list_topics(timeout=self.TIMEOUT_S)
 
 
 class BrokerRestartGuard:
@@ -402,7 +550,9 @@ def run(settings: Settings) -> None:
     app.dataframe(topic).sink(sink)
     consumer = app._consumer  # Quix keeps its consumer private; memberid() is a local librdkafka call
     consumer.memberid()  # creates the librdkafka handle here, not racing from the watchdog thread
-    watchdog = GroupWatchdog(consumer.memberid, stall_s=settings.pipeline.stall_timeout_s)
+    starvation = StarvationProbe(settings.kafka.topic, lambda: consumer._consumer)
+    watchdog = GroupWatchdog(consumer.memberid, stall_s=settings.pipeline.stall_timeout_s,
+                             starved=starvation, nudge=starvation.nudge)
     ready["watchdog"] = watchdog
     watchdog.start()
     ready["running"] = True

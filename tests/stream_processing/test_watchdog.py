@@ -11,10 +11,17 @@ import threading
 from dataclasses import dataclass
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
+from quixstreams.checkpointing.exceptions import CheckpointConsumerCommitError
 
 from pms.process import wait_until
-from stream_processing.app import BrokerRestartGuard, GroupWatchdog
+from stream_processing.app import (
+    BrokerRestartGuard,
+    GroupWatchdog,
+    StarvationProbe,
+    _CommitTolerantContext,
+    build_application,
+)
 
 
 class Consumer:
@@ -273,3 +280,217 @@ def test_the_resumer_ends_when_the_consumer_is_closed_while_paused() -> None:
     resumers = lambda: [t for t in threading.enumerate() if t.name == "pipeline-broker-restart-guard"]  # noqa: E731
     wait_until(lambda: not resumers(), timeout=10, message="the resumer thread to end")
     assert guard.paused  # nothing resumed on a closed consumer
+
+
+# -- Starvation: a member with no partition while the group's events wait --------------------------------
+
+
+class Starving(Consumer):
+    """A member (it keeps its id) whose starvation the test switches on and off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starving = False
+        self.nudges = 0
+
+    def starved(self) -> bool:
+        return self.starving
+
+    def nudge(self) -> None:
+        self.nudges += 1
+
+    def watchdog(self) -> GroupWatchdog:
+        return GroupWatchdog(self.memberid, stall_s=60, clock=self.clock, starved=self.starved, nudge=self.nudge,
+                             on_stall=lambda: self.stalls.append(self.now))
+
+
+def test_a_starved_member_is_nudged_at_half_the_budget_and_ends_the_process_at_the_full_budget() -> None:
+    consumer = Starving()
+    watchdog = consumer.watchdog()
+    consumer.starving = True
+    assert watchdog.check() and consumer.nudges == 0  # starts counting
+    consumer.now += 29
+    assert watchdog.check() and watchdog.healthy() and consumer.nudges == 0
+    consumer.now += 1
+    assert watchdog.check() and not watchdog.healthy() and consumer.nudges == 1  # ask it to rejoin, once
+    consumer.now += 20
+    assert watchdog.check() and consumer.nudges == 1
+    consumer.now += 10
+    assert not watchdog.check()
+    assert consumer.stalls == [1060.0] and watchdog.reason == "held no partition while the group's events waited"
+
+
+def test_starvation_that_ends_resets_the_budget_and_the_nudge() -> None:
+    consumer = Starving()
+    watchdog = consumer.watchdog()
+    for _ in range(3):
+        consumer.starving = True
+        assert watchdog.check()
+        consumer.now += 45
+        assert watchdog.check()  # nudged here
+        consumer.starving = False  # the nudge worked: it holds partitions again
+        consumer.now += 1
+        assert watchdog.check() and watchdog.healthy()
+    assert consumer.stalls == [] and consumer.nudges == 3
+
+
+def test_a_starvation_probe_that_cannot_reach_the_broker_counts_as_not_starved() -> None:
+    consumer = Starving()
+
+    def unreachable() -> bool:
+        raise RuntimeError("consumer closed")
+
+    watchdog = GroupWatchdog(consumer.memberid, stall_s=60, clock=consumer.clock, starved=unreachable,
+                             on_stall=lambda: consumer.stalls.append(consumer.now))
+    for _ in range(5):
+        consumer.now += 30
+        assert watchdog.check()
+    assert consumer.stalls == []
+
+
+class GroupView(FetchingConsumer):
+    """The group as the broker sees it: committed offsets and log ends per partition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assigned = []
+        self.topic_exists = True
+        self.commits = {0: -1001, 1: -1001, 2: -1001}  # OFFSET_INVALID: the group forgot everything
+        self.ends = {0: 40, 1: 35, 2: 25}
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.commits[tp.partition]) for tp in partitions]
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float = -1, cached: bool = False) -> tuple[int, int]:
+        assert not cached  # no partition is assigned, so there is no cached watermark
+        return 0, self.ends[tp.partition]
+
+
+def test_the_probe_finds_a_member_without_partitions_whose_group_does_not_move() -> None:
+    view = GroupView()
+    probe = StarvationProbe("patient", lambda: view)
+    assert probe() and probe()  # events wait and nothing is committed
+
+
+def test_an_idle_extra_replica_is_not_starved_while_the_others_consume() -> None:
+    view = GroupView()
+    view.commits = {0: 10, 1: 10, 2: 10}
+    probe = StarvationProbe("patient", lambda: view)
+    assert probe()  # first look: events wait, nothing known yet about progress
+    view.commits = {0: 20, 1: 12, 2: 10}  # the members holding partitions commit
+    assert not probe()
+    view.commits = dict(view.ends)  # caught up: no lag at all
+    assert not probe() and not probe()
+
+
+def test_the_probe_is_quiet_while_the_consumer_holds_partitions_or_the_topic_is_missing() -> None:
+    view = GroupView()
+    probe = StarvationProbe("patient", lambda: view)
+    view.assigned = [TopicPartition("patient", 0)]
+    assert not probe()
+    view.assigned = []
+    view.topic_exists = False  # not recreated yet: nothing to consume
+    assert not probe()
+    view.topic_exists = True
+    view.ends = {0: 0, 1: 0, 2: 0}  # recreated, still empty
+    assert not probe()
+
+
+def test_the_nudge_is_an_all_topics_metadata_request() -> None:
+    view = GroupView()
+    StarvationProbe("patient", lambda: view).nudge()
+    assert view.group_updates == 1
+
+
+# -- A failed offset commit drops the checkpoint instead of ending the process ---------------------------
+
+
+class FakeCheckpoint:
+    """A checkpoint holding processed offsets whose commit fails while ``broker.fail`` says so."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def expired(self) -> bool:
+        return True
+
+    def empty(self) -> bool:
+        return False
+
+    def close(self, *, revoking: bool = False) -> None:  # pragma: no cover - never empty here
+        raise AssertionError("an empty checkpoint is not expected")
+
+    def commit(self, *, revoking: bool = False) -> None:
+        self.broker.attempts += 1
+        if self.broker.fail:
+            raise CheckpointConsumerCommitError(KafkaError(KafkaError.UNKNOWN_MEMBER_ID, "Unknown member"))
+        self.broker.committed += 1
+
+
+@dataclass
+class Broker:
+    fail: bool = False
+    attempts: int = 0
+    committed: int = 0
+    checkpoints: int = 0
+
+
+def tolerant_context(broker: Broker, clock: Consumer) -> _CommitTolerantContext:
+    class Context(_CommitTolerantContext):
+        def init_checkpoint(self) -> None:
+            broker.checkpoints += 1
+            self._checkpoint = FakeCheckpoint(broker)  # type: ignore[assignment]
+
+    ctx = Context(commit_interval=1.0, producer=None, consumer=None, state_manager=None,  # type: ignore[arg-type]
+                  sink_manager=None, dataframe_registry=None)  # type: ignore[arg-type]
+    ctx.give_up_after_s = 60.0
+    ctx.clock = clock.clock
+    ctx.init_checkpoint()
+    return ctx
+
+
+def test_a_commit_to_a_broker_that_forgot_the_group_drops_the_checkpoint_and_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker, clock = Broker(fail=True), Consumer()
+    ctx = tolerant_context(broker, clock)
+    ctx.commit_checkpoint()
+    ctx.commit_checkpoint(force=True, revoking=True)  # also inside a rebalance callback
+    assert ctx.commits_dropped == 2 and broker.checkpoints == 3  # a fresh checkpoint after each
+    assert "offset commit failed" in caplog.text
+    broker.fail = False
+    ctx.commit_checkpoint()
+    assert broker.committed == 1
+
+
+def test_commits_failing_for_the_whole_budget_still_end_the_process() -> None:
+    broker, clock = Broker(fail=True), Consumer()
+    ctx = tolerant_context(broker, clock)
+    ctx.commit_checkpoint()
+    clock.now += 59
+    ctx.commit_checkpoint()
+    clock.now += 1
+    with pytest.raises(CheckpointConsumerCommitError):
+        ctx.commit_checkpoint()
+
+
+def test_a_successful_commit_resets_the_failure_budget() -> None:
+    broker, clock = Broker(fail=True), Consumer()
+    ctx = tolerant_context(broker, clock)
+    for _ in range(3):
+        broker.fail = True
+        ctx.commit_checkpoint()
+        clock.now += 50
+        ctx.commit_checkpoint()
+        broker.fail = False
+        ctx.commit_checkpoint()
+        clock.now += 50
+    assert ctx.commits_dropped == 6 and broker.committed == 3
+
+
+def test_the_application_runs_on_the_tolerant_context() -> None:
+    from pms.settings import Settings
+
+    app = build_application(Settings())
+    assert isinstance(app._processing_context, _CommitTolerantContext)
+    assert app._processing_context.give_up_after_s == Settings().pipeline.stall_timeout_s
