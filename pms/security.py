@@ -62,7 +62,17 @@ class Principal:
     iat: float = 0.0
 
 
-def encode_token(settings: Settings, *, sub: str, role: Role | str, ttl_s: int | None = None) -> str:
+def internal_audience(settings: Settings) -> str:
+    """Audience of service-to-service tokens (the gateway reading auth's revocation list).
+
+    User-facing verifiers only accept ``settings.jwt.audience``, so a leaked service token opens
+    no API route; only endpoints that ask for this audience accept it.
+    """
+    return settings.jwt.audience + ":internal"
+
+
+def encode_token(settings: Settings, *, sub: str, role: Role | str, ttl_s: int | None = None,
+                 audience: str | None = None) -> str:
     """Sign a token with the pinned algorithm and every claim verifiers require."""
     now = datetime.now(UTC)
     ttl = settings.jwt.ttl_s if ttl_s is None else ttl_s
@@ -73,20 +83,20 @@ def encode_token(settings: Settings, *, sub: str, role: Role | str, ttl_s: int |
         "nbf": now,
         "exp": now + timedelta(seconds=ttl),
         "iss": settings.jwt.issuer,
-        "aud": settings.jwt.audience,
+        "aud": audience or settings.jwt.audience,
         "jti": uuid.uuid4().hex,
     }
     return jwt.encode(claims, _key(settings), algorithm=settings.jwt.algorithm)
 
 
-def decode_token(settings: Settings, token: str) -> Principal:
+def decode_token(settings: Settings, token: str, *, audience: str | None = None) -> Principal:
     """Verify signature, algorithm, expiry, issuer and audience; raise :class:`Unauthorized`."""
     try:
         claims = jwt.decode(
             token,
             _key(settings),
             algorithms=[settings.jwt.algorithm],
-            audience=settings.jwt.audience,
+            audience=audience or settings.jwt.audience,
             issuer=settings.jwt.issuer,
             options={"require": ["sub", "role", "iat", "exp", "iss", "aud", "jti"]},
             leeway=5,

@@ -5,12 +5,22 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Request
 
 from api.auth import service as auth_service
 from api.auth.models import User
 from pms.db import SessionDep
-from pms.security import CurrentUser, Role, get_app_settings, require_roles
+from pms.errors import Forbidden
+from pms.security import (
+    CurrentUser,
+    Principal,
+    Role,
+    bearer_token,
+    decode_token,
+    get_app_settings,
+    internal_audience,
+    require_roles,
+)
 from pms.settings import Settings
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -38,6 +48,18 @@ def _valid_user(user_id: uuid.UUID, session: SessionDep, _: AdminUser) -> User:
 ValidUser = Annotated[User, Depends(_valid_user)]
 
 
-#: A caller allowed to read the revocation list: a token with the ADMIN role (the gateway's service
-#: token has no user row, so the database is not consulted; the list holds no secrets).
-RevocationReader = Annotated[object, require_roles(Role.ADMIN)]
+def _service_caller(request: Request) -> Principal:
+    """A service token (internal audience, ADMIN role): what the gateway sends for the revocation list.
+
+    User tokens carry the public audience and are refused here, so not even a signed-in admin
+    reads the list (it names recently cut-off users).
+    """
+    principal = decode_token(get_app_settings(request), bearer_token(request), audience=internal_audience(
+        get_app_settings(request)))
+    if principal.role != Role.ADMIN:
+        raise Forbidden()
+    return principal
+
+
+#: The caller of service-only endpoints (see :func:`_service_caller`).
+RevocationReader = Annotated[Principal, Depends(_service_caller)]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client import CollectorRegistry, Gauge
 
-from pms.security import Principal, Role, encode_token
+from pms.security import Principal, Role, encode_token, internal_audience
 from pms.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class RevocationList:
 
     async def refresh(self) -> None:
         """Fetch the list once and replace the snapshot; raises on any failure (the old one stays)."""
-        token = encode_token(self._settings, sub=SERVICE_SUBJECT, role=Role.ADMIN, ttl_s=60)
+        token = encode_token(self._settings, sub=SERVICE_SUBJECT, role=Role.ADMIN, ttl_s=60,
+                             audience=internal_audience(self._settings))
         reply = await self._client.get(self._url, headers={"Authorization": f"Bearer {token}"})
         reply.raise_for_status()
         body = reply.json()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from pms.security import Role, decode_token, encode_token
+from pms.security import Role, decode_token, encode_token, internal_audience
 from pms.settings import Settings
 from tests.api.auth.conftest import AuthUser, bearer
 
@@ -21,8 +21,8 @@ def _login(client: httpx.Client, user: AuthUser, password: str | None = None) ->
     return reply.json()["token"]
 
 
-def _service_token(settings: Settings) -> str:
-    return encode_token(settings, sub="service:gateway", role=Role.ADMIN, ttl_s=60)
+def _service_token(settings: Settings, role: Role = Role.ADMIN) -> str:
+    return encode_token(settings, sub="service:gateway", role=role, ttl_s=60, audience=internal_audience(settings))
 
 
 def _revocations(client: httpx.Client, settings: Settings) -> dict:
@@ -89,11 +89,17 @@ def test_password_change_signs_out_every_session(auth_http: httpx.Client,
     assert auth_http.get("/me", headers=bearer(_login(auth_http, user, new_password))).status_code == 200
 
 
-def test_revocation_list_is_for_admin_tokens_only(auth_http: httpx.Client, auth_settings: Settings,
-                                                  user_factory: Callable[..., AuthUser]) -> None:
+def test_revocation_list_is_for_service_tokens_only(auth_http: httpx.Client, auth_settings: Settings,
+                                                    admin_token: str,
+                                                    user_factory: Callable[..., AuthUser]) -> None:
     assert auth_http.get("/revocations").status_code == 401
     staff = _login(auth_http, user_factory("STAFF"))
-    assert auth_http.get("/revocations", headers=bearer(staff)).status_code == 403
+    assert auth_http.get("/revocations", headers=bearer(staff)).status_code == 401
+    assert auth_http.get("/revocations", headers=bearer(admin_token)).status_code == 401  # a user, not a service
+    assert auth_http.get("/revocations", headers=bearer(_service_token(auth_settings, Role.STAFF))).status_code == 403
+    # ...and a service token opens nothing meant for users.
+    assert auth_http.get("/me", headers=bearer(_service_token(auth_settings))).status_code == 401
+    assert auth_http.get("/users", headers=bearer(_service_token(auth_settings))).status_code == 401
     body = _revocations(auth_http, auth_settings)
     assert abs(body["asOf"] - time.time()) < 60
     assert all(set(entry) == {"sub", "tokensValidAfter"} for entry in body["users"])

@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from api.gateway.revocation import SERVICE_SUBJECT, RevocationList
-from pms.security import Principal, Role, decode_token
+from pms.errors import Unauthorized
+from pms.security import Principal, Role, decode_token, internal_audience
 from pms.settings import Settings
 
 
@@ -54,9 +55,11 @@ def test_refuses_tokens_before_the_cutoff_and_listed_ids() -> None:
     assert 0 <= revocations.age_s() < 5
     # It asks auth with its own short-lived admin token.
     token = seen[0].headers["Authorization"].removeprefix("Bearer ")
-    service = decode_token(_settings(), token)
+    service = decode_token(_settings(), token, audience=internal_audience(_settings()))
     assert service.sub == SERVICE_SUBJECT and service.role == Role.ADMIN and service.exp - service.iat <= 61
     assert str(seen[0].url) == _settings().auth.base_url.rstrip("/") + "/revocations"
+    with pytest.raises(Unauthorized):  # no user-facing verifier accepts it
+        decode_token(_settings(), token)
 
 
 @pytest.mark.parametrize("failure", ["status", "garbage", "shape", "connect"])
