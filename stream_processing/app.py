@@ -120,10 +120,35 @@ class _Application(Application):
         self._processing_context = _CommitTolerantContext(
             **{f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.init})
         self._processing_context.give_up_after_s = commit_failure_budget_s
+        self._rejoin_requested = False
+        #: How often the processing loop subscribed again on request.
+        self.rejoins = 0
 
     @property
     def commits_dropped(self) -> int:
         return self._processing_context.commits_dropped
+
+    def request_rejoin(self) -> None:
+        """Ask the processing loop to subscribe again; safe from any thread (it only sets a flag).
+
+        A consumer that joined its group while the topic was missing holds no partitions.
+        librdkafka keeps the subscribed topic in its cache from before the outage, so a
+        metadata refresh does not look like a change to it and it never rejoins by itself.
+        Subscribing again makes it rejoin, and the group assigns the partitions the topic
+        has now. The subscribe call has to run on the thread that polls, so this only sets
+        a flag that :meth:`_process_message` reads.
+        """
+        self._rejoin_requested = True
+
+    def _process_message(self, dataframe_composed: Any) -> None:
+        if self._rejoin_requested:
+            self._rejoin_requested = False
+            self.rejoins += 1
+            log.warning("subscribing again so that the group assigns the topic's partitions")
+            self._consumer.subscribe(
+                topics=self._dataframe_registry.consumer_topics + self._topic_manager.changelog_topics_list,
+                on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        super()._process_message(dataframe_composed)
 
     def _arm_watchdog(self) -> None:
         def _exit() -> None:
@@ -144,7 +169,7 @@ class _Application(Application):
         super()._on_sigint(*args)
 
 
-def build_application(settings: Settings) -> Application:
+def build_application(settings: Settings) -> _Application:
     """The Quix Application with the consumer settings that let groups join fast on Tansu and
     survive a broker that comes back empty (see :class:`BrokerRestartGuard`).
 
@@ -176,6 +201,7 @@ def build_application(settings: Settings) -> Application:
         loglevel="WARNING",
     )
     guard.consumer = lambda: app._consumer._consumer  # Quix keeps its confluent-kafka consumer private
+    guard.request_rejoin = app.request_rejoin
     return app
 
 
@@ -211,8 +237,8 @@ class GroupWatchdog:
     The other silent state keeps a member id: the consumer rejoined while the topic was still
     missing and holds no partitions. ``starved`` (see :class:`StarvationProbe`) reports it: no
     partitions while the topic has events that nobody in the group consumes. After half the
-    budget ``nudge`` is called once (an all-topics metadata request, which makes librdkafka
-    rejoin for the partitions). If the state lasts the whole budget the process exits. An idle
+    budget ``nudge`` is called once (``_Application.request_rejoin``: subscribe again, so the
+    group assigns the partitions). If the state lasts the whole budget the process exits. An idle
     extra replica (more members than partitions) is never starved, because the members that do
     hold partitions move the group's offsets.
 
@@ -350,10 +376,6 @@ class StarvationProbe:
         self._last = positions
         return lag > 0 and not moved
 
-    def nudge(self) -> None:
-        """An all-topics metadata request; librdkafka applies its answer to the group as well."""
-        self.consumer().list_topics(timeout=self.TIMEOUT_S)
-
 
 class BrokerRestartGuard:
     """Stop fetching while every broker is down. Resume once the broker knows the topic again
@@ -408,6 +430,8 @@ class BrokerRestartGuard:
         self._lock = threading.Lock()
         #: (state, join_state, assignment size) of the group as librdkafka last reported it.
         self.group_state: tuple[Any, Any, Any] | None = None
+        #: Called (from the guard's thread) when fetching resumes with no partition assigned.
+        self.request_rejoin: Callable[[], None] | None = None
 
     @property
     def paused(self) -> bool:
@@ -459,10 +483,11 @@ class BrokerRestartGuard:
         The first request names the topic, so librdkafka takes the topic's new id from the
         answer. It does not touch the group, which matters while the topic is missing: a
         group update then reports "Subscribed topic not available" through ``poll()``, and
-        Quix exits on that. Once the topic is there, one all-topics request follows.
-        librdkafka applies that answer to the consumer group as well. A consumer that
-        rejoined while the topic was missing holds no partitions, and this makes it rejoin
-        for them instead of waiting up to ``topic.metadata.refresh.interval.ms`` (5 min).
+        Quix exits on that. Once the topic is there, one all-topics request follows, which
+        librdkafka applies to the consumer group as well. That alone does not bring back a
+        consumer that rejoined while the topic was missing (it holds no partitions and its
+        cached subscription looks unchanged; seen in the fault suite), so after resuming
+        with no partition assigned the guard calls ``request_rejoin``.
         """
         named = consumer.list_topics(self.topic, timeout=self.METADATA_TIMEOUT_S).topics.get(self.topic)
         if named is None or named.error is not None or not named.partitions:
@@ -497,6 +522,10 @@ class BrokerRestartGuard:
                     # would otherwise stay paused for good.
                     consumer.resume(self._paused)
                     self._paused = []
+                if not consumer.assignment() and self.request_rejoin is not None:
+                    # It rejoined while the topic was missing: the group gave it nothing.
+                    why = f"{why}, no partition assigned: rejoin requested"
+                    self.request_rejoin()
             except KafkaException:
                 continue  # the broker went away again mid-request: keep waiting
             except RuntimeError:
@@ -552,7 +581,7 @@ def run(settings: Settings) -> None:
     consumer.memberid()  # creates the librdkafka handle here, not racing from the watchdog thread
     starvation = StarvationProbe(settings.kafka.topic, lambda: consumer._consumer)
     watchdog = GroupWatchdog(consumer.memberid, stall_s=settings.pipeline.stall_timeout_s,
-                             starved=starvation, nudge=starvation.nudge)
+                             starved=starvation, nudge=app.request_rejoin)
     ready["watchdog"] = watchdog
     watchdog.start()
     ready["running"] = True

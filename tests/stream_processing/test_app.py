@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import signal
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -190,16 +189,14 @@ def test_pipeline_process_dead_letters_ops_endpoints_and_an_empty_broker_restart
     def absorbed() -> bool:
         return read_tables(analytics) == expected
 
+    # The same process absorbs it: no librdkafka SIGSEGV (BrokerRestartGuard), no exit on the offset
+    # commit the empty broker refuses (Unknown member), no member left idle without partitions.
     try:
         wait_until(absorbed, timeout=90, interval=0.5, message="analytics to absorb the republished history",
                    alive=alive(pipeline))
     except RuntimeError:
-        # librdkafka (confluent-kafka 2.12.2) sometimes segfaults when the broker vanishes under it;
-        # `pms up` restarts a dead child, so do the same and hold the tables to the same standard.
-        assert pipeline.proc is not None and pipeline.proc.returncode == -signal.SIGSEGV, pipeline.log_tail()
-        pipeline = start_service("pipeline", cfg)
-        wait_until(absorbed, timeout=90, interval=0.5, message="restarted pipeline to absorb the history",
-                   alive=alive(pipeline))
+        code = pipeline.proc.returncode if pipeline.proc is not None else None
+        pytest.fail(f"the pipeline died (exit {code}) after the empty broker restart:\n{pipeline.log_tail()}")
     assert before != expected  # the new events did arrive, on top of an unchanged history
 
 

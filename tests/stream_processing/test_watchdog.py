@@ -396,12 +396,6 @@ def test_the_probe_is_quiet_while_the_consumer_holds_partitions_or_the_topic_is_
     assert not probe()
 
 
-def test_the_nudge_is_an_all_topics_metadata_request() -> None:
-    view = GroupView()
-    StarvationProbe("patient", lambda: view).nudge()
-    assert view.group_updates == 1
-
-
 # -- A failed offset commit drops the checkpoint instead of ending the process ---------------------------
 
 
@@ -494,3 +488,33 @@ def test_the_application_runs_on_the_tolerant_context() -> None:
     app = build_application(Settings())
     assert isinstance(app._processing_context, _CommitTolerantContext)
     assert app._processing_context.give_up_after_s == Settings().pipeline.stall_timeout_s
+
+
+def test_resuming_without_a_partition_asks_the_loop_to_subscribe_again() -> None:
+    """It rejoined while the topic was missing, so the group gave it nothing; a metadata refresh does not fix that."""
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    requests: list[int] = []
+    guard.request_rejoin = lambda: requests.append(1)
+    guard.on_stats(stats("DOWN"))
+    consumer.assigned = []  # the rejoin happened before the relay recreated the topic
+    consumer.topic_exists = True
+    consumer.member = "m-2"
+    guard.on_stats(stats("UP"))
+    wait_until(lambda: bool(requests), timeout=10, message="the guard to ask for a rejoin")
+    assert not guard.paused and requests == [1]
+
+
+def test_resuming_with_partitions_asks_for_nothing() -> None:
+    consumer = FetchingConsumer()
+    guard = guard_for(consumer)
+    requests: list[int] = []
+    guard.request_rejoin = lambda: requests.append(1)
+    guard.on_stats(stats("DOWN"))
+    consumer.topic_exists = True
+    consumer.member = "m-2"
+    guard.on_stats(stats("UP"))
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    resumers = lambda: [t for t in threading.enumerate() if t.name == "pipeline-broker-restart-guard"]  # noqa: E731
+    wait_until(lambda: not resumers(), timeout=10, message="the resumer thread to end")
+    assert requests == []
