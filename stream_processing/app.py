@@ -121,6 +121,7 @@ class _Application(Application):
             **{f.name: getattr(old, f.name) for f in dataclasses.fields(old) if f.init})
         self._processing_context.give_up_after_s = commit_failure_budget_s
         self._rejoin_requested = False
+        self.restart_guard: BrokerRestartGuard | None = None
         #: How often the processing loop subscribed again on request.
         self.rejoins = 0
 
@@ -202,6 +203,7 @@ def build_application(settings: Settings) -> _Application:
     )
     guard.consumer = lambda: app._consumer._consumer  # Quix keeps its confluent-kafka consumer private
     guard.request_rejoin = app.request_rejoin
+    app.restart_guard = guard
     return app
 
 
@@ -350,12 +352,20 @@ class StarvationProbe:
 
     TIMEOUT_S = 2.0
 
-    def __init__(self, topic: str, consumer: Callable[[], Any]) -> None:
+    def __init__(self, topic: str, consumer: Callable[[], Any],
+                 group_state: Callable[[], tuple[Any, Any, Any] | None] | None = None) -> None:
         self.topic = topic
         self.consumer = consumer
+        #: (state, join_state, assigned) from librdkafka's statistics, if known: only a settled
+        #: member is asked about (no group or offset requests in the middle of a rebalance).
+        self.group_state = group_state
         self._last: tuple[int, ...] | None = None
 
     def __call__(self) -> bool:
+        state = self.group_state() if self.group_state is not None else None
+        if state is not None and state[1] != "steady":
+            self._last = None
+            return False  # joining or rebalancing: not settled, so not starved either
         consumer = self.consumer()
         if consumer.assignment():
             self._last = None
@@ -579,7 +589,8 @@ def run(settings: Settings) -> None:
     app.dataframe(topic).sink(sink)
     consumer = app._consumer  # Quix keeps its consumer private; memberid() is a local librdkafka call
     consumer.memberid()  # creates the librdkafka handle here, not racing from the watchdog thread
-    starvation = StarvationProbe(settings.kafka.topic, lambda: consumer._consumer)
+    starvation = StarvationProbe(settings.kafka.topic, lambda: consumer._consumer,
+                                 group_state=lambda: app.restart_guard.group_state)
     watchdog = GroupWatchdog(consumer.memberid, stall_s=settings.pipeline.stall_timeout_s,
                              starved=starvation, nudge=app.request_rejoin)
     ready["watchdog"] = watchdog

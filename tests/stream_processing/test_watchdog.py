@@ -518,3 +518,14 @@ def test_resuming_with_partitions_asks_for_nothing() -> None:
     resumers = lambda: [t for t in threading.enumerate() if t.name == "pipeline-broker-restart-guard"]  # noqa: E731
     wait_until(lambda: not resumers(), timeout=10, message="the resumer thread to end")
     assert requests == []
+
+
+def test_the_probe_asks_the_broker_nothing_while_the_group_is_not_settled() -> None:
+    view = GroupView()
+    state: list[tuple[str, str, int] | None] = [("up", "wait-sync", 0)]
+    probe = StarvationProbe("patient", lambda: view, group_state=lambda: state[0])
+    assert not probe() and view.lookups == 0  # mid-rebalance: no metadata, offset or group request
+    state[0] = ("up", "steady", 0)
+    assert probe() and view.lookups == 1
+    state[0] = None  # no statistics yet: look anyway
+    assert probe()
