@@ -27,6 +27,8 @@ ANALYTICS_TTL_S = 5
 USERS_TTL_S = 5
 
 DEFAULT_TIMEOUT = httpx.Timeout(8.0, connect=2.0)
+#: Seconds Sign out waits for the gateway to revoke the token before signing out locally anyway.
+LOGOUT_TIMEOUT_S = 2.0
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -194,13 +196,15 @@ class GatewayClient:
         json: Any = None,
         headers: dict[str, str] | None = None,
         auth: bool = True,
+        timeout: float | None = None,
     ) -> httpx.Response:
         sent_headers = {"Accept": "application/json", **(headers or {})}
         if auth and self.token:
             sent_headers["Authorization"] = f"Bearer {self.token}"
         clean_params = {k: v for k, v in (params or {}).items() if v is not None and v != ""}
         try:
-            with httpx.Client(base_url=self.base_url, timeout=self._timeout, transport=self._transport) as http:
+            with httpx.Client(base_url=self.base_url, timeout=timeout or self._timeout,
+                              transport=self._transport) as http:
                 response = http.request(method, path, params=clean_params, json=json, headers=sent_headers)
         except httpx.TimeoutException as exc:
             log.warning("gateway timeout", extra={"fields": {"method": method, "error": type(exc).__name__}})
@@ -247,8 +251,11 @@ class GatewayClient:
         )
 
     def logout(self) -> None:
-        """Give up this token at auth, so it stops working everywhere before it expires."""
-        self._request("POST", "/auth/logout")
+        """Give up this token at auth, so it stops working everywhere before it expires.
+
+        A short timeout: signing out must not freeze the page when the gateway is slow.
+        """
+        self._request("POST", "/auth/logout", timeout=LOGOUT_TIMEOUT_S)
 
     def me(self) -> dict[str, Any]:
         return dict(self._json(self._request("GET", "/auth/me")))

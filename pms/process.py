@@ -29,15 +29,24 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux: the supervisor's own cleanup still stops children
+        return None
+
+
+#: Loaded once here: a dlopen between fork and exec in a multi-threaded parent can deadlock the child.
+_LIBC = _load_libc()
+
+
 def _die_with(parent_pid: int) -> Callable[[], None]:
     """The child's pre-exec hook: SIGKILL me when the forking thread (hence the process) ends."""
 
     def hook() -> None:
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:  # not Linux: the supervisor's own cleanup still stops children
+        if _LIBC is None:
             return
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         # The parent may have died between fork and prctl: then no signal will ever come.
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), signal.SIGKILL)

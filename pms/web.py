@@ -115,9 +115,12 @@ class RequestContext:
         except Exception:
             log.exception("request failed", extra={"fields": {"service": self.service, "request_id": request_id}})
             if started:
-                raise
+                raise  # too late for an error answer; still counted and logged below
             await error_response(500, "Internal error")(scope, receive, send_with_id)
-        elapsed = time.perf_counter() - start
+        finally:
+            self._record(scope, request_id=request_id, status=status, elapsed=time.perf_counter() - start)
+
+    def _record(self, scope: Scope, *, request_id: str, status: int, elapsed: float) -> None:
         route = route_template(Request(scope))
         method = scope.get("method", "")
         self.requests_total.labels(method, route, str(status)).inc()

@@ -357,12 +357,13 @@ class AnalyticsSink(BatchingSink):
         self._pending.append(Record(topic, partition, offset, value))
 
     def write(self, batch: SinkBatch) -> None:
-        self._apply([Record(batch.topic, batch.partition, item.offset, item.value) for item in batch])
+        """Unused: :meth:`add` keeps messages itself and :meth:`flush` writes them (BatchingSink's
+        abstract method must exist)."""
+        raise NotImplementedError("AnalyticsSink writes in flush()")
 
     def flush(self) -> None:
         """Write everything added since the last checkpoint (all partitions) in one transaction."""
         records, self._pending = self._pending, []
-        self._batches.clear()
         if records:
             self._apply(records)
 

@@ -20,12 +20,12 @@ from api.patient.dependencies import (
 from api.patient.schemas import (
     AuditRead,
     DuplicateCandidate,
-    ErrorBody,
     PatientCreate,
     PatientCreated,
     PatientRead,
     PatientUpdate,
 )
+from pms.web import ErrorBody
 
 
 class FHIRJSONResponse(JSONResponse):

@@ -185,8 +185,3 @@ class AuditRead(_Camel):
     at: datetime
 
 
-class ErrorBody(BaseModel):
-    """The one error shape of the platform (documented in OpenAPI; raised via pms.errors)."""
-
-    message: str
-    errors: dict[str, str] = Field(default_factory=dict)

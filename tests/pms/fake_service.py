@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CRASH_MESSAGE = "fake failure: this stand-in cannot start"
@@ -54,10 +55,12 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_http(port: int, *, ready: bool) -> None:
+def serve_http(port: int, *, ready: bool, then: Callable[[], None] | None = None) -> None:
     Handler.ready = ready
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     print(f"fake http service listening on {port}", flush=True)
+    if then is not None:  # after the first line, so a log's first line is always this one
+        then()
     server.serve_forever()
 
 
@@ -93,12 +96,11 @@ def main(argv: list[str]) -> None:
         sys.exit(CRASH_EXIT_CODE)
     if mode == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if mode == "chatty":
-        threading.Thread(target=chatter, daemon=True).start()
+    then = threading.Thread(target=chatter, daemon=True).start if mode == "chatty" else None
     if mode == "grpc":
         serve_grpc(port)
     else:
-        serve_http(port, ready=mode != "never-ready")
+        serve_http(port, ready=mode != "never-ready", then=then)
 
 
 if __name__ == "__main__":
