@@ -122,6 +122,8 @@ class _Application(Application):
         self._processing_context.give_up_after_s = commit_failure_budget_s
         self._rejoin_requested = False
         self.restart_guard: BrokerRestartGuard | None = None
+        #: Held while the consumer is replaced and by the other threads' calls on it.
+        self.client_lock = threading.Lock()
         #: How often the processing loop subscribed again on request.
         self.rejoins = 0
 
@@ -130,26 +132,44 @@ class _Application(Application):
         return self._processing_context.commits_dropped
 
     def request_rejoin(self) -> None:
-        """Ask the processing loop to subscribe again; safe from any thread (it only sets a flag).
+        """Ask the processing loop for a fresh consumer; safe from any thread (it only sets a flag).
 
-        A consumer that joined its group while the topic was missing holds no partitions.
-        librdkafka keeps the subscribed topic in its cache from before the outage, so a
-        metadata refresh does not look like a change to it and it never rejoins by itself.
-        Subscribing again makes it rejoin, and the group assigns the partitions the topic
-        has now. The subscribe call has to run on the thread that polls, so this only sets
-        a flag that :meth:`_process_message` reads.
+        A consumer that joined its group while the topic was missing holds no partitions,
+        and no metadata request or new subscribe call changed that in the fault runs: every
+        rejoin of that librdkafka handle came back with 0 partitions, while a new process got
+        them at once. So the loop closes the handle (it leaves the group) and subscribes with
+        a new one, which is what a restart does, without the restart. That has to happen on the
+        thread that polls, so this only sets a flag that :meth:`_process_message` reads.
         """
         self._rejoin_requested = True
 
     def _process_message(self, dataframe_composed: Any) -> None:
         if self._rejoin_requested:
             self._rejoin_requested = False
+            self._renew_consumer()
+        super()._process_message(dataframe_composed)
+
+    def _renew_consumer(self) -> None:
+        """Replace a librdkafka consumer that holds no partition by a new one in the same group.
+
+        Only then: one with partitions is working, and one whose fetching the restart guard
+        has paused is waiting for the broker. Offsets follow the analytics transaction, so a
+        consumer without partitions has nothing to hand over. ``client_lock`` keeps the other
+        threads (watchdog, /ready) off the handle while it is closed and replaced.
+        """
+        consumer = self._consumer
+        guard = self.restart_guard
+        with self.client_lock:
+            inner = consumer._inner_consumer  # Quix creates it lazily and keeps it private
+            if inner is None or inner.assignment() or (guard is not None and guard.paused):
+                return
             self.rejoins += 1
-            log.warning("subscribing again so that the group assigns the topic's partitions")
-            self._consumer.subscribe(
+            log.warning("consumer holds no partition: replacing it with a new one in the same group")
+            inner.close()
+            consumer._inner_consumer = None
+            consumer.subscribe(
                 topics=self._dataframe_registry.consumer_topics + self._topic_manager.changelog_topics_list,
                 on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
-        super()._process_message(dataframe_composed)
 
     def _arm_watchdog(self) -> None:
         def _exit() -> None:
@@ -239,8 +259,8 @@ class GroupWatchdog:
     The other silent state keeps a member id: the consumer rejoined while the topic was still
     missing and holds no partitions. ``starved`` (see :class:`StarvationProbe`) reports it: no
     partitions while the topic has events that nobody in the group consumes. After half the
-    budget ``nudge`` is called once (``_Application.request_rejoin``: subscribe again, so the
-    group assigns the partitions). If the state lasts the whole budget the process exits. An idle
+    budget ``nudge`` is called once (``_Application.request_rejoin``: a new consumer in the
+    same group, which the group gives the partitions). If the state lasts the whole budget the process exits. An idle
     extra replica (more members than partitions) is never starved, because the members that do
     hold partitions move the group's offsets.
 
@@ -591,8 +611,17 @@ def run(settings: Settings) -> None:
     consumer.memberid()  # creates the librdkafka handle here, not racing from the watchdog thread
     starvation = StarvationProbe(settings.kafka.topic, lambda: consumer._consumer,
                                  group_state=lambda: app.restart_guard.group_state)
-    watchdog = GroupWatchdog(consumer.memberid, stall_s=settings.pipeline.stall_timeout_s,
-                             starved=starvation, nudge=app.request_rejoin)
+
+    def member_id() -> str | None:
+        with app.client_lock:  # not while the processing loop replaces the consumer
+            return consumer.memberid()
+
+    def starved() -> bool:
+        with app.client_lock:
+            return starvation()
+
+    watchdog = GroupWatchdog(member_id, stall_s=settings.pipeline.stall_timeout_s,
+                             starved=starved, nudge=app.request_rejoin)
     ready["watchdog"] = watchdog
     watchdog.start()
     ready["running"] = True
