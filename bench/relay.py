@@ -99,6 +99,7 @@ def run(settings: Settings, report: Report) -> None:
         token = encode_token(settings, sub="bench@pms.local", role=Role.ADMIN, ttl_s=3600)
         local = threading.local()
         errors = 0
+        errors_lock = threading.Lock()
         statuses: set[int] = set()
 
         def create(i: int) -> None:
@@ -111,8 +112,9 @@ def run(settings: Settings, report: Report) -> None:
                 "dateOfBirth": "1970-01-01", "registeredDate": "2024-01-01"})
             creates.append((time.perf_counter() - start) * 1000)
             if response.status_code != 201:
-                errors += 1
-                statuses.add(response.status_code)
+                with errors_lock:  # several pool threads: += is not atomic
+                    errors += 1
+                    statuses.add(response.status_code)
 
         try:
             with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
 from api.patient import service as patient_service
 from api.patient.models import Patient
 from pms.db import SessionDep
-from pms.errors import BadRequest, Forbidden
-from pms.security import Principal, Role, current_principal
-
-
-def _roles(*roles: Role) -> Any:
-    """Like :func:`pms.security.require_roles`, as an ``async`` dependency.
-
-    Verifying a token is a few microseconds of CPU and no I/O, so it runs on the event loop:
-    a sync dependency costs a threadpool hop per request (two for require_roles).
-    """
-    allowed = frozenset(roles)
-
-    async def check(request: Request) -> Principal:
-        principal = current_principal(request)
-        if principal.role not in allowed:
-            raise Forbidden()
-        return principal
-
-    return Depends(check)
-
+from pms.errors import BadRequest
+from pms.security import Principal, Role, require_roles
 
 #: STAFF and ADMIN read and write patients; ANALYST (and anyone else) gets 403.
-StaffUser = Annotated[Principal, _roles(Role.STAFF, Role.ADMIN)]
-AdminUser = Annotated[Principal, _roles(Role.ADMIN)]
+StaffUser = Annotated[Principal, require_roles(Role.STAFF, Role.ADMIN)]
+AdminUser = Annotated[Principal, require_roles(Role.ADMIN)]
 
 
 def valid_patient(patient_id: str, session: SessionDep) -> Patient:

@@ -170,18 +170,20 @@ class OutboxRelay:
         if conn is None:
             self._stop.wait(timeout)
             return False
-        listener = conn.connection.driver_connection
-        assert isinstance(listener, psycopg.Connection)
         deadline = time.monotonic() + timeout
         try:
+            listener = conn.connection.driver_connection
+            if not isinstance(listener, psycopg.Connection):
+                raise TypeError(f"LISTEN needs a psycopg connection, not {type(listener).__name__}")
             while not self._stop.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                if any(True for _ in listener.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1)):
+                # list(), not any(): take every queued notification, so each one costs at most one round.
+                if list(listener.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1)):
                     self.notified += 1
                     return True
-        except psycopg.Error as exc:
+        except Exception as exc:
             log.warning("outbox relay lost its LISTEN connection; reconnecting",
                         extra={"fields": {"error": type(exc).__name__}})
             self._release_leadership()

@@ -305,7 +305,7 @@ def unsent_events(session: Session, *, limit: int) -> list[tuple[int, uuid.UUID,
 
 def mark_sent(session: Session, ids: list[int], *, sent_at: datetime, topic: str | None = None,
               watermarks: dict[int, int] | None = None) -> None:
-    """Mark ``ids`` sent; with ``watermarks``, also save them for ``topic`` (see ``save_relay_state``).
+    """Mark ``ids`` sent; with ``watermarks``, also save them for ``topic`` (see ``_relay_state_upsert``).
 
     Both in ONE statement (the UPDATE as a data-modifying CTE of the upsert): one round trip,
     and atomic even on an autocommit connection such as the relay's.
@@ -332,18 +332,13 @@ def relay_state(session: Session, topic: str) -> dict[int, int]:
     return {int(p): int(hw) for p, hw in rows}
 
 
-def save_relay_state(session: Session, topic: str, watermarks: dict[int, int]) -> None:
+def _relay_state_upsert(topic: str, watermarks: dict[int, int]) -> Any:
     """Upsert the watermarks of ``topic`` in one statement; a stored watermark never goes down.
 
     Never lowering them keeps a reset visible: had a reset topic already taken new events
     when they are saved, lower values would overwrite the evidence. (A reset clears the rows
     with ``clear_relay_state`` first.)
     """
-    if watermarks:
-        session.execute(_relay_state_upsert(topic, watermarks))
-
-
-def _relay_state_upsert(topic: str, watermarks: dict[int, int]) -> Any:
     stmt = pg_insert(RelayState).values([
         {"topic": topic, "partition": partition, "high_watermark": hw} for partition, hw in sorted(watermarks.items())
     ])

@@ -228,7 +228,7 @@ def test_a_commit_wakes_the_relay_long_before_its_poll_and_a_killed_listen_conne
         svc.stop()
 
 
-def test_a_lost_notification_costs_one_poll_not_the_event(
+def test_events_still_arrive_by_polling_when_no_notification_comes(
     running: tuple[ServiceProcess, Api], broker_settings: Settings
 ) -> None:
     _svc, api = running
