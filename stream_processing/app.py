@@ -277,7 +277,7 @@ class GroupWatchdog:
         stall_s: float,
         clock: Callable[[], float] = time.monotonic,
         on_stall: Callable[[], None] | None = None,
-        starved: Callable[[], bool] | None = None,
+        starved: Callable[[], bool | None] | None = None,
         nudge: Callable[[], None] | None = None,
     ) -> None:
         self._member_id = member_id
@@ -299,9 +299,11 @@ class GroupWatchdog:
 
     def _look_for_starvation(self, now: float) -> None:
         try:
-            starved = self._starved is not None and self._starved()
+            starved = self._starved() if self._starved is not None else False
         except (KafkaException, RuntimeError):
             starved = False  # a broker that does not answer is the member-id check's business
+        if starved is None:
+            return  # mid-rebalance (e.g. the rejoin the nudge asked for): the clock keeps running
         if not starved:
             self._starved_since, self._nudged = None, False
             return
@@ -381,11 +383,12 @@ class StarvationProbe:
         self.group_state = group_state
         self._last: tuple[int, ...] | None = None
 
-    def __call__(self) -> bool:
+    def __call__(self) -> bool | None:
+        """True when starved, False when not, None while the group is not settled (unknown)."""
         state = self.group_state() if self.group_state is not None else None
         if state is not None and state[1] != "steady":
             self._last = None
-            return False  # joining or rebalancing: not settled, so not starved either
+            return None  # joining or rebalancing: ask again once it has settled
         consumer = self.consumer()
         if consumer.assignment():
             self._last = None
@@ -616,7 +619,7 @@ def run(settings: Settings) -> None:
         with app.client_lock:  # not while the processing loop replaces the consumer
             return consumer.memberid()
 
-    def starved() -> bool:
+    def starved() -> bool | None:
         with app.client_lock:
             return starvation()
 

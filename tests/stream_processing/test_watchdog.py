@@ -286,14 +286,14 @@ def test_the_resumer_ends_when_the_consumer_is_closed_while_paused() -> None:
 
 
 class Starving(Consumer):
-    """A member (it keeps its id) whose starvation the test switches on and off."""
+    """A member (it keeps its id) whose starvation the test switches on and off (None: mid-rebalance)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.starving = False
+        self.starving: bool | None = False
         self.nudges = 0
 
-    def starved(self) -> bool:
+    def starved(self) -> bool | None:
         return self.starving
 
     def nudge(self) -> None:
@@ -524,8 +524,34 @@ def test_the_probe_asks_the_broker_nothing_while_the_group_is_not_settled() -> N
     view = GroupView()
     state: list[tuple[str, str, int] | None] = [("up", "wait-sync", 0)]
     probe = StarvationProbe("patient", lambda: view, group_state=lambda: state[0])
-    assert not probe() and view.lookups == 0  # mid-rebalance: no metadata, offset or group request
+    assert probe() is None and view.lookups == 0  # mid-rebalance: unknown, and no request to the broker
     state[0] = ("up", "steady", 0)
     assert probe() and view.lookups == 1
     state[0] = None  # no statistics yet: look anyway
     assert probe()
+
+
+def test_a_nudge_that_only_causes_a_rebalance_does_not_reset_the_budget() -> None:
+    """The rejoin it asked for is a rebalance (unknown); if the member comes back starved the clock ran on."""
+    consumer = Starving()
+    watchdog = consumer.watchdog()
+    consumer.starving = True
+    assert watchdog.check()
+    consumer.now += 30
+    assert watchdog.check() and consumer.nudges == 1
+    consumer.starving = None  # rejoining
+    consumer.now += 5
+    assert watchdog.check()
+    consumer.starving = True  # settled again with no partition
+    consumer.now += 25
+    assert not watchdog.check() and consumer.stalls == [1060.0]
+
+
+def test_an_unsettled_group_alone_never_counts_as_starved() -> None:
+    consumer = Starving()
+    watchdog = consumer.watchdog()
+    consumer.starving = None
+    for _ in range(10):
+        consumer.now += 30
+        assert watchdog.check() and watchdog.healthy()
+    assert consumer.stalls == [] and consumer.nudges == 0
