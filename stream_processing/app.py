@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge
 from quixstreams import Application
 from quixstreams.checkpointing.exceptions import CheckpointConsumerCommitError
+from quixstreams.error_callbacks import default_on_consumer_error
 from quixstreams.models import TopicConfig
 from quixstreams.models.serializers import Deserializer, SerializationContext
 from quixstreams.processing import ProcessingContext
@@ -190,6 +191,21 @@ class _Application(Application):
         super()._on_sigint(*args)
 
 
+def on_consumer_error(exc: Exception, message: Any, logger: logging.Logger) -> bool:
+    """Quix's consumer-error callback: a topic that is missing for now is not fatal.
+
+    After an empty broker restart the topic is gone until the outbox relay recreates it.
+    librdkafka reports "Subscribed topic not available" through ``poll()`` whenever it updates
+    the group in that window, and Quix's default callback makes the process exit on it. The
+    topic comes back, and the restart guard and the watchdog bring the consumer back to it.
+    Every other error is handled as Quix handles it.
+    """
+    if getattr(exc, "code", None) in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+        log.warning("subscribed topic not available yet: waiting for it", extra={"fields": {"code": exc.code}})
+        return True
+    return default_on_consumer_error(exc, message, logger)
+
+
 def build_application(settings: Settings) -> _Application:
     """The Quix Application with the consumer settings that let groups join fast on Tansu and
     survive a broker that comes back empty (see :class:`BrokerRestartGuard`).
@@ -209,6 +225,7 @@ def build_application(settings: Settings) -> _Application:
         commit_interval=settings.pipeline.batch_timeout_s,
         commit_every=settings.pipeline.batch_size,
         broker_availability_timeout=0,
+        on_consumer_error=on_consumer_error,
         commit_failure_budget_s=settings.pipeline.stall_timeout_s,
         consumer_extra_config={
             "session.timeout.ms": settings.kafka.session_timeout_ms,

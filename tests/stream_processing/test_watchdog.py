@@ -7,12 +7,14 @@ The broker restart guard: no fetch while every broker is down, resume once the t
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass
 
 import pytest
 from confluent_kafka import KafkaError, TopicPartition
 from quixstreams.checkpointing.exceptions import CheckpointConsumerCommitError
+from quixstreams.kafka.exceptions import KafkaConsumerException
 
 from pms.process import wait_until
 from stream_processing.app import (
@@ -21,6 +23,7 @@ from stream_processing.app import (
     StarvationProbe,
     _CommitTolerantContext,
     build_application,
+    on_consumer_error,
 )
 
 
@@ -555,3 +558,12 @@ def test_an_unsettled_group_alone_never_counts_as_starved() -> None:
         consumer.now += 30
         assert watchdog.check() and watchdog.healthy()
     assert consumer.stalls == [] and consumer.nudges == 0
+
+
+def test_a_missing_topic_reported_through_poll_is_not_fatal_but_other_consumer_errors_are() -> None:
+    """Quix's default callback makes the process exit on any consumer error, "topic not available" included."""
+    log = logging.getLogger("test")
+    for code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+        assert on_consumer_error(KafkaConsumerException(KafkaError(code)), None, log) is True
+    assert on_consumer_error(KafkaConsumerException(KafkaError(KafkaError._MSG_TIMED_OUT)), None, log) is False
+    assert on_consumer_error(ValueError("bad"), None, log) is False
