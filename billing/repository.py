@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,21 @@ from billing.models import BillingAccount
 _ACCOUNT_COLUMNS = (BillingAccount.id, BillingAccount.patient_id, BillingAccount.status, BillingAccount.created_at)
 
 
+def _insert_if_absent_statement() -> Any:
+    table = BillingAccount.__table__
+    return (
+        insert(table)
+        .values(patient_id=bindparam("patient_id", type_=table.c.patient_id.type))
+        .on_conflict_do_nothing(index_elements=[table.c.patient_id])
+        .returning(*_ACCOUNT_COLUMNS)
+    )
+
+
+#: Built once: building the statement and its cache key per call was ~20% of billing's CPU
+#: under the write bench (py-spy); only the bound patient id changes between calls.
+_INSERT_IF_ABSENT = _insert_if_absent_statement()
+
+
 def insert_if_absent(session: Session, *, patient_id: uuid.UUID) -> Row[Any] | None:
     """Insert an ACTIVE account for ``patient_id``; None when the patient already has one.
 
@@ -22,14 +37,7 @@ def insert_if_absent(session: Session, *, patient_id: uuid.UUID) -> Row[Any] | N
     concurrent callers: exactly one insert wins, the others wait for it and get no row.
     A Core statement on the table: the answer is one row of columns, not an ORM object.
     """
-    table = BillingAccount.__table__
-    statement = (
-        insert(table)
-        .values(patient_id=patient_id)
-        .on_conflict_do_nothing(index_elements=[table.c.patient_id])
-        .returning(*_ACCOUNT_COLUMNS)
-    )
-    return session.execute(statement).one_or_none()
+    return session.execute(_INSERT_IF_ABSENT, {"patient_id": patient_id}).one_or_none()
 
 
 def get_by_patient_id(session: Session, *, patient_id: uuid.UUID) -> BillingAccount | None:
