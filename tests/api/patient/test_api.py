@@ -30,6 +30,10 @@ def test_seed_tutorial_crud_round_trip(staff: httpx.Client) -> None:
     patient = created.json()
     assert created.headers["Location"] == f"/patients/{patient['id']}"
     assert created.headers["ETag"] == '"1"'
+    # The create answers with a ready JSON body (no response_model pass): same media type, and
+    # exactly the fields of PatientCreated (a read's fields plus possibleDuplicates).
+    assert created.headers["Content-Type"] == "application/json"
+    assert isinstance(patient["possibleDuplicates"], list)
     assert patient["version"] == 1
     assert patient["mrn"].startswith("MRN")
     assert patient["billingStatus"] == "PENDING"  # no billing server in this module
