@@ -162,8 +162,8 @@ class _Application(Application):
         guard = self.restart_guard
         with self.client_lock:
             inner = consumer._inner_consumer  # Quix creates it lazily and keeps it private
-            if inner is None or inner.assignment() or (guard is not None and guard.paused):
-                return
+            if inner is None or inner.assignment() or (guard is not None and (guard.paused or not guard.settled())):
+                return  # working, waiting for the broker, or mid-join (closing it then leaves a ghost member)
             self.rejoins += 1
             log.warning("consumer holds no partition: replacing it with a new one in the same group")
             inner.close()
@@ -467,6 +467,8 @@ class BrokerRestartGuard:
     CHECK_INTERVAL_S = 0.2
     #: Longest wait for the metadata answer that decides whether to resume.
     METADATA_TIMEOUT_S = 2.0
+    #: Longest wait, after resuming, for the group to settle before checking the assignment.
+    SETTLE_TIMEOUT_S = 30.0
 
     def __init__(self, topic: str, *, rejoin_timeout_s: float) -> None:
         self.topic = topic
@@ -572,16 +574,34 @@ class BrokerRestartGuard:
                     # would otherwise stay paused for good.
                     consumer.resume(self._paused)
                     self._paused = []
-                if not consumer.assignment() and self.request_rejoin is not None:
-                    # It rejoined while the topic was missing: the group gave it nothing.
-                    why = f"{why}, no partition assigned: rejoin requested"
-                    self.request_rejoin()
             except KafkaException:
                 continue  # the broker went away again mid-request: keep waiting
             except RuntimeError:
                 return  # the consumer was closed: the process is stopping
         log.warning("the broker knows the topic again and the group has the consumer: fetching resumed",
                     extra={"fields": {"group": why}})
+        self._rejoin_if_unassigned(consumer)
+
+    def settled(self) -> bool:
+        """Whether librdkafka last reported the group as settled (not joining or syncing)."""
+        return self.group_state is not None and self.group_state[1] == "steady"
+
+    def _rejoin_if_unassigned(self, consumer: Any) -> None:
+        """Once the group has settled, ask for a new consumer if this one got no partition.
+
+        It rejoined while the topic was missing, and the group gave it nothing. Waiting for
+        the group to settle matters: a consumer closed in the middle of a join left Tansu's
+        group rebalancing without end (wait-join, wait-sync, again) in a test run.
+        """
+        deadline = time.monotonic() + self.SETTLE_TIMEOUT_S
+        try:
+            while not self.settled() and time.monotonic() < deadline:
+                time.sleep(self.CHECK_INTERVAL_S)
+            if self.settled() and not consumer.assignment() and self.request_rejoin is not None:
+                log.warning("the group settled without giving this consumer a partition: rejoin requested")
+                self.request_rejoin()
+        except (KafkaException, RuntimeError):
+            return  # closed, or the broker went again: the watchdog's starvation check remains
 
 
 def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink, engine: Engine) -> threading.Thread:

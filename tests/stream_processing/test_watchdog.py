@@ -163,6 +163,7 @@ class FetchingConsumer:
 def guard_for(consumer: FetchingConsumer, rejoin_timeout_s: float = 60.0) -> BrokerRestartGuard:
     guard = BrokerRestartGuard("patient", rejoin_timeout_s=rejoin_timeout_s)
     guard.CHECK_INTERVAL_S = 0.01
+    guard.SETTLE_TIMEOUT_S = 0.3
     guard.consumer = lambda: consumer
     return guard
 
@@ -493,19 +494,41 @@ def test_the_application_runs_on_the_tolerant_context() -> None:
     assert app._processing_context.give_up_after_s == Settings().pipeline.stall_timeout_s
 
 
-def test_resuming_without_a_partition_asks_the_loop_to_subscribe_again() -> None:
-    """It rejoined while the topic was missing, so the group gave it nothing; a metadata refresh does not fix that."""
+def paused_then_back_without_partitions(requests: list[int]) -> BrokerRestartGuard:
+    """A guard that paused, then saw the broker come back: the consumer rejoined, but the topic was missing then."""
     consumer = FetchingConsumer()
     guard = guard_for(consumer)
-    requests: list[int] = []
     guard.request_rejoin = lambda: requests.append(1)
     guard.on_stats(stats("DOWN"))
     consumer.assigned = []  # the rejoin happened before the relay recreated the topic
     consumer.topic_exists = True
     consumer.member = "m-2"
     guard.on_stats(stats("UP"))
+    return guard
+
+
+def test_resuming_without_a_partition_in_a_settled_group_asks_for_a_new_consumer() -> None:
+    """It rejoined while the topic was missing, so the group gave it nothing; a metadata refresh does not fix that."""
+    requests: list[int] = []
+    guard = paused_then_back_without_partitions(requests)
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    guard.group_state = ("up", "steady", 0)  # settled with nothing (set after the last statistics)
     wait_until(lambda: bool(requests), timeout=10, message="the guard to ask for a rejoin")
-    assert not guard.paused and requests == [1]
+    assert requests == [1]
+
+
+def test_no_new_consumer_is_asked_for_while_the_group_is_still_joining() -> None:
+    """Closing a consumer mid-join left Tansu's group rebalancing without end."""
+    requests: list[int] = []
+    guard = paused_then_back_without_partitions(requests)
+    wait_until(lambda: not guard.paused, timeout=10, message="fetching to resume")
+    guard.group_state = ("up", "wait-join", 0)
+    wait_until(lambda: not resumers(), timeout=10, message="the resumer to give up")
+    assert requests == []
+
+
+def resumers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pipeline-broker-restart-guard"]
 
 
 def test_resuming_with_partitions_asks_for_nothing() -> None:
