@@ -194,10 +194,58 @@ def test_pipeline_process_dead_letters_ops_endpoints_and_an_empty_broker_restart
     try:
         wait_until(absorbed, timeout=90, interval=0.5, message="analytics to absorb the republished history",
                    alive=alive(pipeline))
+    except (RuntimeError, TimeoutError) as exc:
+        code = pipeline.proc.returncode if pipeline.proc is not None else None
+        pytest.fail(f"{exc} (exit code {code}) after the empty broker restart:\n{pipeline.log_tail(60)}")
+    assert before != expected  # the new events did arrive, on top of an unchanged history
+
+
+def _log_since(pipeline: ServiceProcess, offset: int) -> str:
+    return pipeline.log_path.read_text(errors="replace")[offset:]
+
+
+def test_a_consumer_that_rejoined_before_the_topic_came_back_gets_its_partitions_without_a_restart(
+    private_broker: tuple[Settings, EmbeddedBroker], analytics: Engine,
+    start_service: Callable[..., ServiceProcess],
+) -> None:
+    """Issue 5: after an empty restart the group can settle before the relay recreates the topic.
+
+    The consumer then holds 0 partitions with a valid member id. librdkafka never rejoins for the
+    topic by itself (no metadata request and no new subscribe call changed that), so the restart
+    guard has the processing loop replace the consumer. The test recreates the topic only once
+    the group has settled without it, then the same process must absorb the history.
+    """
+    private, broker = private_broker
+    cfg = pipeline_settings(private)
+    create_topic(cfg)
+    events = random_events(60, seed=11)
+    log = Log(cfg)
+    log.produce(as_messages(events))
+    pipeline = start_service("pipeline", cfg)
+    wait_until(caught_up(analytics, cfg, log.ends), timeout=60, interval=0.2, message="pipeline to catch up",
+               alive=alive(pipeline))
+
+    mark = len(pipeline.log_path.read_text(errors="replace"))
+    broker.kill()
+    broker.start()  # same address, empty, and no topic yet
+    settled_empty = '"join_state": "steady", "assigned": 0'
+    try:
+        wait_until(lambda: settled_empty in _log_since(pipeline, mark), timeout=60, interval=0.2,
+                   message="the group to settle without the topic", alive=alive(pipeline))
     except RuntimeError:
         code = pipeline.proc.returncode if pipeline.proc is not None else None
-        pytest.fail(f"the pipeline died (exit {code}) after the empty broker restart:\n{pipeline.log_tail()}")
-    assert before != expected  # the new events did arrive, on top of an unchanged history
+        pytest.fail(f"the pipeline died (exit {code}) while the topic was missing:\n{pipeline.log_tail()}")
+    create_topic(cfg)
+    newer = random_events(20, seed=12)
+    Log(cfg).produce(as_messages(events + newer))
+    expected = oracle(events + newer)
+    try:
+        wait_until(lambda: read_tables(analytics) == expected, timeout=90, interval=0.5,
+                   message="analytics to absorb the republished history", alive=alive(pipeline))
+    except (RuntimeError, TimeoutError) as exc:
+        code = pipeline.proc.returncode if pipeline.proc is not None else None
+        pytest.fail(f"{exc} (exit code {code}):\n{pipeline.log_tail(60)}")
+    assert "replacing it with a new one in the same group" in _log_since(pipeline, mark)
 
 
 def test_kill_9_mid_stream_then_restart_is_exact_and_replay_into_empty_tables_reproduces(
