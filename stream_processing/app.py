@@ -123,8 +123,11 @@ class _Application(Application):
         self._processing_context.give_up_after_s = commit_failure_budget_s
         self._rejoin_requested = False
         self.restart_guard: BrokerRestartGuard | None = None
-        #: Held while the consumer is replaced and by the other threads' calls on it.
-        self.client_lock = threading.Lock()
+        #: Held while the consumer is replaced and by the other threads' calls on it. Re-entrant:
+        #: the SIGTERM handler takes it on the main thread, which may hold it already.
+        self.client_lock = threading.RLock()
+        #: Set on SIGTERM/SIGINT, under client_lock: no other thread calls the consumer after that.
+        self.stopping = False
         #: How often the processing loop subscribed again on request.
         self.rejoins = 0
 
@@ -182,12 +185,20 @@ class _Application(Application):
         timer.daemon = True
         timer.start()
 
+    def _fence_other_threads(self) -> None:
+        """Wait for a call in flight on another thread, then let none start: Quix is about to
+        close the consumer, and a librdkafka call racing that close can crash the process."""
+        with self.client_lock:
+            self.stopping = True
+
     def _on_sigterm(self, *args: Any) -> None:
         self._arm_watchdog()
+        self._fence_other_threads()
         super()._on_sigterm(*args)
 
     def _on_sigint(self, *args: Any) -> None:
         self._arm_watchdog()
+        self._fence_other_threads()
         super()._on_sigint(*args)
 
 
@@ -653,12 +664,14 @@ def run(settings: Settings) -> None:
                                  group_state=lambda: app.restart_guard.group_state)
 
     def member_id() -> str | None:
-        with app.client_lock:  # not while the processing loop replaces the consumer
+        with app.client_lock:  # not while the processing loop replaces the consumer, nor once stopping
+            if app.stopping:
+                raise RuntimeError("stopping")
             return consumer.memberid()
 
     def starved() -> bool | None:
         with app.client_lock:
-            return starvation()
+            return None if app.stopping else starvation()
 
     watchdog = GroupWatchdog(member_id, stall_s=settings.pipeline.stall_timeout_s,
                              starved=starved, nudge=app.request_rejoin)
