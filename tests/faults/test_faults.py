@@ -264,8 +264,8 @@ def test_load_ran_through_every_fault(fault_run: FaultRun) -> None:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "intermittent: passed 6 of 7 runs once the pipeline recovered in-process (dropped commit to a broker that "
-    "forgot the group; a new consumer for a member left without partitions). The 7th: librdkafka SIGSEGV when "
+    "intermittent: passed 7 of 8 runs once the pipeline recovered in-process (dropped commit to a broker that "
+    "forgot the group; a new consumer for a member left without partitions). The other: librdkafka SIGSEGV when "
     "the broker died ~0.3 s after the restarted pipeline joined, before BrokerRestartGuard paused fetching "
     "(docs/readme/faults.md). A restart heals it (analytics stay exact)"))
 def test_every_part_recovers_by_itself(fault_run: FaultRun) -> None:
