@@ -119,7 +119,8 @@ class PipelineSettings(BaseModel):
     batch_timeout_s: float = 0.2
     #: Window (events) over which freshness p50/p99 are computed.
     freshness_window: int = 1000
-    #: Seconds the consumer may stay outside its group before the process exits to be restarted.
+    #: Seconds the consumer may stay outside its group, starved of partitions while events wait, or failing
+    #: every offset commit, before the process exits (code 70) to be restarted; a new consumer is tried at half.
     stall_timeout_s: float = 60.0
 
 
