@@ -17,14 +17,8 @@ from quixstreams.checkpointing.exceptions import CheckpointConsumerCommitError
 from quixstreams.kafka.exceptions import KafkaConsumerException
 
 from pms.process import wait_until
-from stream_processing.app import (
-    BrokerRestartGuard,
-    GroupWatchdog,
-    StarvationProbe,
-    _CommitTolerantContext,
-    build_application,
-    on_consumer_error,
-)
+from stream_processing.app import _CommitTolerantContext, build_application, on_consumer_error
+from stream_processing.consumer_health import BrokerRestartGuard, GroupWatchdog, StarvationProbe
 
 
 class Consumer:
