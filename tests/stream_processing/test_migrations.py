@@ -40,11 +40,16 @@ def test_no_analytics_table_has_a_pii_column(analytics_engine: Engine) -> None:
 DEAD_LETTER_READABLE = "id, topic, partition, kafka_offset, reason, raw_digest, received_at"
 
 
-def _one_dead_letter(engine: Engine) -> None:
-    with engine.begin() as conn:
+@pytest.fixture
+def one_dead_letter(analytics_engine: Engine) -> Iterator[None]:
+    """Exactly one dead letter (raw bytes that look like patient data) for the test, none afterwards."""
+    with analytics_engine.begin() as conn:
         conn.execute(text("TRUNCATE dead_letters"))
         conn.execute(text("INSERT INTO dead_letters (topic, partition, kafka_offset, reason, raw, raw_digest) "
                           "VALUES ('patient', 0, 7, 'not a PatientEvent', :raw, 'd1')"), {"raw": b"name=Jane Doe"})
+    yield
+    with analytics_engine.begin() as conn:
+        conn.execute(text("TRUNCATE dead_letters"))
 
 
 def _assert_analyst_cannot_read_raw(servers: ServerSet) -> None:
@@ -62,36 +67,27 @@ def _assert_analyst_cannot_read_raw(servers: ServerSet) -> None:
             conn.execute(f'SELECT * FROM "{table}" LIMIT 1')
 
 
-def test_the_analyst_role_reads_dead_letters_but_not_their_raw_bytes(servers: ServerSet,
-                                                                      analytics_engine: Engine) -> None:
-    _one_dead_letter(analytics_engine)
-    try:
-        _assert_analyst_cannot_read_raw(servers)
-    finally:
-        with analytics_engine.begin() as conn:
-            conn.execute(text("TRUNCATE dead_letters"))
+@pytest.mark.usefixtures("one_dead_letter")
+def test_the_analyst_role_reads_dead_letters_but_not_their_raw_bytes(servers: ServerSet) -> None:
+    _assert_analyst_cannot_read_raw(servers)
 
 
-def test_a_later_bootstrap_does_not_grant_the_raw_bytes_back(servers: ServerSet, analytics_engine: Engine) -> None:
+@pytest.mark.usefixtures("one_dead_letter")
+def test_a_later_bootstrap_does_not_grant_the_raw_bytes_back(servers: ServerSet) -> None:
     """``pms up`` grants the analyst every table on each start; a narrowed table must stay narrowed."""
     if servers.postgres is None:
         pytest.skip("needs the embedded server's superuser")
     servers.postgres.bootstrap()
-    _one_dead_letter(analytics_engine)
-    try:
-        _assert_analyst_cannot_read_raw(servers)
-    finally:
-        with analytics_engine.begin() as conn:
-            conn.execute(text("TRUNCATE dead_letters"))
+    _assert_analyst_cannot_read_raw(servers)
 
 
+@pytest.mark.usefixtures("one_dead_letter")
 def test_bootstrap_narrows_a_table_widened_again_as_pms_restore_does(servers: ServerSet,
                                                                       analytics_engine: Engine) -> None:
     """``pms restore`` recreates dead_letters under the default privileges (a table-wide SELECT for the analyst)
     and then replays only its column grants; the bootstrap it runs afterwards must take the table-wide one back."""
     if servers.postgres is None:
         pytest.skip("needs the embedded server's superuser")
-    _one_dead_letter(analytics_engine)
     try:
         with analytics_engine.begin() as conn:
             conn.execute(text("GRANT SELECT ON dead_letters TO pms_analyst"))
@@ -101,7 +97,6 @@ def test_bootstrap_narrows_a_table_widened_again_as_pms_restore_does(servers: Se
         _assert_analyst_cannot_read_raw(servers)
     finally:
         with analytics_engine.begin() as conn:
-            conn.execute(text("TRUNCATE dead_letters"))
             conn.execute(text("REVOKE SELECT ON dead_letters FROM pms_analyst"))
             conn.execute(text(f"GRANT SELECT ({DEAD_LETTER_READABLE}) ON dead_letters TO pms_analyst"))
 

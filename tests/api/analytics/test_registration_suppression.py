@@ -6,7 +6,7 @@ how it gets there); the answers come from the real API on the analyst connection
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -14,27 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from api.analytics.main import create_app
 from pms.security import Role, encode_token
 from pms.settings import Settings
-from tests.fixtures.servers import ServerSet
 
 pytestmark = pytest.mark.integration
 
 TODAY = datetime.now(UTC).date()
 MARCH = [date(2025, 3, d) for d in range(1, 32)]  # 2025-03-01 is a Saturday; weeks start on Monday
 Get = Callable[..., dict[str, Any]]
-
-
-@pytest.fixture(scope="module")
-def api_settings(servers: ServerSet) -> Settings:
-    return servers.make_settings()
-
-
-@pytest.fixture(scope="module")
-def client(api_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(api_settings)) as test_client:
-        yield test_client
 
 
 @pytest.fixture

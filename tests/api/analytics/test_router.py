@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from api.analytics.main import create_app
 from pms.security import Role, encode_token
 from pms.settings import Settings
 from stream_processing import transforms
@@ -34,17 +33,6 @@ def patients(count: int, *, city: str = "Oslo", gender: str = "female", dob: str
     return [e for _ in range(count) for e in history(
         str(uuid.uuid4()), [PatientState(gender=gender, dob=dob, city=city, registered=registered.isoformat(),
                                          billing=billing)], start=datetime.now(UTC) - timedelta(seconds=5))]
-
-
-@pytest.fixture(scope="module")
-def api_settings(servers) -> Settings:  # type: ignore[no-untyped-def]
-    return servers.make_settings()
-
-
-@pytest.fixture(scope="module")
-def client(api_settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(api_settings)) as test_client:
-        yield test_client
 
 
 @pytest.fixture
