@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
-import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -73,26 +72,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(gateway.upstream_timeout_s, connect=min(gateway.upstream_timeout_s, 5.0))
-        async with httpx.AsyncClient(
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50, keepalive_expiry=30),
-            follow_redirects=False,
-            trust_env=False,  # never route patient data through a proxy from the environment
-        ) as client:
-            # Forwarded calls go through aiohttp (api.gateway.proxy); httpx stays for the revocation list.
-            app.state.upstream_session = proxy.upstream_session(timeout=gateway.upstream_timeout_s,
-                                                                connect_timeout=min(gateway.upstream_timeout_s, 5.0))
-            revocations = RevocationList(settings, client, registry=app.state.metrics_registry)
-            app.state.revocations = revocations
-            refresher = asyncio.create_task(revocations.run(), name="revocation-list")
-            try:
-                yield
-            finally:
-                refresher.cancel()
-                with suppress(asyncio.CancelledError):
-                    await refresher
-                await app.state.upstream_session.close()
+        session = proxy.upstream_session(timeout=gateway.upstream_timeout_s,
+                                         connect_timeout=min(gateway.upstream_timeout_s, 5.0))
+        app.state.upstream_session = session
+        # The same session reads auth's revocation list: one HTTP client stack in the gateway.
+        revocations = RevocationList(settings, session, registry=app.state.metrics_registry)
+        app.state.revocations = revocations
+        refresher = asyncio.create_task(revocations.run(), name="revocation-list")
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with suppress(asyncio.CancelledError):
+                await refresher
+            await session.close()
 
     app = create_service_app(
         name="gateway",

@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 from prometheus_client import CollectorRegistry, Gauge
 
 from pms.security import Principal, Role, encode_token, internal_audience
@@ -42,7 +42,7 @@ class Snapshot:
 class RevocationList:
     """Decides whether a verified principal was revoked, from the latest snapshot of auth's list."""
 
-    def __init__(self, settings: Settings, client: httpx.AsyncClient,
+    def __init__(self, settings: Settings, client: aiohttp.ClientSession,
                  registry: CollectorRegistry | None = None) -> None:
         self._settings = settings
         self._client = client
@@ -70,9 +70,9 @@ class RevocationList:
         """Fetch the list once and replace the snapshot; raises on any failure (the old one stays)."""
         token = encode_token(self._settings, sub=SERVICE_SUBJECT, role=Role.ADMIN, ttl_s=60,
                              audience=internal_audience(self._settings))
-        reply = await self._client.get(self._url, headers={"Authorization": f"Bearer {token}"})
-        reply.raise_for_status()
-        body = reply.json()
+        async with self._client.get(self._url, headers={"Authorization": f"Bearer {token}"}) as reply:
+            reply.raise_for_status()
+            body = await reply.json(content_type=None)
         self.snapshot = Snapshot(
             cutoffs={str(entry["sub"]): float(entry["tokensValidAfter"]) for entry in body["users"]},
             token_ids=frozenset(str(jti) for jti in body["tokenIds"]),

@@ -1,116 +1,143 @@
-"""The gateway's revocation list: what it refuses, and how it behaves when auth is away."""
+"""The gateway's revocation list: what it refuses, and how it behaves when auth is away.
+
+A small aiohttp stand-in plays auth's ``GET /revocations`` on a free local port, and the list
+reads it through the gateway's own upstream session (:func:`api.gateway.proxy.upstream_session`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-import httpx
 import pytest
+from aiohttp import web
 
+from api.gateway.proxy import upstream_session
 from api.gateway.revocation import SERVICE_SUBJECT, RevocationList
+from pms import process
 from pms.errors import Unauthorized
 from pms.security import Principal, Role, decode_token, internal_audience
 from pms.settings import Settings
 
+Handler = Callable[[web.Request], web.Response]
 
-def _settings() -> Settings:
-    return Settings(jwt={"secret": "s" * 40}, gateway={"revocation_refresh_s": 0.1})
+
+def _settings(port: int) -> Settings:
+    return Settings(jwt={"secret": "s" * 40}, gateway={"revocation_refresh_s": 0.1}, auth={"port": port})
 
 
 def _principal(sub: str = "staff@clinic.example", *, iat: float = 1000.0, jti: str = "a") -> Principal:
     return Principal(sub=sub, role=Role.STAFF, jti=jti, exp=int(iat) + 3600, iat=iat)
 
 
-def _answer(users: list[dict], token_ids: list[str]) -> dict:
-    return {"asOf": 2000.0, "users": users, "tokenIds": token_ids}
+def _answer(users: list[dict], token_ids: list[str]) -> web.Response:
+    return web.json_response({"asOf": 2000.0, "users": users, "tokenIds": token_ids})
 
 
-def _list(handler: httpx.MockTransport) -> tuple[RevocationList, httpx.AsyncClient]:
-    client = httpx.AsyncClient(transport=handler)
-    return RevocationList(_settings(), client), client
+@dataclass
+class FakeAuth:
+    settings: Settings
+    revocations: RevocationList
+    site: web.AppRunner
+
+
+@asynccontextmanager
+async def fake_auth(handler: Handler) -> AsyncIterator[FakeAuth]:
+    """Auth's revocation endpoint answered by ``handler``, and a list reading it."""
+    app = web.Application()
+    app.router.add_get("/revocations", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = process.free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    settings = _settings(port)
+    session = upstream_session(timeout=5, connect_timeout=2)
+    try:
+        yield FakeAuth(settings, RevocationList(settings, session), runner)
+    finally:
+        await session.close()
+        await runner.cleanup()
 
 
 def test_refuses_tokens_before_the_cutoff_and_listed_ids() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[tuple[str, str]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=_answer([{"sub": "staff@clinic.example", "tokensValidAfter": 1000.5}],
-                                                ["gone"]))
+    def handler(request: web.Request) -> web.Response:
+        seen.append((str(request.url), request.headers["Authorization"]))
+        return _answer([{"sub": "staff@clinic.example", "tokensValidAfter": 1000.5}], ["gone"])
 
-    revocations, client = _list(httpx.MockTransport(handler))
+    async def scenario() -> tuple[RevocationList, Settings]:
+        async with fake_auth(handler) as auth:
+            assert not auth.revocations.refuses(_principal(iat=999.0))  # nothing known yet
+            assert auth.revocations.age_s() == -1.0
+            await auth.revocations.refresh()
+            return auth.revocations, auth.settings
 
-    async def scenario() -> None:
-        assert not revocations.refuses(_principal(iat=999.0))  # nothing known yet
-        assert revocations.age_s() == -1.0
-        await revocations.refresh()
-        await client.aclose()
-
-    asyncio.run(scenario())
+    revocations, settings = asyncio.run(scenario())
     assert revocations.refuses(_principal(iat=1000.4))          # issued before the cut-off
     assert not revocations.refuses(_principal(iat=1000.7))      # a login after it, same second
     assert not revocations.refuses(_principal("other@clinic.example", iat=1.0))
     assert revocations.refuses(_principal("other@clinic.example", jti="gone"))
     assert 0 <= revocations.age_s() < 5
     # It asks auth with its own short-lived admin token.
-    token = seen[0].headers["Authorization"].removeprefix("Bearer ")
-    service = decode_token(_settings(), token, audience=internal_audience(_settings()))
+    url, authorization = seen[0]
+    token = authorization.removeprefix("Bearer ")
+    service = decode_token(settings, token, audience=internal_audience(settings))
     assert service.sub == SERVICE_SUBJECT and service.role == Role.ADMIN and service.exp - service.iat <= 61
-    assert str(seen[0].url) == _settings().auth.base_url.rstrip("/") + "/revocations"
+    assert url == settings.auth.base_url.rstrip("/") + "/revocations"
     with pytest.raises(Unauthorized):  # no user-facing verifier accepts it
-        decode_token(_settings(), token)
+        decode_token(settings, token)
 
 
 @pytest.mark.parametrize("failure", ["status", "garbage", "shape", "connect"])
 def test_a_failed_refresh_keeps_the_last_list(failure: str) -> None:
     calls = {"n": 0}
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: web.Request) -> web.Response:
         calls["n"] += 1
         if calls["n"] == 1:
-            return httpx.Response(200, json=_answer([], ["gone"]))
+            return _answer([], ["gone"])
         if failure == "status":
-            return httpx.Response(503, json={"message": "down"})
+            return web.json_response({"message": "down"}, status=503)
         if failure == "garbage":
-            return httpx.Response(200, content=b"<html>")
-        if failure == "shape":
-            return httpx.Response(200, content=json.dumps({"users": "nope"}).encode())
-        raise httpx.ConnectError("refused", request=request)
+            return web.Response(body=b"<html>", content_type="text/html")
+        return web.Response(body=json.dumps({"users": "nope"}).encode(), content_type="application/json")
 
-    revocations, client = _list(httpx.MockTransport(handler))
+    async def scenario() -> RevocationList:
+        async with fake_auth(handler) as auth:
+            await auth.revocations.refresh()
+            if failure == "connect":
+                await auth.site.cleanup()  # auth is gone: the connection is refused
+            with pytest.raises(Exception):  # noqa: B017 - each failure kind raises its own error
+                await auth.revocations.refresh()
+            return auth.revocations
 
-    async def scenario() -> None:
-        await revocations.refresh()
-        with pytest.raises(Exception):  # noqa: B017 - each failure kind raises its own error
-            await revocations.refresh()
-        await client.aclose()
-
-    asyncio.run(scenario())
+    revocations = asyncio.run(scenario())
     assert revocations.refuses(_principal(jti="gone"))
 
 
 def test_run_keeps_refreshing_through_an_outage() -> None:
-    replies = iter([httpx.Response(503), httpx.Response(503),
-                    httpx.Response(200, json=_answer([], ["late"]))])
+    calls = {"n": 0}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        try:
-            return next(replies)
-        except StopIteration:
-            return httpx.Response(200, json=_answer([], ["late"]))
-
-    revocations, client = _list(httpx.MockTransport(handler))
+    def handler(request: web.Request) -> web.Response:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            return web.json_response({"message": "down"}, status=503)
+        return _answer([], ["late"])
 
     async def scenario() -> None:
-        task = asyncio.create_task(revocations.run())
-        deadline = asyncio.get_running_loop().time() + 10
-        while not revocations.refuses(_principal(jti="late")):
-            assert asyncio.get_running_loop().time() < deadline, "the list never arrived"
-            await asyncio.sleep(0.02)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await client.aclose()
+        async with fake_auth(handler) as auth:
+            task = asyncio.create_task(auth.revocations.run())
+            deadline = asyncio.get_running_loop().time() + 10
+            while not auth.revocations.refuses(_principal(jti="late")):
+                assert asyncio.get_running_loop().time() < deadline, "the list never arrived"
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
 
     asyncio.run(scenario())
+    assert calls["n"] >= 3
