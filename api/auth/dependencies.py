@@ -54,8 +54,8 @@ def _service_caller(request: Request) -> Principal:
     User tokens carry the public audience and are refused here, so not even a signed-in admin
     reads the list (it names recently cut-off users).
     """
-    principal = decode_token(get_app_settings(request), bearer_token(request), audience=internal_audience(
-        get_app_settings(request)))
+    settings = get_app_settings(request)
+    principal = decode_token(settings, bearer_token(request), audience=internal_audience(settings))
     if principal.role != Role.ADMIN:
         raise Forbidden()
     return principal
