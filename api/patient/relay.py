@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: How often the relay checks the topic for a reset (idle or busy), seconds.
 RESET_CHECK_INTERVAL_S = 1.0
+#: How soon a relay that is not the leader asks for the lock again, seconds.
+LEADERSHIP_RETRY_S = 1.0
 #: Longest wait for one batch's delivery reports before the batch is retried.
 FLUSH_TIMEOUT_S = 20.0
 #: The channel the outbox insert trigger notifies (migration 0002_outbox_notify).
@@ -162,8 +164,10 @@ class OutboxRelay:
                 # Leader and listening: whatever was committed after this round's read notifies.
                 if self._wait_for_notification(self.poll_interval):
                     self._stop.wait(NOTIFY_LINGER_S)
-            elif published == 0:
-                self._stop.wait(self.poll_interval)
+            else:
+                # Not the leader: another relay leads, or the backend that held the lock for us is still
+                # going away (pg_terminate_backend is asynchronous). Ask again soon, not a whole poll later.
+                self._stop.wait(min(self.poll_interval, LEADERSHIP_RETRY_S))
 
     def _wait_for_notification(self, timeout: float) -> bool:
         """Wait until an outbox insert commits (True) or ``timeout`` passes (False).
