@@ -190,7 +190,9 @@ def profiled(argv: list[str], name: str) -> list[str]:
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"profile-{name}.txt"
     rate = os.environ.get("PMS_BENCH_PROFILE_RATE", "50")
-    return [spy, "record", "--idle", "--threads", "--rate", rate, "--format", "raw", "-o", str(out), "--", *argv]
+    # Wall clock by default (where do requests wait?); PMS_BENCH_PROFILE_IDLE=0 keeps on-CPU samples only.
+    idle = ["--idle"] if os.environ.get("PMS_BENCH_PROFILE_IDLE", "1") != "0" else []
+    return [spy, "record", *idle, "--threads", "--rate", rate, "--format", "raw", "-o", str(out), "--", *argv]
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
@@ -110,13 +111,9 @@ class BillingClient:
         try:
             return getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            if code is grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(_details(exc) or "invalid billing request") from None
-            if code is grpc.StatusCode.NOT_FOUND and not_found_ok:
+            if not_found_ok and _code(exc) is grpc.StatusCode.NOT_FOUND:
                 return None
-            name = code.name if code is not None else "UNKNOWN"
-            raise BillingUnavailable(f"billing {method} failed: {name}", code=code) from exc
+            _raise_for(exc, method)
         except ValueError as exc:
             # grpcio raises ValueError when the channel was closed by another thread meanwhile.
             if self._closed:
@@ -124,8 +121,52 @@ class BillingClient:
             raise
 
 
+class AsyncBillingClient:
+    """The same calls on a ``grpc.aio`` channel, for callers on an event loop (the patient create).
+
+    Build it inside the running loop that will use it; the errors are those of :class:`BillingClient`.
+    """
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = billing_pb2_grpc.BillingServiceStub(self._channel)
+        self._closed = False
+
+    async def create_account(self, *, patient_id: str, name: str, email: str, timeout: float) -> BillingAccount:
+        """See :meth:`BillingClient.create_account`."""
+        if not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        if self._closed:
+            raise BillingUnavailable("billing client is closed")
+        request = billing_pb2.BillingRequest(patient_id=patient_id, name=name, email=email)
+        try:
+            reply = await self._stub.CreateBillingAccount(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            _raise_for(exc, "CreateBillingAccount")
+        return _account(reply)
+
+    async def close(self) -> None:
+        """Close the channel; later calls raise :class:`BillingUnavailable`. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self._channel.close()
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    return exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
+
+
+def _raise_for(exc: grpc.RpcError, method: str) -> NoReturn:
+    """Raise what a failed call means to its caller: ValueError for bad arguments, else BillingUnavailable."""
+    code = _code(exc)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        raise ValueError(_details(exc) or "invalid billing request") from None
+    name = code.name if code is not None else "UNKNOWN"
+    raise BillingUnavailable(f"billing {method} failed: {name}", code=code) from exc
+
+
 def _details(exc: grpc.RpcError) -> str:
-    details = exc.details() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None
     return str(details or "")
 
 

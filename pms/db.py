@@ -17,7 +17,9 @@ from typing import Annotated
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
-from sqlalchemy import Engine, MetaData, create_engine, text
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy import Engine, MetaData, TextClause, create_engine, text
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -70,6 +72,37 @@ def _engine_cache(url: str) -> Engine:
 def engine_for(settings: Settings, database: str) -> Engine:
     """The process-wide engine of one service database."""
     return _engine_cache(settings.database_url_for(database).render_as_string(hide_password=False))
+
+
+def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | None = None) -> AsyncConnectionPool:
+    """An unopened pool of AUTOCOMMIT psycopg connections for an async hot path (``await pool.open()``).
+
+    For requests whose work is one or two single statements (a patient create, a billing
+    account): no threadpool hop, no ORM, no BEGIN/COMMIT. There is no ping per checkout; a
+    connection broken by a database restart fails its request with ``OperationalError`` (a
+    503, see :mod:`pms.errors`), the pool drops it, and :func:`check_pool_soon` clears the rest.
+    """
+    from pms.embedded import libpq_dsn
+
+    return AsyncConnectionPool(libpq_dsn(url), min_size=min(4, max_size), max_size=max_size, timeout=timeout_s,
+                               kwargs={"autocommit": True}, open=False, name=name)
+
+
+def check_pool_soon(pool: AsyncConnectionPool) -> None:
+    """After a connection failed: let the pool test its idle connections in the background."""
+    import asyncio
+
+    task = asyncio.get_running_loop().create_task(pool.check())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+_background: set[object] = set()
+
+
+def psycopg_sql(statement: TextClause) -> str:
+    """A ``text()`` statement (``:name`` parameters) as psycopg SQL (``%(name)s``): one source for both."""
+    return str(statement.compile(dialect=psycopg_dialect.dialect()))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

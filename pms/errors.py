@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -132,7 +134,8 @@ def validation_errors(exc: RequestValidationError) -> dict[str, str]:
 def is_database_outage(error: BaseException) -> bool:
     """Whether a database error means "cannot reach or use the database right now" (503/UNAVAILABLE)."""
     if isinstance(error, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
-                          sa_exc.DisconnectionError)):
+                          sa_exc.DisconnectionError, psycopg.OperationalError, psycopg.InterfaceError,
+                          PoolTimeout)):
         return True
     return isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
 
@@ -141,6 +144,17 @@ def route_template(request: Request) -> str:
     """The route template (``/patients/{patient_id}``), never the raw path, which can carry data."""
     route = request.scope.get("route")
     return getattr(route, "path", None) or "unmatched"
+
+
+def _database_answer(request: Request, exc: Exception, *, refused_value: bool) -> JSONResponse:
+    """An outage is a 503 with Retry-After, a value the database refuses a 400, anything else a 500."""
+    if refused_value:
+        return error_response(400, "Invalid input", {"body": "A value was refused by the database"})
+    if is_database_outage(exc):
+        log.warning("database unavailable: %s on %s %s", type(exc).__name__, request.method, route_template(request))
+        return error_response(503, "Database unavailable, try again shortly", headers={"Retry-After": "1"})
+    log.error("database error %s on %s %s", type(exc).__name__, request.method, route_template(request))
+    return error_response(500, "Internal error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -152,17 +166,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(sa_exc.DBAPIError)
     async def _database(request: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
-        if isinstance(exc, sa_exc.DataError):
-            return error_response(400, "Invalid input", {"body": "A value was refused by the database"})
-        if is_database_outage(exc):
-            log.warning("database unavailable: %s on %s %s", type(exc).__name__, request.method,
-                        route_template(request))
-            return error_response(503, "Database unavailable, try again shortly", headers={"Retry-After": "1"})
-        log.error("database error %s on %s %s", type(exc).__name__, request.method, route_template(request))
-        return error_response(500, "Internal error")
+        return _database_answer(request, exc, refused_value=isinstance(exc, sa_exc.DataError))
 
+    @app.exception_handler(psycopg.Error)
+    async def _psycopg(request: Request, exc: psycopg.Error) -> JSONResponse:
+        # The async hot paths (pms.db.async_pool) use psycopg directly: the same answers.
+        return _database_answer(request, exc, refused_value=isinstance(exc, psycopg.DataError))
+
+    @app.exception_handler(PoolTimeout)
     @app.exception_handler(sa_exc.TimeoutError)
-    async def _pool_timeout(request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+    async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database pool exhausted on %s %s", request.method, route_template(request))
         return error_response(503, "Database unavailable, try again shortly", headers={"Retry-After": "1"})
 

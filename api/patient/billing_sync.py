@@ -15,13 +15,16 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.patient import repository as patient_repository
 from api.patient import service as patient_service
 from pms.settings import Settings
+
+if TYPE_CHECKING:
+    from billing.client import AsyncBillingClient, BillingAccount
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class BillingGateway:
         self._breaker_initial_s = max(settings.patient.billing_retry_initial_s, 0.05)
         self._breaker_max_s = max(settings.patient.billing_retry_max_s, self._breaker_initial_s)
         self._client: Any = None
+        self._async_client: AsyncBillingClient | None = None
         self._lock = threading.Lock()
         self._open_until = 0.0
         self._failures = 0
@@ -61,39 +65,62 @@ class BillingGateway:
         """True while in-request calls are skipped (billing failed recently)."""
         return time.monotonic() < self._open_until
 
-    def open_account(self, *, patient_id: uuid.UUID, name: str, email: str, in_request: bool
-                     ) -> OpenedAccount | None:
+    def open_account(self, *, patient_id: uuid.UUID, name: str, email: str) -> OpenedAccount | None:
         """Open (or fetch) the patient's account; ``None`` when billing cannot answer now.
 
-        ``in_request`` calls skip billing while the breaker is open, leaving the work to the
-        retry worker instead of making the caller wait for a deadline. The breaker stays open
-        for a doubling time per consecutive failure (capped at the retry maximum); the
-        worker's calls ignore it and close it again as soon as billing answers.
+        The retry worker's call (blocking, from its threads): it ignores the breaker, and
+        closes it again as soon as billing answers.
         """
-        if in_request and self.is_open:
+        try:
+            account = self._get_client().create_account(patient_id=str(patient_id), name=name, email=email,
+                                                        timeout=self._timeout)
+        except Exception as exc:  # sorted out in _failed
+            return self._failed(patient_id, exc)
+        return self._answered(account)
+
+    async def open_account_in_request(self, *, patient_id: uuid.UUID, name: str, email: str
+                                      ) -> OpenedAccount | None:
+        """The create's call, on the event loop (one grpc.aio channel); ``None`` when billing cannot answer.
+
+        It skips billing while the breaker is open, leaving the work to the retry worker instead
+        of making the caller wait for a deadline. The breaker stays open for a doubling time per
+        consecutive failure (capped at the retry maximum).
+        """
+        if self.is_open:
             return None
         try:
-            client = self._get_client()
-            account = client.create_account(patient_id=str(patient_id), name=name, email=email,
-                                            timeout=self._timeout)
-        except ValueError:
+            if self._async_client is None:
+                from billing.client import AsyncBillingClient
+
+                self._async_client = AsyncBillingClient(self._address)
+            account = await self._async_client.create_account(patient_id=str(patient_id), name=name, email=email,
+                                                              timeout=self._timeout)
+        except Exception as exc:  # sorted out in _failed
+            return self._failed(patient_id, exc)
+        return self._answered(account)
+
+    def _failed(self, patient_id: uuid.UUID, exc: Exception) -> None:
+        if isinstance(exc, ValueError):
             # Billing refused this patient's arguments: a problem of this patient, not an outage.
             log.warning("billing refused a patient", extra={"fields": {"patient_id": str(patient_id)}})
             return None
-        except Exception as exc:  # BillingUnavailable (down, too slow) or any transport error
-            with self._lock:
-                if self._failures == 0:  # log the transition only, not every failed retry
-                    log.warning("billing unavailable; patients stay PENDING until it answers",
-                                extra={"fields": {"error": type(exc).__name__}})
-                self._failures += 1
-                open_for = min(self._breaker_max_s, self._breaker_initial_s * 2 ** min(self._failures - 1, 20))
-                self._open_until = time.monotonic() + open_for
-            return None
+        # BillingUnavailable (down, too slow) or any transport error: open the breaker.
         with self._lock:
-            if self._failures:
-                log.info("billing answers again")
-            self._failures = 0
-            self._open_until = 0.0
+            if self._failures == 0:  # log the transition only, not every failed retry
+                log.warning("billing unavailable; patients stay PENDING until it answers",
+                            extra={"fields": {"error": type(exc).__name__}})
+            self._failures += 1
+            open_for = min(self._breaker_max_s, self._breaker_initial_s * 2 ** min(self._failures - 1, 20))
+            self._open_until = time.monotonic() + open_for
+        return None
+
+    def _answered(self, account: BillingAccount) -> OpenedAccount:
+        if self._failures:
+            with self._lock:
+                if self._failures:
+                    log.info("billing answers again")
+                self._failures = 0
+                self._open_until = 0.0
         return OpenedAccount(account_id=str(account.account_id), status=str(account.status or "ACTIVE"))
 
     def close(self) -> None:
@@ -103,6 +130,13 @@ class BillingGateway:
                     self._client.close()
                 finally:
                     self._client = None
+
+    async def aclose(self) -> None:
+        """Close both channels (the async one belongs to the loop this runs on)."""
+        if self._async_client is not None:
+            client, self._async_client = self._async_client, None
+            await client.close()
+        self.close()
 
 
 class BillingRetryWorker:
@@ -145,7 +179,7 @@ class BillingRetryWorker:
 
     def _open(self, due: tuple[uuid.UUID, str, str]) -> OpenedAccount | None:
         patient_id, name, email = due
-        return self.gateway.open_account(patient_id=patient_id, name=name, email=email, in_request=False)
+        return self.gateway.open_account(patient_id=patient_id, name=name, email=email)
 
     def run_once(self, pool: ThreadPoolExecutor | None = None) -> int:
         """Try the due PENDING patients once; return how many accounts were opened."""

@@ -26,6 +26,8 @@ from pms.web import create_service_app
 DATABASE = "patients"
 #: Pooled database connections kept open (see create_app).
 POOL_SIZE = 40
+#: Connections of the async create path: a create holds one for a single statement at a time.
+CREATE_POOL_SIZE = 16
 log = logging.getLogger(__name__)
 
 
@@ -38,9 +40,13 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     engine = db.make_engine(settings.database_url_for(DATABASE), pool_size=POOL_SIZE, max_overflow=10)
     factory = db.session_factory(engine)
 
+    # The create runs async on its own small psycopg pool (see service.create).
+    create_pool = db.async_pool(settings.database_url_for(DATABASE), max_size=CREATE_POOL_SIZE, name="patient-create")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db.migrate(settings, DATABASE)
+        await create_pool.open(wait=False)
         patient_demo.seed_once(settings, factory)
         workers: list[OutboxRelay | BillingRetryWorker] = []
         if background:
@@ -54,7 +60,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         finally:
             for worker in reversed(workers):
                 worker.stop()
-            app.state.billing.close()
+            await app.state.billing.aclose()
+            await create_pool.close()
             engine.dispose()
 
     app = create_service_app(
@@ -69,8 +76,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     _backlog_gauges(app, engine)
     app.state.engine = engine
     app.state.session_factory = factory
-    # Creates are two single statements, each atomic by itself: no BEGIN/COMMIT round trips.
-    app.state.autocommit_sessions = db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+    app.state.create_pool = create_pool
     app.state.billing = BillingGateway(settings)
     app.include_router(router)
     return app

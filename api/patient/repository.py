@@ -7,11 +7,14 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from api.patient.models import MRN_SEQUENCE, AuditEntry, BillingStatus, OutboxEvent, Patient, RelayState, ServiceFlag
+from pms.db import psycopg_sql
 
 #: Trigram similarity from which two names on the same birth date count as likely duplicates.
 DUPLICATE_NAME_SIMILARITY = 0.45
@@ -143,7 +146,11 @@ def _create_preflight_sql(*, with_phone: bool) -> str:
     """  # noqa: S608 (only constant fragments)
 
 
-def create_preflight(session: Session, patient: Patient) -> tuple[bool, list[dict[str, Any]]]:
+#: The create's two statements as psycopg SQL (the create runs on the async pool, see service.create).
+_CREATE_PREFLIGHT_PG = {phone: psycopg_sql(text(_create_preflight_sql(with_phone=phone))) for phone in (False, True)}
+
+
+async def create_preflight(conn: AsyncConnection, patient: Patient) -> tuple[bool, list[dict[str, Any]]]:
     """Before a create, in one round trip: is ``patient.email`` taken, and ``patient``'s likely duplicates.
 
     The unique index still decides a race; this only spares billing a call for a taken email.
@@ -154,15 +161,17 @@ def create_preflight(session: Session, patient: Patient) -> tuple[bool, list[dic
     }
     if patient.phone:
         params["phone"] = patient.phone
-    rows = session.execute(text(_create_preflight_sql(with_phone=bool(patient.phone))), params).mappings().all()
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(_CREATE_PREFLIGHT_PG[bool(patient.phone)], params)
+        rows = await cursor.fetchall()
     taken = bool(rows[0]["email_taken"])
-    return taken, [dict(row) for row in rows if row["id"] is not None]
+    return taken, [row for row in rows if row["id"] is not None]
 
 
 #: The patient row, its outbox event and its audit entry in ONE statement: one round trip, and
 #: atomic on its own (a statement is its own transaction in autocommit mode). The MRN comes
 #: from the sequence inside the INSERT.
-_INSERT_CREATED_SQL = text("""
+_INSERT_CREATED_PG = psycopg_sql(text("""
     WITH p AS (
         INSERT INTO patients (id, mrn, name, email, address, city, gender, phone, date_of_birth,
                               registered_date, billing_account_id, billing_status, billing_attempts,
@@ -183,22 +192,25 @@ _INSERT_CREATED_SQL = text("""
         FROM p
     )
     SELECT mrn FROM p
-""")
+"""))
 
 
-def insert_created(session: Session, patient: Patient, *, outbox: OutboxEvent, actor: str, fields: list[str],
-                   request_id: str | None) -> str:
+async def insert_created(conn: AsyncConnection, patient: Patient, *, outbox: OutboxEvent, actor: str,
+                         fields: list[str], request_id: str | None) -> str:
     """Insert a new patient with its outbox row and audit entry in one statement; return its MRN.
 
     Raises:
-        IntegrityError: the email is taken by an active patient (``ix_patients_email_active``).
+        psycopg.errors.UniqueViolation: the email is taken by an active patient (``ix_patients_email_active``).
     """
     params = {column: getattr(patient, column) for column in (
         "id", "name", "email", "address", "city", "gender", "phone", "date_of_birth", "registered_date",
         "billing_account_id", "billing_status", "billing_next_attempt_at", "version", "created_at", "updated_at")}
     params.update(event_id=outbox.event_id, event_type=outbox.event_type, payload=outbox.payload,
                   actor=actor[:254], fields=fields, request_id=request_id)
-    return str(session.execute(_INSERT_CREATED_SQL, params).scalar_one())
+    cursor = await conn.execute(_INSERT_CREATED_PG, params)
+    row = await cursor.fetchone()
+    assert row is not None  # the INSERT ... RETURNING either returns the row or raises
+    return str(row[0])
 
 
 def add_audit(session: Session, *, patient: Patient, actor: str, action: str, fields: list[str],

@@ -70,7 +70,7 @@ def list_patients(
 
 
 @router.post("", response_model=PatientCreated, status_code=status.HTTP_201_CREATED, summary="Register a patient")
-def create_patient(
+async def create_patient(
     request: Request,
     data: PatientCreate,
     user: StaffUser,
@@ -78,8 +78,8 @@ def create_patient(
 ) -> Any:
     """Register a patient; the answer lists likely duplicates for review."""
     state = request.app.state
-    created = patient_service.create(
-        sessions=state.autocommit_sessions, data=data, actor=user.sub, request_id=request_id,
+    created = await patient_service.create(
+        pool=state.create_pool, data=data, actor=user.sub, request_id=request_id,
         billing=state.billing, settings=state.settings,
     )
     patient = created.patient

@@ -166,3 +166,77 @@ def test_closed_client_raises_billing_unavailable(billing_address: str, patient_
         closing.get_account(patient_id=patient_id_factory(), timeout=5)
     with pytest.raises(BillingUnavailable, match="closed"):
         closing.create_account(patient_id=str(uuid.uuid4()), name="N", email="n@e.org", timeout=5)
+
+
+# -- AsyncBillingClient (grpc.aio): the patient create's client, same errors -------------------
+
+def _on_a_loop(address: str, call):
+    """Run ``call(client)`` with a fresh AsyncBillingClient on a fresh event loop, then close it."""
+    import asyncio
+
+    from billing.client import AsyncBillingClient
+
+    async def main():
+        client_ = AsyncBillingClient(address)
+        try:
+            return await call(client_)
+        finally:
+            await client_.close()
+
+    return asyncio.run(main())
+
+
+def test_async_create_opens_one_account_per_patient(billing_address: str, patient_id_factory) -> None:
+    pid = patient_id_factory()
+
+    async def twice(client_):
+        first = await client_.create_account(patient_id=pid, name="N", email="n@e.org", timeout=5)
+        again = await client_.create_account(patient_id=pid, name="N", email="n@e.org", timeout=5)
+        return first, again
+
+    first, again = _on_a_loop(billing_address, twice)
+    assert first.created and not again.created
+    assert first.account_id == again.account_id and first.patient_id == pid and first.status == "ACTIVE"
+
+
+def test_async_invalid_argument_is_a_value_error(billing_address: str) -> None:
+    async def bad(client_):
+        await client_.create_account(patient_id="not-a-uuid", name="N", email="n@e.org", timeout=5)
+
+    with pytest.raises(ValueError, match="patient_id") as caught:
+        _on_a_loop(billing_address, bad)
+    assert not isinstance(caught.value, BillingUnavailable)
+
+
+def test_async_server_down_and_deadline_are_billing_unavailable(stuck_address: str, patient_id_factory) -> None:
+    async def create(client_, timeout=5.0):
+        await client_.create_account(patient_id=patient_id_factory(), name="N", email="n@e.org", timeout=timeout)
+
+    with pytest.raises(BillingUnavailable) as down:
+        _on_a_loop(f"127.0.0.1:{process.free_port()}", create)
+    assert down.value.code is grpc.StatusCode.UNAVAILABLE
+    started = time.monotonic()
+    with pytest.raises(BillingUnavailable) as slow:
+        _on_a_loop(stuck_address, lambda client_: create(client_, timeout=0.3))
+    assert slow.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.25 <= time.monotonic() - started < 2.0
+
+
+def test_async_closed_client_raises_billing_unavailable(billing_address: str, patient_id_factory) -> None:
+    async def closed(client_):
+        await client_.close()
+        await client_.close()  # idempotent
+        await client_.create_account(patient_id=patient_id_factory(), name="N", email="n@e.org", timeout=5)
+
+    with pytest.raises(BillingUnavailable, match="closed"):
+        _on_a_loop(billing_address, closed)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan")])
+def test_async_non_positive_timeout_is_a_value_error(billing_address: str, timeout: float,
+                                                     patient_id_factory) -> None:
+    async def create(client_):
+        await client_.create_account(patient_id=patient_id_factory(), name="N", email="n@e.org", timeout=timeout)
+
+    with pytest.raises(ValueError, match="timeout"):
+        _on_a_loop(billing_address, create)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from psycopg_pool import PoolTimeout
 from sqlalchemy import exc as sa_exc
 
 from pms.settings import Settings
@@ -35,27 +37,46 @@ def client(tmp_path) -> TestClient:
     def integrity() -> None:
         raise sa_exc.IntegrityError("INSERT ...", {}, _DriverError("unique violation"))
 
+    # The async hot paths raise psycopg's own errors (pms.db.async_pool): the same answers.
+    @app.get("/pg-data-error")
+    async def pg_data_error() -> None:
+        raise psycopg.errors.CharacterNotInRepertoire("invalid byte sequence for encoding UTF8: Jane")
+
+    @app.get("/pg-outage")
+    async def pg_outage() -> None:
+        raise psycopg.OperationalError("connection refused")
+
+    @app.get("/pg-pool")
+    async def pg_pool() -> None:
+        raise PoolTimeout("couldn't get a connection after 5.00 sec")
+
+    @app.get("/pg-integrity")
+    async def pg_integrity() -> None:
+        raise psycopg.errors.ForeignKeyViolation("violates foreign key constraint")
+
     return TestClient(app, raise_server_exceptions=False)
 
 
-def test_a_value_the_database_refuses_is_a_400(client: TestClient) -> None:
-    reply = client.get("/data-error")
+@pytest.mark.parametrize("path", ["/data-error", "/pg-data-error"])
+def test_a_value_the_database_refuses_is_a_400(client: TestClient, path: str) -> None:
+    reply = client.get(path)
     assert reply.status_code == 400
     assert set(reply.json()) == {"message", "errors"} and "Jane" not in reply.text
 
 
-@pytest.mark.parametrize("path", ["/outage", "/pool"])
+@pytest.mark.parametrize("path", ["/outage", "/pool", "/pg-outage", "/pg-pool"])
 def test_an_outage_is_a_503_with_retry_after(client: TestClient, path: str) -> None:
     reply = client.get(path)
     assert reply.status_code == 503 and reply.headers["Retry-After"] == "1"
 
 
-def test_other_database_errors_stay_a_bare_500(client: TestClient) -> None:
-    reply = client.get("/integrity")
+@pytest.mark.parametrize("path", ["/integrity", "/pg-integrity"])
+def test_other_database_errors_stay_a_bare_500(client: TestClient, path: str) -> None:
+    reply = client.get(path)
     assert reply.status_code == 500 and reply.json() == {"message": "Internal error", "errors": {}}
 
 
 def test_logs_name_the_route_not_the_values(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
-    client.get("/outage")
-    client.get("/data-error")
-    assert "Jane" not in caplog.text and "/outage" in caplog.text
+    for path in ("/outage", "/data-error", "/pg-data-error", "/pg-outage"):
+        client.get(path)
+    assert "Jane" not in caplog.text and "/outage" in caplog.text and "/pg-outage" in caplog.text
