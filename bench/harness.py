@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from pms import probe, process
 from pms.embedded import EmbeddedBroker, EmbeddedPostgres
 from pms.registry import ServiceSpec, by_name, serve_command
@@ -340,3 +342,47 @@ def raw_produce_consume_latency(settings: Settings, *, topic: str, rate: float, 
         reader.join(5)
         consumer.close()
     return latencies[1:]
+
+
+def _cpu_processes(names: tuple[str, ...]) -> dict[str, list[psutil.Process]]:
+    """Our services ``names``, the bare app and the PostgreSQL processes (postmaster + backends) we started."""
+    found: dict[str, list[psutil.Process]] = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+            name = child.name()
+        except psutil.Error:
+            continue
+        if "py-spy" in cmd:
+            continue
+        key = next((svc for svc in names if f"serve {svc}" in cmd), None)
+        if key is None and "bench.bare_app" in cmd:
+            key = "bare app"
+        if key is None and name == "postgres":
+            key = "postgres"
+        if key is not None:
+            found.setdefault(key, []).append(child)
+    return found
+
+
+def cpu_seconds(names: tuple[str, ...]) -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds of each process of :func:`_cpu_processes`, by pid (take one before, one after)."""
+    seconds: dict[int, tuple[str, float]] = {}
+    for key, group in _cpu_processes(names).items():
+        for proc in group:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            seconds[proc.pid] = (key, times.user + times.system)
+    return seconds
+
+
+def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                     total: int) -> dict[str, float]:
+    """CPU ms per request by group; a process started during the load (a new PostgreSQL
+    backend) counts in full, one that exited during it is lost (none do in this bench)."""
+    spent: dict[str, float] = {}
+    for pid, (key, secs) in after.items():
+        spent[key] = spent.get(key, 0.0) + secs - before.get(pid, (key, 0.0))[1]
+    return {key: value * 1000 / total for key, value in spent.items()}

@@ -10,9 +10,8 @@ import sys
 import threading
 
 import httpx
-import psutil
 
-from bench.harness import Report, Row, run_load, services
+from bench.harness import Report, Row, cpu_per_request, cpu_seconds, run_load, services
 from pms import probe, process
 from pms.embedded import libpq_dsn
 from pms.security import Role, encode_token
@@ -21,50 +20,6 @@ from pms.settings import Settings
 CONCURRENCY = (1, 16, 64)
 #: Processes whose CPU per create the bench reports at 16 in flight (children of this process).
 CPU_SERVICES = ("patient", "billing", "gateway")
-
-
-def _cpu_processes() -> dict[str, list[psutil.Process]]:
-    """The services, the bare app and the PostgreSQL processes (postmaster + backends) we started."""
-    found: dict[str, list[psutil.Process]] = {}
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-            name = child.name()
-        except psutil.Error:
-            continue
-        if "py-spy" in cmd:
-            continue
-        key = next((svc for svc in CPU_SERVICES if f"serve {svc}" in cmd), None)
-        if key is None and "bench.bare_app" in cmd:
-            key = "bare app"
-        if key is None and name == "postgres":
-            key = "postgres"
-        if key is not None:
-            found.setdefault(key, []).append(child)
-    return found
-
-
-def _cpu_seconds() -> dict[int, tuple[str, float]]:
-    """User + system CPU seconds of each process of :func:`_cpu_processes`, by pid."""
-    seconds: dict[int, tuple[str, float]] = {}
-    for key, group in _cpu_processes().items():
-        for proc in group:
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:
-                continue
-            seconds[proc.pid] = (key, times.user + times.system)
-    return seconds
-
-
-def _cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-                     total: int) -> dict[str, float]:
-    """CPU ms per request by group; a process started during the load (a new PostgreSQL
-    backend) counts in full, one that exited during it is lost (none do in this bench)."""
-    spent: dict[str, float] = {}
-    for pid, (key, secs) in after.items():
-        spent[key] = spent.get(key, 0.0) + secs - before.get(pid, (key, 0.0))[1]
-    return {key: value * 1000 / total for key, value in spent.items()}
 
 
 def _payload(i: int, tag: str) -> dict[str, str]:
@@ -107,14 +62,14 @@ def run(settings: Settings, report: Report, *, total: int | None = None) -> None
                     return client().post(bare_url + "/patients", json=_payload(i, tag)).status_code == 201
 
                 measure_cpu = concurrency == 16
-                cpu0 = _cpu_seconds() if measure_cpu else {}
+                cpu0 = cpu_seconds(CPU_SERVICES) if measure_cpu else {}
                 base = run_load(via_bare, total=total, concurrency=concurrency)
-                cpu1 = _cpu_seconds() if measure_cpu else {}
+                cpu1 = cpu_seconds(CPU_SERVICES) if measure_cpu else {}
                 real = run_load(via_gateway, total=total, concurrency=concurrency)
-                cpu2 = _cpu_seconds() if measure_cpu else {}
+                cpu2 = cpu_seconds(CPU_SERVICES) if measure_cpu else {}
                 if measure_cpu:
-                    bare_cpu = _cpu_per_request(cpu0, cpu1, total)
-                    real_cpu = _cpu_per_request(cpu1, cpu2, total)
+                    bare_cpu = cpu_per_request(cpu0, cpu1, total)
+                    real_cpu = cpu_per_request(cpu1, cpu2, total)
                     bare_total = bare_cpu.get("bare app", 0.0) + bare_cpu.get("postgres", 0.0)
                     for key in (*CPU_SERVICES, "postgres"):
                         report.add(Row("write path", f"CPU per create @16: {key}", real_cpu.get(key, 0.0), "ms",

@@ -52,13 +52,19 @@ def new_metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: URL | str, *, pool_size: int = 10, max_overflow: int = 20, **kwargs: object) -> Engine:
-    """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an error storm."""
+def make_engine(url: URL | str, *, pool_size: int = 10, max_overflow: int = 20, pre_ping: bool = True,
+                **kwargs: object) -> Engine:
+    """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an error storm.
+
+    ``pre_ping=False`` for a hot path whose callers retry anyway (billing): the ping is a round
+    trip per checkout. Without it the first statement on a connection broken by a restart fails
+    (and SQLAlchemy then invalidates the whole pool, so it happens once, not per connection).
+    """
     return create_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         **kwargs,  # type: ignore[arg-type]
     )

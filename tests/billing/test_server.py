@@ -255,6 +255,40 @@ def test_database_down_is_unavailable_not_a_crash(dead_db_server: BillingServer,
         assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_after_the_database_connections_break_at_most_one_call_fails_then_billing_serves(
+    billing_settings: Settings, patient_id_factory
+) -> None:
+    """No ping per checkout (billing.server.billing_engine): a broken pool costs one UNAVAILABLE, not one per
+    pooled connection, and never a crash."""
+    from billing.server import billing_engine
+    from tests.api.patient.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(billing_settings.postgres.host, billing_settings.postgres.port)
+    settings = billing_settings.model_copy(
+        update={"postgres": billing_settings.postgres.model_copy(update={"port": proxy.port})})
+    server = build_server(settings, port=0, engine=billing_engine(settings))
+    server.start()
+    server.mark_serving()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+            stub = billing_pb2_grpc.BillingServiceStub(chan)
+            with ThreadPoolExecutor(8) as pool:  # fill the pool with several open connections
+                list(pool.map(lambda _: _create(stub, patient_id_factory()), range(32)))
+            proxy.cut()
+            proxy.restore()
+            failures = 0
+            for _ in range(12):
+                try:
+                    assert _create(stub, patient_id_factory()).status == "ACTIVE"
+                except grpc.RpcError as exc:
+                    assert exc.code() is grpc.StatusCode.UNAVAILABLE
+                    failures += 1
+            assert failures <= 1, failures
+    finally:
+        server.stop(grace=1)
+        proxy.close()
+
+
 def test_not_yet_migrated_server_is_not_serving_and_unavailable(billing_settings: Settings) -> None:
     server = build_server(billing_settings, port=0)
     server.start()
