@@ -134,9 +134,22 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def verified_principal(request: Request) -> Principal:
+    """The caller of a valid bearer token that auth has not revoked, or :class:`Unauthorized`.
+
+    The revocation check applies where the app keeps a list (``app.state.revocations``,
+    see :mod:`pms.revocation`): logout, deactivation, a role or password change.
+    """
+    principal = decode_token(get_app_settings(request), bearer_token(request))
+    revocations = getattr(request.app.state, "revocations", None)
+    if revocations is not None and revocations.refuses(principal):
+        raise Unauthorized("Token revoked; log in again")
+    return principal
+
+
 def current_principal(request: Request) -> Principal:
     """FastAPI dependency: the verified caller (checks the token on every request)."""
-    principal = decode_token(get_app_settings(request), bearer_token(request))
+    principal = verified_principal(request)
     request.state.principal = principal
     return principal
 

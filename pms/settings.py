@@ -80,8 +80,6 @@ class GatewaySettings(HttpService):
     rate_limit_per_minute: int = 1200
     #: Browser origins allowed to call the gateway (CORS), a JSON list.
     cors_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8501", "http://127.0.0.1:8501"])
-    #: Seconds between fetches of auth's token revocation list (logout, deactivation, role/password change).
-    revocation_refresh_s: float = 2.0
 
 
 class AnalyticsApiSettings(HttpService):
@@ -150,6 +148,9 @@ class JWTSettings(BaseModel):
     issuer: str = "pms-auth"
     #: ``aud`` claim the auth service signs and every verifier requires.
     audience: str = "pms"
+    #: Seconds between fetches of auth's token revocation list (logout, deactivation, role/password
+    #: change) by every verifier: the gateway, the patient and the analytics services.
+    revocation_refresh_s: float = 2.0
 
 
 class PostgresSettings(BaseModel):

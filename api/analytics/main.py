@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from api.analytics.router import router
 from pms import db
+from pms.revocation import with_revocations
 from pms.settings import Settings
 from pms.web import create_service_app
 
@@ -32,7 +33,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = create_service_app(
         name="analytics",
-        lifespan=lifespan,
+        # Tokens auth has revoked are refused here too, not only at the gateway (defence in depth).
+        lifespan=with_revocations("analytics", settings, lifespan),
         settings=settings,
         title="Analytics API",
         description="Read-only analytics over patient events: summary, registrations, demographics, "

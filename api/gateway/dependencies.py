@@ -8,10 +8,9 @@ import aiohttp
 from fastapi import Request
 
 from api.gateway.ratelimit import RateLimiter
-from api.gateway.revocation import RevocationList
 from api.gateway.rules import Access
 from pms.errors import Forbidden, TooManyRequests, Unauthorized
-from pms.security import Principal, bearer_token, decode_token, get_app_settings
+from pms.security import Principal, verified_principal
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +30,9 @@ def identify(request: Request) -> Caller:
     """Verify the bearer token locally with the shared key (no round trip to auth), then refuse it
     if auth has revoked it (logout, deactivation, role or password change)."""
     try:
-        principal = decode_token(get_app_settings(request), bearer_token(request))
+        principal = verified_principal(request)
     except Unauthorized as exc:
         return Caller(None, exc)
-    revocations: RevocationList | None = getattr(request.app.state, "revocations", None)
-    if revocations is not None and revocations.refuses(principal):
-        return Caller(None, Unauthorized("Token revoked; log in again"))
     request.state.principal = principal
     return Caller(principal, None)
 

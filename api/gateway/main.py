@@ -1,7 +1,7 @@
 """The API gateway: ``create_app(settings)`` is what ``pms serve gateway`` runs.
 
 The one public entry point. It checks the JWT locally on every protected call (and against
-auth's revocation list, refreshed in the background: :mod:`api.gateway.revocation`), applies the
+auth's revocation list, refreshed in the background: :mod:`pms.revocation`), applies the
 role rules of :mod:`api.gateway.rules`, limits each caller's rate and forwards to the auth,
 patient and analytics services with one pooled HTTP client.
 """
@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
-from api.gateway.revocation import RevocationList
 from api.gateway.router import router
+from pms.revocation import RevocationList
 from pms.settings import Settings
 from pms.web import create_service_app
 
@@ -76,7 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
                                          connect_timeout=min(gateway.upstream_timeout_s, 5.0))
         app.state.upstream_session = session
         # The same session reads auth's revocation list: one HTTP client stack in the gateway.
-        revocations = RevocationList(settings, session, registry=app.state.metrics_registry)
+        revocations = RevocationList(settings, session, service="gateway", registry=app.state.metrics_registry)
         app.state.revocations = revocations
         refresher = asyncio.create_task(revocations.run(), name="revocation-list")
         try:

@@ -20,6 +20,7 @@ from api.patient.billing_sync import BillingGateway, BillingRetryWorker
 from api.patient.relay import OutboxRelay
 from api.patient.router import router
 from pms import db
+from pms.revocation import with_revocations
 from pms.settings import Settings, get_settings
 from pms.web import create_service_app
 
@@ -70,7 +71,8 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         title="Patient service",
         description="Patient records with search, duplicates, FHIR, audit; events through an outbox.",
         ready=lambda: {"database": db.database_reachable(engine)},
-        lifespan=lifespan,
+        # Tokens auth has revoked are refused here too, not only at the gateway (defence in depth).
+        lifespan=with_revocations("patient", settings, lifespan),
         max_body_bytes=settings.patient.max_body_bytes,
     )
     _backlog_gauges(app, engine)

@@ -26,7 +26,7 @@ def _new_staff(stack: Stack, gw: httpx.Client) -> tuple[str, str, str]:
 
 def _refused_soon(gw: httpx.Client, token: str, stack: Stack) -> None:
     """The gateway refuses ``token`` on a patient route within a few refresh intervals."""
-    deadline = 10 * stack.settings.gateway.revocation_refresh_s + 5
+    deadline = 10 * stack.settings.jwt.revocation_refresh_s + 5
 
     def refused() -> bool:
         return gw.get("/api/patients", headers=bearer(token)).status_code == 401

@@ -1,4 +1,5 @@
-"""The gateway's revocation list: what it refuses, and how it behaves when auth is away.
+"""pms.revocation, every verifier's copy of auth's revocation list: what it refuses, and how it
+behaves when auth is away.
 
 A small aiohttp stand-in plays auth's ``GET /revocations`` on a free local port, and the list
 reads it through the gateway's own upstream session (:func:`api.gateway.proxy.upstream_session`).
@@ -16,9 +17,9 @@ import pytest
 from aiohttp import web
 
 from api.gateway.proxy import upstream_session
-from api.gateway.revocation import SERVICE_SUBJECT, RevocationList
 from pms import process
 from pms.errors import Unauthorized
+from pms.revocation import RevocationList
 from pms.security import Principal, Role, decode_token, internal_audience
 from pms.settings import Settings
 
@@ -26,7 +27,7 @@ Handler = Callable[[web.Request], web.Response]
 
 
 def _settings(port: int) -> Settings:
-    return Settings(jwt={"secret": "s" * 40}, gateway={"revocation_refresh_s": 0.1}, auth={"port": port})
+    return Settings(jwt={"secret": "s" * 40, "revocation_refresh_s": 0.1}, auth={"port": port})
 
 
 def _principal(sub: str = "staff@clinic.example", *, iat: float = 1000.0, jti: str = "a") -> Principal:
@@ -56,7 +57,7 @@ async def fake_auth(handler: Handler) -> AsyncIterator[FakeAuth]:
     settings = _settings(port)
     session = upstream_session(timeout=5, connect_timeout=2)
     try:
-        yield FakeAuth(settings, RevocationList(settings, session), runner)
+        yield FakeAuth(settings, RevocationList(settings, session, service="gateway"), runner)
     finally:
         await session.close()
         await runner.cleanup()
@@ -86,7 +87,7 @@ def test_refuses_tokens_before_the_cutoff_and_listed_ids() -> None:
     url, authorization = seen[0]
     token = authorization.removeprefix("Bearer ")
     service = decode_token(settings, token, audience=internal_audience(settings))
-    assert service.sub == SERVICE_SUBJECT and service.role == Role.ADMIN and service.exp - service.iat <= 61
+    assert service.sub == "service:gateway" and service.role == Role.ADMIN and service.exp - service.iat <= 61
     assert url == settings.auth.base_url.rstrip("/") + "/revocations"
     with pytest.raises(Unauthorized):  # no user-facing verifier accepts it
         decode_token(settings, token)

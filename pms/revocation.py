@@ -1,14 +1,15 @@
-"""The gateway's copy of auth's token revocation list, refreshed in the background.
+"""A service's copy of auth's token revocation list, refreshed in the background.
 
-The gateway verifies tokens locally (no round trip to auth per request), so on its own it would
+Every service verifies tokens locally (no round trip to auth per request), so on its own it would
 accept a token until it expires even after logout, deactivation, a role change or a password
-change. Auth publishes what to refuse at ``GET /revocations``; the gateway fetches it every
-``settings.gateway.revocation_refresh_s`` and checks each verified principal against it, which
-costs a dictionary lookup per request.
+change. Auth publishes what to refuse at ``GET /revocations``; the gateway, the patient and the
+analytics services fetch it every ``settings.jwt.revocation_refresh_s`` and check each verified
+principal against it (:func:`pms.security.verified_principal`), which costs a dictionary lookup
+per request. A service called directly, past the gateway, refuses a revoked token too.
 
 When auth cannot be reached the last list is kept (fail-open for availability: staff keep
-working, tokens still expire) and ``gateway_revocation_list_age_seconds`` grows, so an alert can
-say that revocations are not being applied.
+working, tokens still expire) and ``<service>_revocation_list_age_seconds`` grows, so an alert
+can say that revocations are not being applied.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Gauge
 
 from pms.security import Principal, Role, encode_token, internal_audience
 from pms.settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: Subject of the gateway's own short-lived token for reading the list.
-SERVICE_SUBJECT = "service:gateway"
-
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -42,16 +43,18 @@ class Snapshot:
 class RevocationList:
     """Decides whether a verified principal was revoked, from the latest snapshot of auth's list."""
 
-    def __init__(self, settings: Settings, client: aiohttp.ClientSession,
+    def __init__(self, settings: Settings, client: aiohttp.ClientSession, *, service: str,
                  registry: CollectorRegistry | None = None) -> None:
         self._settings = settings
         self._client = client
         self._url = settings.auth.base_url.rstrip("/") + "/revocations"
-        self._interval = max(0.1, settings.gateway.revocation_refresh_s)
+        self._interval = max(0.1, settings.jwt.revocation_refresh_s)
+        #: Subject of this service's own short-lived token for reading the list.
+        self._subject = f"service:{service}"
         self.snapshot = Snapshot()
         self._failing = False
         if registry is not None:
-            age = Gauge("gateway_revocation_list_age_seconds",
+            age = Gauge(f"{service}_revocation_list_age_seconds",
                         "Seconds since the revocation list was last fetched from auth (-1: never)",
                         registry=registry)
             age.set_function(self.age_s)
@@ -68,7 +71,7 @@ class RevocationList:
 
     async def refresh(self) -> None:
         """Fetch the list once and replace the snapshot; raises on any failure (the old one stays)."""
-        token = encode_token(self._settings, sub=SERVICE_SUBJECT, role=Role.ADMIN, ttl_s=60,
+        token = encode_token(self._settings, sub=self._subject, role=Role.ADMIN, ttl_s=60,
                              audience=internal_audience(self._settings))
         async with self._client.get(self._url, headers={"Authorization": f"Bearer {token}"}) as reply:
             reply.raise_for_status()
@@ -95,3 +98,35 @@ class RevocationList:
                                 extra={"fields": {"error": type(exc).__name__}})
                     self._failing = True
             await asyncio.sleep(self._interval)  # the refresh period, not a synchronisation
+
+
+def with_revocations(service: str, settings: Settings,
+                     inner: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None
+                     ) -> Callable[[FastAPI], AbstractAsyncContextManager[Any]]:
+    """A lifespan that keeps ``app.state.revocations`` fresh around ``inner`` (the service's own).
+
+    For services without an HTTP client of their own (patient, analytics); the gateway runs the
+    refresher on its upstream session instead.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) \
+                as session:
+            revocations = RevocationList(settings, session, service=service,
+                                         registry=getattr(app.state, "metrics_registry", None))
+            app.state.revocations = revocations
+            refresher = asyncio.create_task(revocations.run(), name="revocation-list")
+            try:
+                if inner is None:
+                    yield
+                else:
+                    async with inner(app):
+                        yield
+            finally:
+                refresher.cancel()
+                with suppress(asyncio.CancelledError):
+                    await refresher
+
+    return lifespan
