@@ -132,8 +132,7 @@ async def create(
         updated_at=now,
     )
     try:
-        async with pool.connection() as conn:
-            taken, rows = await patient_repository.create_preflight(conn, patient)
+        taken, rows = await _preflight(pool, patient)
         if taken:
             raise EMAIL_TAKEN
         account = None
@@ -160,6 +159,22 @@ async def create(
         check_pool_soon(pool)  # the database restarted? clear the other broken connections too
         raise
     return Registration(patient=patient, duplicates=[_candidate(row) for row in rows])
+
+
+async def _preflight(pool: AsyncConnectionPool, patient: Patient) -> tuple[bool, list[dict[str, Any]]]:
+    """The create's read, tried once more on a fresh connection when its pooled one was broken.
+
+    The pool does not ping on checkout (a round trip per statement), so after a database restart
+    its idle connections are dead: the first read finds out, :meth:`AsyncConnectionPool.check`
+    drops them all, and the read (which changes nothing, so retrying is safe) goes again.
+    """
+    try:
+        async with pool.connection() as conn:
+            return await patient_repository.create_preflight(conn, patient)
+    except psycopg.OperationalError:
+        await pool.check()
+    async with pool.connection() as conn:
+        return await patient_repository.create_preflight(conn, patient)
 
 
 def backoff(settings: Settings, attempts: int) -> timedelta:

@@ -421,9 +421,42 @@ def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_pat
                 assert attempt.headers["Retry-After"] == "1"
             assert client.get("/ready").status_code == 503
             proxy.restore()
-            process.wait_until(lambda: client.get("/patients", params={"limit": 1}).status_code == 200,
+            process.wait_until(lambda: client.get("/ready").status_code == 200,
                                timeout=30, message="service back after the database returned")
+            # The create's pool holds connections the cut broke; the first create still succeeds.
             assert client.post("/patients", json=new_patient_body()).status_code == 201
+            assert client.get("/patients", params={"limit": 1}).status_code == 200
+    finally:
+        svc.stop()
+        proxy.close()
+
+
+def test_after_a_database_restart_the_first_create_succeeds(servers: Any, tmp_path: Any) -> None:
+    """The create's pool does not ping on checkout: connections broken while idle are found by the
+    create's first read, dropped, and the read goes again (service._preflight), so no 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pms import process
+    from tests.api.patient.conftest import patient_settings, start_patient
+    from tests.api.patient.tcp_proxy import TcpProxy
+
+    base = patient_settings(servers)
+    proxy = TcpProxy(base.postgres.host, base.postgres.port)
+    settings = base.model_copy(update={"postgres": base.postgres.model_copy(update={"port": proxy.port})})
+    svc = start_patient(settings, tmp_path)
+    try:
+        with Api(settings, svc.base_url).client() as client, ThreadPoolExecutor(8) as pool:
+            # Several creates at once leave several open connections in the pool.
+            statuses = list(pool.map(lambda _: client.post("/patients", json=new_patient_body()).status_code,
+                                     range(16)))
+            assert statuses == [201] * 16
+            proxy.cut()  # every connection dies while idle: nothing is running
+            proxy.restore()
+            process.wait_until(lambda: client.get("/ready").status_code == 200, timeout=30,
+                               message="the database reachable again")
+            for _ in range(4):
+                reply = client.post("/patients", json=new_patient_body())
+                assert reply.status_code == 201, reply.text
     finally:
         svc.stop()
         proxy.close()
