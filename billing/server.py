@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 GRACE_PERIOD_S = 5.0
 #: Largest accepted request: a BillingRequest is a UUID and two short strings.
 MAX_MESSAGE_BYTES = 64 * 1024
+#: Seconds between checks of the database behind the ``billing.BillingService`` health entry.
+DATABASE_CHECK_INTERVAL_S = 2.0
 #: Database limits: a hung PostgreSQL must turn into UNAVAILABLE, not a stuck worker thread.
 CONNECT_TIMEOUT_S = 3
 STATEMENT_TIMEOUT_MS = 5000
@@ -49,21 +51,48 @@ class BillingServer:
     servicer: BillingServicer
     health: health.HealthServicer
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _watch: threading.Thread | None = None
 
     def start(self) -> None:
         self.server.start()
 
-    def mark_serving(self) -> None:
-        """Accept billing calls and report SERVING (after the database is migrated)."""
+    def mark_serving(self, *, check_interval_s: float = DATABASE_CHECK_INTERVAL_S) -> None:
+        """Accept billing calls and report SERVING (after the database is migrated).
+
+        From then on the ``billing.BillingService`` entry follows the database (readiness: a
+        call would answer UNAVAILABLE while it is NOT_SERVING), checked every ``check_interval_s``;
+        the overall ``""`` entry stays SERVING while the process runs (liveness: restarting
+        billing does not bring PostgreSQL back).
+        """
         self.servicer.ready.set()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._watch is None:
+            self._watch = threading.Thread(target=self._follow_database, args=(check_interval_s,),
+                                           name="billing-db-health", daemon=True)
+            self._watch.start()
+
+    def _follow_database(self, interval_s: float) -> None:
+        serving = True
+        while not self._stopped.wait(interval_s):
+            reachable = db.database_reachable(self.engine)
+            if reachable == serving or self._stopped.is_set():
+                continue
+            serving = reachable
+            if serving:
+                log.info("billing database reachable again; BillingService health SERVING")
+                self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            else:
+                log.warning("billing database unreachable; BillingService health NOT_SERVING")
+                self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def stop(self, grace: float | None = GRACE_PERIOD_S) -> None:
         """NOT_SERVING, then let in-flight calls finish within ``grace`` seconds; idempotent."""
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._watch is not None:
+            self._watch.join(timeout=CONNECT_TIMEOUT_S + 1)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.servicer.ready.clear()

@@ -289,6 +289,41 @@ def test_after_the_database_connections_break_at_most_one_call_fails_then_billin
         proxy.close()
 
 
+def test_billing_service_health_follows_the_database_while_the_process_stays_serving(
+    billing_settings: Settings,
+) -> None:
+    """Readiness (the BillingService entry) goes NOT_SERVING while PostgreSQL is unreachable and back
+    after; liveness (the overall entry, what probes and restarts use) stays SERVING throughout."""
+    from billing.server import billing_engine
+    from tests.api.patient.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy(billing_settings.postgres.host, billing_settings.postgres.port)
+    settings = billing_settings.model_copy(
+        update={"postgres": billing_settings.postgres.model_copy(update={"port": proxy.port})})
+    server = build_server(settings, port=0, engine=billing_engine(settings))
+    server.start()
+    server.mark_serving(check_interval_s=0.1)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+            health_stub = health_pb2_grpc.HealthStub(chan)
+
+            def status(service: str) -> int:
+                return health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+            assert status(SERVICE_NAME) == serving
+            proxy.cut()
+            process.wait_until(lambda: status(SERVICE_NAME) != serving, timeout=15, interval=0.05,
+                               message="BillingService NOT_SERVING while the database is cut off")
+            assert status("") == serving
+            proxy.restore()
+            process.wait_until(lambda: status(SERVICE_NAME) == serving, timeout=15, interval=0.05,
+                               message="BillingService SERVING again")
+    finally:
+        server.stop(grace=1)
+        proxy.close()
+
+
 def test_not_yet_migrated_server_is_not_serving_and_unavailable(billing_settings: Settings) -> None:
     server = build_server(billing_settings, port=0)
     server.start()
