@@ -7,6 +7,7 @@ service's database.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache
@@ -83,8 +84,8 @@ def engine_for(settings: Settings, database: str) -> Engine:
 def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | None = None) -> AsyncConnectionPool:
     """An unopened pool of AUTOCOMMIT psycopg connections for an async hot path (``await pool.open()``).
 
-    For requests whose work is one or two single statements (a patient create, a billing
-    account): no threadpool hop, no ORM, no BEGIN/COMMIT. There is no ping per checkout; a
+    For requests whose work is one or two single statements (the patient create): no threadpool
+    hop, no ORM, no BEGIN/COMMIT. There is no ping per checkout; a
     connection broken by a database restart fails its request with ``OperationalError`` (a
     503, see :mod:`pms.errors`), the pool drops it, and :func:`check_pool_soon` clears the rest.
     """
@@ -96,14 +97,12 @@ def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | N
 
 def check_pool_soon(pool: AsyncConnectionPool) -> None:
     """After a connection failed: let the pool test its idle connections in the background."""
-    import asyncio
-
     task = asyncio.get_running_loop().create_task(pool.check())
-    _background.add(task)
+    _background.add(task)  # the loop keeps only a weak reference to a task
     task.add_done_callback(_background.discard)
 
 
-_background: set[object] = set()
+_background: set[asyncio.Task[None]] = set()
 
 
 def psycopg_sql(statement: TextClause) -> str:

@@ -31,6 +31,7 @@ from pms.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """One answer of auth: per-subject cut-offs (Unix time) and revoked token ids."""
