@@ -33,6 +33,41 @@ def registrations_between(*, session: Session, start: date, end: date) -> list[t
     return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
 
+#: Registrations and removals per period, and whether each period holds a hidden day of either
+#: series, summed in PostgreSQL: bucketing ~4,000 daily rows in Python (11 years by month) cost
+#: ~15 ms per answer and spikes of ~90 ms (row conversion and date arithmetic per day).
+_REGISTRATION_BUCKETS = text("""
+    SELECT CAST(CASE CAST(:granularity AS text)
+                    WHEN 'week' THEN date_trunc('week', CAST(day AS timestamp))
+                    WHEN 'month' THEN date_trunc('month', CAST(day AS timestamp))
+                    ELSE day END AS date) AS period,
+           sum(registrations), sum(removals),
+           coalesce(bool_or(registrations BETWEEN 1 AND :reg_below OR day = CAST(:reg_day AS date)), false),
+           coalesce(bool_or(removals BETWEEN 1 AND :rem_below OR day = CAST(:rem_day AS date)), false)
+    FROM daily_registrations
+    WHERE day BETWEEN :start AND :end
+    GROUP BY 1
+    ORDER BY 1
+""")
+
+
+def registration_buckets(*, session: Session, start: date, end: date, granularity: str,
+                         hide: tuple[tuple[int, date | None], tuple[int, date | None]]
+                         ) -> list[tuple[date, int, int, bool, bool]]:
+    """(period start, registrations, removals, registrations hidden, removals hidden) for each period
+    (``day``, ``week`` from Monday, ``month``) with a row between ``start`` and ``end``.
+
+    ``hide`` gives, per series (registrations, removals), the largest small count (0: none) and the
+    one other hidden day (None: none): a period is hidden when it holds such a day.
+    """
+    (reg_below, reg_day), (rem_below, rem_day) = hide
+    rows = session.execute(_REGISTRATION_BUCKETS, {
+        "granularity": granularity, "start": start, "end": end,
+        "reg_below": reg_below, "reg_day": reg_day, "rem_below": rem_below, "rem_day": rem_day,
+    }).all()
+    return [(r[0], int(r[1]), int(r[2]), bool(r[3]), bool(r[4])) for r in rows]
+
+
 _SMALL_COUNT_BASIS = text(
     "SELECT count(*) FILTER (WHERE registrations BETWEEN 1 AND :below), "
     "coalesce(sum(registrations) FILTER (WHERE registrations BETWEEN 1 AND :below), 0), "

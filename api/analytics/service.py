@@ -98,6 +98,10 @@ class HiddenDays:
     def hides(self, day: date, count: int) -> bool:
         return self.applied and (0 < count < self.threshold or day == self.complement)
 
+    def as_sql(self) -> tuple[int, date | None]:
+        """The same rule for a query: the largest hidden small count (0: none) and the complementary day."""
+        return (self.threshold - 1, self.complement) if self.applied else (0, None)
+
 
 def hidden_days(*, small_days: int, small_sum: int, smallest_large_day: date | None, threshold: int) -> HiddenDays:
     """Decide the hidden days of one daily series from the whole series (never from a question).
@@ -237,13 +241,13 @@ def registrations(
     rems = [0] * len(periods)
     reg_hidden = [False] * len(periods)
     rem_hidden = [False] * len(periods)
-    for day, r, x in analytics_repository.registrations_between(session=session, start=start, end=end):
-        i = index[_period_start(day, granularity)]
-        regs[i] += r
-        rems[i] += x
-        # A bucket (a partial first or last one too) is a sum of days: hidden when it holds a hidden day.
-        reg_hidden[i] |= reg_rule.hides(day, r)
-        rem_hidden[i] |= rem_rule.hides(day, x)
+    # A bucket (a partial first or last one too) is a sum of days: hidden when it holds a hidden day.
+    for period, r, x, r_hidden, x_hidden in analytics_repository.registration_buckets(
+        session=session, start=start, end=end, granularity=granularity.value,
+        hide=(reg_rule.as_sql(), rem_rule.as_sql()),
+    ):
+        i = index[period]
+        regs[i], rems[i], reg_hidden[i], rem_hidden[i] = r, x, r_hidden, x_hidden
     reg_total_hidden, rem_total_hidden = any(reg_hidden), any(rem_hidden)
     buckets = [
         RegistrationBucket(
