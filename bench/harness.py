@@ -154,7 +154,7 @@ def bench_settings(data_dir: Path, **overrides: Any) -> Settings:
         kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{port()}"),
         patient={"port": port(), "seed_demo_data": False},
         auth={"port": port()}, gateway={"port": port(), "rate_limit_per_minute": 10_000_000},
-        analytics={"port": port()}, billing={"port": port()}, dashboard={"port": port()},
+        analytics={"port": port()}, billing={"port": port(), "metrics_port": port()}, dashboard={"port": port()},
         pipeline={"port": port()},
         **overrides,
     )

@@ -16,10 +16,12 @@ import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 from sqlalchemy import Engine
 
 from billing import servicer as billing_servicer
@@ -186,6 +188,25 @@ def migrate_until_done(settings: Settings, *, stop: threading.Event, max_backoff
     return False
 
 
+def serve_metrics(billing: BillingServer, settings: Settings) -> WSGIServer | None:
+    """Serve the Prometheus metrics on ``settings.billing.metrics_port`` (a daemon thread).
+
+    A port that cannot be bound costs the metrics, with a warning, never billing itself.
+    """
+    port = settings.billing.metrics_port
+    if not port:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=settings.billing.host,
+                                            registry=billing.servicer.metrics.registry)
+    except OSError as exc:
+        log.warning("billing metrics not served: port unavailable",
+                    extra={"fields": {"port": port, "error": type(exc).__name__}})
+        return None
+    log.info("billing metrics served", extra={"fields": {"port": port}})
+    return server
+
+
 def run(settings: Settings) -> None:
     """Serve billing until SIGTERM/SIGINT (the registry's ``billing.server:run``)."""
     stop_requested = threading.Event()
@@ -198,6 +219,7 @@ def run(settings: Settings) -> None:
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     billing = build_server(settings)
+    metrics = serve_metrics(billing, settings)
     try:
         billing.start()
         log.info("billing listening", extra={"fields": {"port": billing.port}})
@@ -209,6 +231,8 @@ def run(settings: Settings) -> None:
         log.info("billing stopping", extra={"fields": {"signal": signal.Signals(received[0]).name}})
     finally:
         billing.stop(GRACE_PERIOD_S)
+        if metrics is not None:
+            metrics.shutdown()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("billing stopped")

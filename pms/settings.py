@@ -95,6 +95,8 @@ class BillingSettings(BaseModel):
     target: str | None = None
     #: Threads serving gRPC calls.
     max_workers: int = 16
+    #: Port of billing's Prometheus metrics (plain HTTP on the billing host, any path); 0 turns them off.
+    metrics_port: int = 9101
 
     @property
     def address(self) -> str:

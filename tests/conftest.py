@@ -32,7 +32,7 @@ def _with_free_ports(servers: ServerSet) -> Settings:
         auth={"port": port(), **TEST_AUTH_LIMITS},
         gateway={"port": port()},
         analytics={"port": port()},
-        billing={"port": port()},
+        billing={"port": port(), "metrics_port": port()},
         dashboard={"port": port()},
         pipeline={"port": port()},
     )

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
@@ -41,6 +42,13 @@ def test_serve_billing_process_serves_then_stops_cleanly_on_sigterm(
         assert first.created and not again.created and again.account_id == first.account_id
         with pytest.raises(ValueError):
             client.create_account(patient_id=NAME, name=NAME, email=EMAIL, timeout=5)
+
+    # Prometheus metrics on their own port: calls by method and status code, accounts opened.
+    metrics = httpx.get(f"http://127.0.0.1:{settings.billing.metrics_port}/metrics", timeout=5).text
+    assert 'billing_calls_total{code="OK",method="CreateBillingAccount"} 2.0' in metrics
+    assert 'billing_calls_total{code="INVALID_ARGUMENT",method="CreateBillingAccount"} 1.0' in metrics
+    assert "billing_accounts_opened_total 1.0" in metrics
+    assert 'billing_call_duration_seconds_count{method="CreateBillingAccount"} 3.0' in metrics
 
     with grpc.insecure_channel(svc.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -111,3 +119,16 @@ def _health(address: str) -> int | None:
             return reply.status
     except grpc.RpcError:
         return None
+
+
+def test_a_taken_metrics_port_costs_the_metrics_not_billing(start_service, settings: Settings,
+                                                             patient_id_factory) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        svc = start_service("billing", settings.model_copy(
+            update={"billing": settings.billing.model_copy(update={"metrics_port": port})}))
+        with BillingClient(svc.address) as client:
+            assert client.create_account(patient_id=patient_id_factory(), name=NAME, email=EMAIL, timeout=5).created
+        assert "billing metrics not served: port unavailable" in svc.log_path.read_text()

@@ -69,7 +69,7 @@ def stack_settings(servers: ServerSet) -> Settings:
         auth={"port": port(), **TEST_AUTH_LIMITS},
         gateway={"port": port()},
         analytics={"port": port()},
-        billing={"port": port()},
+        billing={"port": port(), "metrics_port": port()},
         dashboard={"port": port()},
         pipeline={"port": port()},
     )

@@ -43,7 +43,7 @@ def stack_settings(data_dir: Path, **overrides: Any) -> Settings:
         "auth": {"port": port(), **TEST_AUTH_LIMITS},
         "gateway": {"port": port(), "rate_limit_per_minute": 1_000_000, "upstream_timeout_s": 10.0},
         "analytics": {"port": port()},
-        "billing": {"port": port()},
+        "billing": {"port": port(), "metrics_port": port()},
         "dashboard": {"port": port()},
         "pipeline": {"port": port()},
         "log_level": "INFO",

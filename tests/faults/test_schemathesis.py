@@ -92,7 +92,7 @@ def _settings(servers: ServerSet) -> Settings:
     return servers.make_settings(
         kafka=kafka, patient={"port": port(), **PATIENT_KNOBS}, auth={"port": port(), **TEST_AUTH_LIMITS},
         gateway={"port": port(), "rate_limit_per_minute": 1_000_000}, analytics={"port": port()},
-        billing={"port": port()}, dashboard={"port": port()}, pipeline={"port": port()},
+        billing={"port": port(), "metrics_port": port()}, dashboard={"port": port()}, pipeline={"port": port()},
     )
 
 

@@ -51,7 +51,7 @@ def stack_settings(servers: ServerSet) -> Settings:
     return servers.make_settings(
         patient={"port": port(), "seed_demo_data": False, "outbox_poll_interval_s": 0.05,
                  "billing_timeout_s": 1.0},
-        billing={"port": port()},
+        billing={"port": port(), "metrics_port": port()},
         pipeline={"port": port(), "consumer_group": f"analytics-nb-{uuid.uuid4().hex[:8]}",
                   "batch_timeout_s": 0.1},
         analytics={"port": port()},

@@ -38,7 +38,8 @@ def patient_settings(servers: ServerSet, *, bootstrap: str | None = None, **pati
     knobs = {"port": process.free_port(), "seed_demo_data": False, "outbox_poll_interval_s": 0.05,
              "billing_retry_initial_s": 0.2, "billing_retry_max_s": 1.0, "billing_timeout_s": 1.0}
     knobs.update(patient)
-    return servers.make_settings(patient=knobs, billing={"port": process.free_port()}, kafka=kafka)
+    billing = {"port": process.free_port(), "metrics_port": process.free_port()}
+    return servers.make_settings(patient=knobs, billing=billing, kafka=kafka)
 
 
 def start_patient(settings: Settings, log_dir: Path, *, name: str = "patient") -> ServiceProcess:
