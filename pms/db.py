@@ -88,6 +88,8 @@ def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | N
     hop, no ORM, no BEGIN/COMMIT. There is no ping per checkout; a
     connection broken by a database restart fails its request with ``OperationalError`` (a
     503, see :mod:`pms.errors`), the pool drops it, and :func:`check_pool_soon` clears the rest.
+    While the database is down, a caller waits ``timeout_s`` for a connection (the pool reconnects
+    in the background) and then gets ``PoolTimeout``, also a 503: keep it short.
     """
     from pms.embedded import libpq_dsn
 

@@ -29,6 +29,8 @@ DATABASE = "patients"
 POOL_SIZE = 40
 #: Connections of the async create path: a create holds one for a single statement at a time.
 CREATE_POOL_SIZE = 16
+#: Seconds a create waits for a connection of that pool before answering 503.
+CREATE_POOL_TIMEOUT_S = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -41,8 +43,11 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     engine = db.make_engine(settings.database_url_for(DATABASE), pool_size=POOL_SIZE, max_overflow=10)
     factory = db.session_factory(engine)
 
-    # The create runs async on its own small psycopg pool (see service.create).
-    create_pool = db.async_pool(settings.database_url_for(DATABASE), max_size=CREATE_POOL_SIZE, name="patient-create")
+    # The create runs async on its own small psycopg pool (see service.create). While PostgreSQL is
+    # down the pool makes a caller wait its whole timeout (it reconnects in the background), so the
+    # timeout is short: a create holds a connection for one statement, a 2 s wait means an outage.
+    create_pool = db.async_pool(settings.database_url_for(DATABASE), max_size=CREATE_POOL_SIZE,
+                                timeout_s=CREATE_POOL_TIMEOUT_S, name="patient-create")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -171,6 +171,8 @@ async def _preflight(pool: AsyncConnectionPool, patient: Patient) -> tuple[bool,
     try:
         async with pool.connection() as conn:
             return await patient_repository.create_preflight(conn, patient)
+    except PoolTimeout:
+        raise  # no connection to be had within the pool's timeout (the database is down): a 503 now
     except psycopg.OperationalError:
         await pool.check()
     async with pool.connection() as conn:
