@@ -22,7 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.pool import NullPool
 
 from billing import servicer as billing_servicer
 from billing.servicer import SERVICE_NAME, BillingServicer
@@ -75,9 +76,20 @@ class BillingServer:
             self._watch.start()
 
     def _follow_database(self, interval_s: float) -> None:
+        # Its own connection per check, not one of the calls' pool: under full load a check would
+        # wait for a pooled connection (and report a healthy database as down), or keep a call waiting.
+        probe = create_engine(self.engine.url, poolclass=NullPool,
+                              connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
+                                            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"})
+        try:
+            self._follow(probe, interval_s)
+        finally:
+            probe.dispose()
+
+    def _follow(self, probe: Engine, interval_s: float) -> None:
         serving = True
         while not self._stopped.wait(interval_s):
-            reachable = db.database_reachable(self.engine)
+            reachable = db.database_reachable(probe)
             if reachable == serving or self._stopped.is_set():
                 continue
             serving = reachable
@@ -93,9 +105,9 @@ class BillingServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.health.enter_graceful_shutdown()  # first: watchers see NOT_SERVING at once
         if self._watch is not None:
             self._watch.join(timeout=CONNECT_TIMEOUT_S + 1)
-        self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.servicer.ready.clear()
         self.engine.dispose()
@@ -233,6 +245,7 @@ def run(settings: Settings) -> None:
         billing.stop(GRACE_PERIOD_S)
         if metrics is not None:
             metrics.shutdown()
+            metrics.server_close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         log.info("billing stopped")

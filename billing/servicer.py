@@ -105,10 +105,14 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
     def _measured(self, context: grpc.ServicerContext, method: str) -> Iterator[None]:
         """Count the call by its final status code (``context.abort`` sets it) and time it."""
         started = time.perf_counter()
+        failed = False
         try:
             yield
+        except BaseException:
+            failed = True  # context.abort raises too, with the code set; anything else is UNKNOWN
+            raise
         finally:
-            code = context.code() or grpc.StatusCode.OK
+            code = context.code() or (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
             self.metrics.calls.labels(method, code.name).inc()
             self.metrics.latency.labels(method).observe(time.perf_counter() - started)
 

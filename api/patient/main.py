@@ -52,22 +52,22 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db.migrate(settings, DATABASE)
-        await create_pool.open(wait=False)
-        patient_demo.seed_once(settings, factory)
         workers: list[OutboxRelay | BillingRetryWorker] = []
-        if background:
-            relay = OutboxRelay(settings, engine, factory)
-            app.state.relay = relay
-            workers = [relay, BillingRetryWorker(settings, factory, app.state.billing)]
-            for worker in workers:
-                worker.start()
+        await create_pool.open(wait=False)
         try:
+            patient_demo.seed_once(settings, factory)
+            if background:
+                relay = OutboxRelay(settings, engine, factory)
+                app.state.relay = relay
+                workers = [relay, BillingRetryWorker(settings, factory, app.state.billing)]
+                for worker in workers:
+                    worker.start()
             yield
         finally:
             for worker in reversed(workers):
                 worker.stop()
             await app.state.billing.aclose()
-            await create_pool.close()
+            await db.close_pool(create_pool)
             engine.dispose()
 
     app = create_service_app(

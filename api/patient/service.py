@@ -155,6 +155,8 @@ async def create(
         if exc.diag.constraint_name == "ix_patients_email_active":
             raise EMAIL_TAKEN from None
         raise
+    except PoolTimeout:
+        raise  # no connection to be had: the pool is already reconnecting, nothing to check
     except psycopg.OperationalError:
         check_pool_soon(pool)  # the database restarted? clear the other broken connections too
         raise

@@ -420,8 +420,8 @@ def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_pat
             proxy.cut()
             started = time.monotonic()
             create = client.post("/patients", json=new_patient_body())
-            # One wait for the create pool (2 s), not one per try: the outage answer comes promptly.
-            assert time.monotonic() - started < 2 * CREATE_POOL_TIMEOUT_S
+            # One wait for the create pool (2 s), not one per try (it was 10 s): the outage answer comes promptly.
+            assert time.monotonic() - started < 3 * CREATE_POOL_TIMEOUT_S
             for attempt in (create, client.get("/patients")):
                 assert attempt.status_code == 503, attempt.text
                 assert attempt.json() == {"message": "Database unavailable, try again shortly", "errors": {}}
