@@ -104,10 +104,7 @@ class BillingClient:
     def _call(
         self, method: str, request: object, *, timeout: float, not_found_ok: bool = False
     ) -> billing_pb2.BillingResponse | None:
-        if not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if self._closed:
-            raise BillingUnavailable("billing client is closed")
+        _refuse_early(timeout=timeout, closed=self._closed)
         try:
             return getattr(self._stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
@@ -134,10 +131,7 @@ class AsyncBillingClient:
 
     async def create_account(self, *, patient_id: str, name: str, email: str, timeout: float) -> BillingAccount:
         """See :meth:`BillingClient.create_account`."""
-        if not timeout > 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if self._closed:
-            raise BillingUnavailable("billing client is closed")
+        _refuse_early(timeout=timeout, closed=self._closed)
         request = billing_pb2.BillingRequest(patient_id=patient_id, name=name, email=email)
         try:
             reply = await self._stub.CreateBillingAccount(request, timeout=timeout)
@@ -150,6 +144,14 @@ class AsyncBillingClient:
         if not self._closed:
             self._closed = True
             await self._channel.close()
+
+
+def _refuse_early(*, timeout: float, closed: bool) -> None:
+    """What is wrong before a call is even made: a deadline that is not positive, or a closed client."""
+    if not timeout > 0:
+        raise ValueError("timeout must be a positive number of seconds")
+    if closed:
+        raise BillingUnavailable("billing client is closed")
 
 
 def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:

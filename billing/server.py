@@ -42,6 +42,7 @@ DATABASE_CHECK_INTERVAL_S = 2.0
 CONNECT_TIMEOUT_S = 3
 STATEMENT_TIMEOUT_MS = 5000
 POOL_TIMEOUT_S = 5.0
+_BOUNDED = db.bounded_connection(connect_timeout_s=CONNECT_TIMEOUT_S, statement_timeout_ms=STATEMENT_TIMEOUT_MS)
 
 
 @dataclass
@@ -78,9 +79,7 @@ class BillingServer:
     def _follow_database(self, interval_s: float) -> None:
         # Its own connection per check, not one of the calls' pool: under full load a check would
         # wait for a pooled connection (and report a healthy database as down), or keep a call waiting.
-        probe = create_engine(self.engine.url, poolclass=NullPool,
-                              connect_args={"connect_timeout": CONNECT_TIMEOUT_S,
-                                            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"})
+        probe = create_engine(self.engine.url, poolclass=NullPool, connect_args=_BOUNDED)
         try:
             self._follow(probe, interval_s)
         finally:
@@ -125,10 +124,7 @@ def billing_engine(settings: Settings) -> Engine:
         max_overflow=0,
         pre_ping=False,
         pool_timeout=POOL_TIMEOUT_S,
-        connect_args={
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-        },
+        connect_args=_BOUNDED,
     )
 
 

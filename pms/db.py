@@ -7,13 +7,12 @@ service's database.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from alembic import command
 from alembic.config import Config
@@ -86,8 +85,9 @@ def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | N
 
     For requests whose work is one or two single statements (the patient create): no threadpool
     hop, no ORM, no BEGIN/COMMIT. There is no ping per checkout; a connection broken by a
-    database restart fails its request with ``OperationalError`` (a 503, see :mod:`pms.errors`),
-    the pool drops it, and :func:`check_pool_soon` clears the rest. While the database is down, a
+    database restart fails its request with ``OperationalError`` (a 503, see :mod:`pms.errors`) and
+    the pool drops it; a caller that can retry (the create's read) runs ``pool.check()`` first to
+    drop the other dead ones. While the database is down, a
     caller waits ``timeout_s`` for a connection (the pool reconnects in the background) and then
     gets ``PoolTimeout``, also a 503: keep it short. Connecting, each statement and a silent
     network are bounded too (connect timeout, statement timeout, TCP keepalives), so a hung
@@ -95,43 +95,16 @@ def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | N
     """
     from pms.embedded import libpq_dsn
 
-    connection = {
-        "autocommit": True,
-        "connect_timeout": ASYNC_CONNECT_TIMEOUT_S,
-        "options": f"-c statement_timeout={ASYNC_STATEMENT_TIMEOUT_MS}",
-        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-    }
+    connection = {"autocommit": True, **bounded_connection(connect_timeout_s=3, statement_timeout_ms=5000),
+                  "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
     return AsyncConnectionPool(libpq_dsn(url), min_size=min(4, max_size), max_size=max_size, timeout=timeout_s,
                                kwargs=connection, open=False, name=name)
 
 
-#: Bounds of :func:`async_pool` connections: seconds to connect, milliseconds per statement.
-ASYNC_CONNECT_TIMEOUT_S = 3
-ASYNC_STATEMENT_TIMEOUT_MS = 5000
-
-
-def check_pool_soon(pool: AsyncConnectionPool) -> None:
-    """After a connection failed: let the pool test its idle connections in the background (one
-    check at a time per pool: during an outage every failing request asks for one)."""
-    pending = _checks.get(pool)
-    if pending is not None and not pending.done():
-        return
-    task = asyncio.get_running_loop().create_task(pool.check())
-    _checks[pool] = task  # also keeps the task alive: the loop holds only a weak reference
-    task.add_done_callback(lambda done: _checks.pop(pool, None) if _checks.get(pool) is done else None)
-
-
-async def close_pool(pool: AsyncConnectionPool) -> None:
-    """Close ``pool`` after cancelling its pending background check."""
-    pending = _checks.pop(pool, None)
-    if pending is not None and not pending.done():
-        pending.cancel()
-        with suppress(asyncio.CancelledError, Exception):
-            await pending
-    await pool.close()
-
-
-_checks: dict[AsyncConnectionPool, asyncio.Task[None]] = {}
+def bounded_connection(*, connect_timeout_s: int, statement_timeout_ms: int) -> dict[str, Any]:
+    """libpq connection parameters that bound connecting and every statement: a hung PostgreSQL
+    becomes an error (a 503 / UNAVAILABLE), not a request or worker thread stuck for ever."""
+    return {"connect_timeout": connect_timeout_s, "options": f"-c statement_timeout={statement_timeout_ms}"}
 
 
 def psycopg_sql(statement: TextClause) -> str:

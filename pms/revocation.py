@@ -101,33 +101,40 @@ class RevocationList:
             await asyncio.sleep(self._interval)  # the refresh period, not a synchronisation
 
 
+@asynccontextmanager
+async def refreshing(app: FastAPI, settings: Settings, session: aiohttp.ClientSession, *,
+                     service: str) -> AsyncIterator[RevocationList]:
+    """Keep ``app.state.revocations`` fresh (a background task reading auth through ``session``)."""
+    revocations = RevocationList(settings, session, service=service,
+                                 registry=getattr(app.state, "metrics_registry", None))
+    app.state.revocations = revocations
+    refresher = asyncio.create_task(revocations.run(), name="revocation-list")
+    try:
+        yield revocations
+    finally:
+        refresher.cancel()
+        with suppress(asyncio.CancelledError):
+            await refresher
+
+
 def with_revocations(service: str, settings: Settings,
                      inner: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None
                      ) -> Callable[[FastAPI], AbstractAsyncContextManager[Any]]:
     """A lifespan that keeps ``app.state.revocations`` fresh around ``inner`` (the service's own).
 
-    For services without an HTTP client of their own (patient, analytics); the gateway runs the
-    refresher on its upstream session instead.
+    For services without an HTTP client of their own (patient, analytics); the gateway runs
+    :func:`refreshing` on its upstream session instead.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout, trust_env=False, cookie_jar=aiohttp.DummyCookieJar()) \
-                as session:
-            revocations = RevocationList(settings, session, service=service,
-                                         registry=getattr(app.state, "metrics_registry", None))
-            app.state.revocations = revocations
-            refresher = asyncio.create_task(revocations.run(), name="revocation-list")
-            try:
-                if inner is None:
+                as session, refreshing(app, settings, session, service=service):
+            if inner is None:
+                yield
+            else:
+                async with inner(app):
                     yield
-                else:
-                    async with inner(app):
-                        yield
-            finally:
-                refresher.cancel()
-                with suppress(asyncio.CancelledError):
-                    await refresher
 
     return lifespan

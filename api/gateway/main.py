@@ -8,9 +8,8 @@ patient and analytics services with one pooled HTTP client.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
 from api.gateway.router import router
-from pms.revocation import RevocationList
+from pms import revocation
 from pms.settings import Settings
 from pms.web import create_service_app
 
@@ -75,16 +74,11 @@ def create_app(settings: Settings) -> FastAPI:
         session = proxy.upstream_session(timeout=gateway.upstream_timeout_s,
                                          connect_timeout=min(gateway.upstream_timeout_s, 5.0))
         app.state.upstream_session = session
-        # The same session reads auth's revocation list: one HTTP client stack in the gateway.
-        revocations = RevocationList(settings, session, service="gateway", registry=app.state.metrics_registry)
-        app.state.revocations = revocations
-        refresher = asyncio.create_task(revocations.run(), name="revocation-list")
         try:
-            yield
+            # The same session reads auth's revocation list: one HTTP client stack in the gateway.
+            async with revocation.refreshing(app, settings, session, service="gateway"):
+                yield
         finally:
-            refresher.cancel()
-            with suppress(asyncio.CancelledError):
-                await refresher
             await session.close()
 
     app = create_service_app(

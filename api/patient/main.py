@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             for worker in reversed(workers):
                 worker.stop()
             await app.state.billing.aclose()
-            await db.close_pool(create_pool)
+            await create_pool.close()
             engine.dispose()
 
     app = create_service_app(

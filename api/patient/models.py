@@ -38,6 +38,10 @@ class BillingStatus:
     ACTIVE = "ACTIVE"
 
 
+#: The unique index of active patients' emails: a violation of it means "email already used" (409).
+EMAIL_INDEX = "ix_patients_email_active"
+
+
 class Patient(Base):
     """One patient; soft-deleted rows keep their history (``deleted_at`` set)."""
 
@@ -64,7 +68,7 @@ class Patient(Base):
 
     __table_args__ = (
         # Unique email among active patients, case-insensitively: the database decides races.
-        Index("ix_patients_email_active", func.lower(text("email")), unique=True,
+        Index(EMAIL_INDEX, func.lower(text("email")), unique=True,
               postgresql_where=text("deleted_at IS NULL")),
         # Trigram GIN indexes back `q` substring search (ILIKE) and similarity matching.
         Index("ix_patients_name_trgm", "name", postgresql_using="gin", postgresql_ops={"name": "gin_trgm_ops"}),

@@ -19,9 +19,8 @@ from sqlalchemy.orm import Session
 
 from api.patient import events as patient_events
 from api.patient import repository as patient_repository
-from api.patient.models import AuditEntry, BillingStatus, Patient
+from api.patient.models import EMAIL_INDEX, AuditEntry, BillingStatus, Patient
 from api.patient.schemas import DuplicateCandidate, PatientCreate, PatientUpdate, normalize_phone
-from pms.db import check_pool_soon
 from pms.errors import BadRequest, Conflict, NotFound
 from pms.settings import Settings
 
@@ -73,7 +72,7 @@ def search(*, session: Session, q: str | None, limit: int, offset: int) -> tuple
 
 
 def _is_email_conflict(exc: IntegrityError) -> bool:
-    return "ix_patients_email_active" in str(exc.orig)
+    return EMAIL_INDEX in str(exc.orig)
 
 
 def _write_or_conflict(write: Callable[[], None], session: Session) -> None:
@@ -152,13 +151,8 @@ async def create(
             patient.mrn = await patient_repository.insert_created(conn, patient, outbox=outbox, actor=actor,
                                                                   fields=provided, request_id=request_id)
     except psycopg.errors.UniqueViolation as exc:
-        if exc.diag.constraint_name == "ix_patients_email_active":
+        if exc.diag.constraint_name == EMAIL_INDEX:
             raise EMAIL_TAKEN from None
-        raise
-    except PoolTimeout:
-        raise  # no connection to be had: the pool is already reconnecting, nothing to check
-    except psycopg.OperationalError:
-        check_pool_soon(pool)  # the database restarted? clear the other broken connections too
         raise
     return Registration(patient=patient, duplicates=[_candidate(row) for row in rows])
 
