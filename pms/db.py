@@ -92,13 +92,20 @@ def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | N
     gets ``PoolTimeout``, also a 503: keep it short. Connecting, each statement and a silent
     network are bounded too (connect timeout, statement timeout, TCP keepalives), so a hung
     server cannot hold a request for ever.
+
+    The pool's own reconnection backs off exponentially without a cap (1, 2, 4, 8 s ...): after an
+    8 s outage its next attempt could come 7 s after the database was back, and every request
+    until then waited ``timeout_s`` for a 503. So a reconnection gives up after ``timeout_s``,
+    as the requests waiting for it do, and the pool shrinks; the next request then starts a new
+    attempt at once (psycopg_pool grows an empty pool on demand). Recovery is at most about a
+    second after the database answers, however long the outage was.
     """
     from pms.embedded import libpq_dsn
 
     connection = {"autocommit": True, **bounded_connection(connect_timeout_s=3, statement_timeout_ms=5000),
                   "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
     return AsyncConnectionPool(libpq_dsn(url), min_size=min(4, max_size), max_size=max_size, timeout=timeout_s,
-                               kwargs=connection, open=False, name=name)
+                               reconnect_timeout=timeout_s, kwargs=connection, open=False, name=name)
 
 
 def bounded_connection(*, connect_timeout_s: int, statement_timeout_ms: int) -> dict[str, Any]:

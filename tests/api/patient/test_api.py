@@ -438,6 +438,39 @@ def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_pat
         proxy.close()
 
 
+def test_after_a_long_outage_creates_succeed_as_soon_as_the_database_is_back(servers: Any, tmp_path: Any) -> None:
+    """psycopg_pool's reconnection backs off 1, 2, 4 s ... without a cap: after a 3.5 s outage its
+    next attempt was due ~7 s after the first failure, so creates got 503 for seconds after the
+    database was back (a CI fault run saw it). Now a reconnection gives up with the requests'
+    own timeout and the next create connects at once."""
+    import time
+
+    from tests.api.patient.conftest import patient_settings, start_patient
+    from tests.api.patient.tcp_proxy import TcpProxy
+
+    base = patient_settings(servers)
+    proxy = TcpProxy(base.postgres.host, base.postgres.port)
+    settings = base.model_copy(update={"postgres": base.postgres.model_copy(update={"port": proxy.port})})
+    svc = start_patient(settings, tmp_path)
+    try:
+        with Api(settings, svc.base_url).client() as client:
+            assert client.post("/patients", json=new_patient_body()).status_code == 201
+            proxy.cut()
+            failed_at = time.monotonic()
+            # The pool finds its connections dead, drops them and starts reconnecting (and failing).
+            assert client.post("/patients", json=new_patient_body()).status_code == 503
+            # The outage lasts 3.5 s: long enough for the old backoff to have put its next attempt
+            # (~7 s) beyond this create's wait for a connection (CREATE_POOL_TIMEOUT_S).
+            time.sleep(max(0.0, failed_at + 3.5 - time.monotonic()))
+            proxy.restore()
+            reply = client.post("/patients", json=new_patient_body())
+            # The create waits at most CREATE_POOL_TIMEOUT_S for a connection: a 201 means it came in time.
+            assert reply.status_code == 201, reply.text
+    finally:
+        svc.stop()
+        proxy.close()
+
+
 def test_after_a_database_restart_the_first_create_succeeds(servers: Any, tmp_path: Any) -> None:
     """The create's pool does not ping on checkout: connections broken while idle are found by the
     create's first read, dropped, and the read goes again (service._preflight), so no 503."""
