@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pms.settings import Settings, get_settings
+from pms.settings import Settings, UnknownSettingsError, get_settings
 
 app = typer.Typer(help="Patient management & analytics platform.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -29,6 +29,10 @@ def _settings_or_exit() -> Settings:
 
     try:
         return get_settings()
+    except UnknownSettingsError as exc:
+        for problem in str(exc).split("; "):
+            console.print(f"[red]error:[/] invalid configuration: {problem}")
+        raise typer.Exit(2) from None
     except ValidationError as exc:
         for error in exc.errors():
             where = "__".join(str(part) for part in error["loc"]).upper()

@@ -11,8 +11,10 @@ first start; any other mode refuses to start without them, so no secret ever liv
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -331,8 +333,59 @@ def read_or_create_secret(path: Path, *, nbytes: int) -> str:
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings (cached; tests build their own ``Settings`` instead)."""
+    """The process-wide settings (cached; tests build their own ``Settings`` instead).
+
+    Raises:
+        UnknownSettingsError: a ``PMS_<SECTION>__<NAME>`` variable names no setting.
+    """
+    check_environment({**_dotenv(Path(".env")), **os.environ})
     return Settings()
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    """The variables of a ``.env`` file (read as pydantic-settings reads it), for the same check."""
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return {key: value or "" for key, value in dotenv_values(path).items()}
+
+
+#: Settings that were renamed: the old variable would otherwise be silently ignored.
+RENAMED_VARIABLES = {"PMS_GATEWAY__REVOCATION_REFRESH_S": "PMS_JWT__REVOCATION_REFRESH_S"}
+
+
+class UnknownSettingsError(ValueError):
+    """Environment variables in the settings' nested form that name no setting."""
+
+
+def nested_variables() -> frozenset[str]:
+    """Every ``PMS_<SECTION>__<NAME>`` variable a setting reads."""
+    return frozenset(f"PMS_{name.upper()}__{sub.upper()}" for name, field in Settings.model_fields.items()
+                     if isinstance(field.default, BaseModel) for sub in type(field.default).model_fields)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``PMS_<SECTION>__<NAME>`` variables that name no setting, saying what was meant.
+
+    pydantic-settings drops unknown keys of a nested section without a word, so a typo
+    (``PMS_PATIENT__OUTBOX_POLL_INTERVAL``) or a renamed setting would leave its default in
+    force while the operator believes it changed; for a security setting that is a silent
+    hole. Only the nested form (with ``__``) is checked: single-underscore ``PMS_*`` names
+    are also used by docker-compose and the bench, which are not settings.
+    """
+    known = nested_variables()
+    problems = []
+    for variable in sorted(key.upper() for key in environ if key.upper().startswith("PMS_") and "__" in key):
+        if variable in known:
+            continue
+        if variable in RENAMED_VARIABLES:
+            problems.append(f"{variable} was renamed {RENAMED_VARIABLES[variable]}")
+            continue
+        close = difflib.get_close_matches(variable, known, n=1)
+        problems.append(f"{variable} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+    if problems:
+        raise UnknownSettingsError("; ".join(problems))
 
 
 def _env_value(value: object) -> str:

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from pms.settings import Mode, Settings, read_or_create_secret, to_env
+from pms.settings import (
+    Mode,
+    Settings,
+    UnknownSettingsError,
+    check_environment,
+    nested_variables,
+    read_or_create_secret,
+    to_env,
+)
 
 EXTERNAL_URL = "postgresql://pms:pw@db.example:5432/postgres"
 
@@ -140,3 +148,40 @@ def test_read_or_create_secret_creates_once(tmp_path: Path) -> None:
     assert len(first) >= 24
     assert read_or_create_secret(path, nbytes=18) == first
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_every_nested_variable_a_child_gets_is_a_known_setting(tmp_path: Path) -> None:
+    env = to_env(Settings(data_dir=tmp_path))
+    check_environment(env)  # the supervisor's own children must never be refused
+    assert {name for name in env if "__" in name} <= nested_variables()
+
+
+@pytest.mark.parametrize(("variable", "message"), [
+    ("PMS_PATIENT__OUTBOX_POLL_INTERVAL", "did you mean PMS_PATIENT__OUTBOX_POLL_INTERVAL_S?"),
+    ("pms_jwt__secrt", "did you mean PMS_JWT__SECRET?"),  # names are case-insensitive, as pydantic-settings reads them
+    ("PMS_NOSUCHSECTION__PORT", "PMS_NOSUCHSECTION__PORT is not a setting"),
+    ("PMS_GATEWAY__REVOCATION_REFRESH_S", "was renamed PMS_JWT__REVOCATION_REFRESH_S"),
+])
+def test_an_unknown_nested_variable_is_refused_with_what_was_meant(variable: str, message: str) -> None:
+    with pytest.raises(UnknownSettingsError, match=message.replace("?", r"\?")):
+        check_environment({variable: "1", "PMS_PATIENT__PORT": "4000"})
+
+
+def test_single_underscore_names_of_compose_and_the_bench_are_not_checked() -> None:
+    check_environment({"PMS_IMAGE": "pms:1", "PMS_BENCH_WRITE_TOTAL": "400", "PMS_GATEWAY_PUBLISHED_PORT": "80",
+                       "OTHER__THING": "x"})
+
+
+def test_a_mistyped_variable_in_the_dotenv_file_is_refused_too(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from pms.settings import get_settings
+
+    _dotenv(tmp_path, "PMS_PATIENT__PORT=4100\nPMS_PATIENT__PROT=4200\n")
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    try:
+        expected = r"PMS_PATIENT__PROT is not a setting \(did you mean PMS_PATIENT__PORT"
+        with pytest.raises(UnknownSettingsError, match=expected):
+            get_settings()
+    finally:
+        get_settings.cache_clear()

@@ -584,6 +584,21 @@ def test_pms_status_command_exit_code(tmp_path: Path) -> None:
     assert "not running" in result.stdout
 
 
+def test_pms_up_with_a_mistyped_or_renamed_setting_refuses_to_start(tmp_path: Path) -> None:
+    """A nested variable that names no setting would otherwise be silently ignored (its default stays)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
+    env.update(PMS_DATA_DIR=str(tmp_path / "data"), PMS_PATIENT__OUTBOX_POLL_INTERVAL="0.5",
+               PMS_GATEWAY__REVOCATION_REFRESH_S="2", COLUMNS="200")
+    result = subprocess.run([sys.executable, "-m", "pms.cli", "up"], env=env, capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == EXIT_USAGE
+    assert ("PMS_PATIENT__OUTBOX_POLL_INTERVAL is not a setting (did you mean PMS_PATIENT__OUTBOX_POLL_INTERVAL_S?)"
+            in result.stderr)
+    assert "PMS_GATEWAY__REVOCATION_REFRESH_S was renamed PMS_JWT__REVOCATION_REFRESH_S" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
 def test_pms_up_with_invalid_settings_says_why_without_a_traceback(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
     env.update(PMS_DATA_DIR=str(tmp_path / "data"), PMS_DATABASE_URL="postgresql://pms@db.example/postgres",
