@@ -111,6 +111,16 @@ class OutboxEvent(Base):
     )
 
 
+class ActiveCountDelta(Base):
+    """One statement's change of the number of active patients, written by triggers on ``patients``
+    (migration ``0004_active_count``); their sum is the exact count, folded now and then."""
+
+    __tablename__ = "patient_active_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    delta: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
 class AuditEntry(Base):
     """Who changed which fields of a patient, and when (field names only, never values)."""
 

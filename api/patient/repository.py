@@ -13,7 +13,16 @@ from sqlalchemy import Select, and_, delete, exists, func, or_, select, text, up
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from api.patient.models import MRN_SEQUENCE, AuditEntry, BillingStatus, OutboxEvent, Patient, RelayState, ServiceFlag
+from api.patient.models import (
+    MRN_SEQUENCE,
+    ActiveCountDelta,
+    AuditEntry,
+    BillingStatus,
+    OutboxEvent,
+    Patient,
+    RelayState,
+    ServiceFlag,
+)
 from pms.db import psycopg_sql
 
 #: Trigram similarity from which two names on the same birth date count as likely duplicates.
@@ -63,9 +72,14 @@ def search(session: Session, *, q: str | None, phone: str | None, limit: int, of
            ) -> tuple[Sequence[Patient], int]:
     """One page in the stable order (created_at, id) and the total number of matches."""
     condition = search_condition(q, phone=phone)
-    total = session.execute(count_statement(condition)).scalar_one()
+    total = active_count(session) if not q else session.execute(count_statement(condition)).scalar_one()
     rows = session.execute(page_statement(condition, limit=limit, offset=offset)).scalars().all()
     return rows, int(total)
+
+
+def active_count(session: Session) -> int:
+    """The number of active patients: the sum of the trigger-kept deltas (exact, no scan of patients)."""
+    return int(session.execute(select(func.coalesce(func.sum(ActiveCountDelta.delta), 0))).scalar_one())
 
 
 def count_statement(condition: Any) -> Select[tuple[int]]:
