@@ -1,9 +1,10 @@
 """The trigger-kept active count (migration 0004): the unfiltered list's X-Total-Count without a scan.
 
 Every test compares the sum of ``patient_active_count_deltas`` with ``count(*)`` of the active
-patients, on a database of its own, after inserts (single and COPY), soft deletes and restores,
-updates of other columns, hard deletes, TRUNCATE, folds, concurrent writers and the backfill of
-a database that already had patients when it was upgraded.
+patients, on a database of its own, after bulk inserts (``create_many``), soft deletes and
+restores, updates of other columns, hard deletes, TRUNCATE, folds, concurrent writers and the
+backfill of a database that already had patients when it was upgraded. The single-statement
+create of the API is covered by ``test_api.py::test_the_unfiltered_total_is_exact``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy.engine import URL
 from api.patient import repository as patient_repository
 from api.patient import service as patient_service
 from api.patient.schemas import PatientCreate
-from pms import db
+from pms import db, process
 from pms.embedded import EXTENSIONS, libpq_dsn
 from tests.fixtures.servers import ServerSet
 
@@ -62,7 +63,7 @@ def _counts(url: URL) -> tuple[int, int]:
 
 
 def _create(url: URL, count: int) -> None:
-    """``count`` patients through the service's bulk path (one COPY: one statement)."""
+    """``count`` patients through the service's bulk path (COPY to a staging table, one INSERT)."""
     items = [PatientCreate.model_validate({
         "name": f"Count Person {i}", "email": f"count.{uuid.uuid4().hex[:12]}@example.org", "address": "1 Road",
         "dateOfBirth": date(1960 + i % 40, 1 + i % 12, 1 + i % 28).isoformat(), "registeredDate": "2024-01-01",
@@ -150,18 +151,18 @@ def test_the_unfiltered_list_total_is_the_kept_count(servers: ServerSet, patient
     try:
         with db.session_factory(engine)() as session:
             _, total = patient_repository.search(session, q=None, phone=None, limit=1, offset=0)
+        kept, counted = _counts(patients_db)
+        assert total == kept == counted
+        with psycopg.connect(libpq_dsn(patients_db), autocommit=True) as conn:
+            # The list really reads the deltas: a wrong one shows (it can only come from outside the triggers).
+            conn.execute("INSERT INTO patient_active_count_deltas (delta) VALUES (1000)")
+            try:
+                with db.session_factory(engine)() as session:
+                    assert patient_repository.search(session, q=None, phone=None, limit=1, offset=0)[1] == total + 1000
+            finally:
+                conn.execute("DELETE FROM patient_active_count_deltas WHERE delta = 1000")
     finally:
         engine.dispose()
-    kept, counted = _counts(patients_db)
-    assert total == kept == counted
-    with psycopg.connect(libpq_dsn(patients_db), autocommit=True) as conn:
-        # The list really reads the deltas: a wrong one shows (it can only come from outside the triggers).
-        conn.execute("INSERT INTO patient_active_count_deltas (delta) VALUES (1000)")
-        try:
-            with db.session_factory(db.make_engine(patients_db, pool_size=1, max_overflow=0))() as session:
-                assert patient_repository.search(session, q=None, phone=None, limit=1, offset=0)[1] == total + 1000
-        finally:
-            conn.execute("DELETE FROM patient_active_count_deltas WHERE delta = 1000")
 
 
 def test_concurrent_writers_and_folds_stay_exact(servers: ServerSet, patients_db: URL) -> None:
@@ -195,6 +196,7 @@ def test_concurrent_writers_and_folds_stay_exact(servers: ServerSet, patients_db
         thread.start()
     for thread in threads:
         thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "a writer is still running"
     assert not errors, errors
     kept, counted = _counts(patients_db)
     assert kept == counted
@@ -205,11 +207,58 @@ def test_a_fold_inside_a_repeatable_read_transaction_does_nothing(servers: Serve
     writer's transaction); it is skipped there, and the count stays exact."""
     _migrate(servers, patients_db)
     _create(patients_db, 2)
-    _create(patients_db, 2)
+    with psycopg.connect(libpq_dsn(patients_db), autocommit=True) as conn:
+        conn.execute("INSERT INTO patient_active_count_deltas (delta) VALUES (5), (-5)")  # two rows, sum 0
     with psycopg.connect(libpq_dsn(patients_db)) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         before = conn.execute("SELECT count(*) FROM patient_active_count_deltas").fetchone()
+        assert before is not None and before[0] >= 2
         conn.execute("SELECT patient_active_count_compact()")
         assert conn.execute("SELECT count(*) FROM patient_active_count_deltas").fetchone() == before
         conn.commit()
-    assert _counts(patients_db)[0] == _counts(patients_db)[1]
+    kept, counted = _counts(patients_db)
+    assert kept == counted
+
+
+def test_truncate_outside_read_committed_is_refused(servers: ServerSet, patients_db: URL) -> None:
+    """Its DELETE of the deltas would miss those committed after its snapshot (kept 2, counted 0)."""
+    _migrate(servers, patients_db)
+    with psycopg.connect(libpq_dsn(patients_db)) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("SELECT 1")  # the snapshot is taken here
+        _create(patients_db, 2)  # committed after it
+        with pytest.raises(psycopg.errors.RaiseException, match="needs READ COMMITTED"):
+            conn.execute("TRUNCATE patients, patient_outbox, patient_audit")
+        conn.rollback()
+    kept, counted = _counts(patients_db)
+    assert kept == counted > 0
+
+
+def test_truncate_waits_for_a_fold_in_progress(servers: ServerSet, patients_db: URL) -> None:
+    """A fold called directly holds no lock on patients: TRUNCATE must wait for it, or it would
+    skip the fold's folded row and leave a count for an empty table."""
+    _migrate(servers, patients_db)
+    _create(patients_db, 3)
+    _create(patients_db, 4)
+    errors: list[BaseException] = []
+    with psycopg.connect(libpq_dsn(patients_db)) as folder:
+        folder.execute("SELECT patient_active_count_compact()")  # uncommitted: holds the fold lock
+        with psycopg.connect(libpq_dsn(patients_db), autocommit=True) as truncater:
+            pid = truncater.info.backend_pid
+
+            def truncate() -> None:
+                try:
+                    truncater.execute("TRUNCATE patients, patient_outbox, patient_audit")
+                except BaseException as exc:  # surfaced below
+                    errors.append(exc)
+
+            thread = threading.Thread(target=truncate)
+            thread.start()
+            waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+            with psycopg.connect(libpq_dsn(patients_db), autocommit=True) as watcher:
+                process.wait_until(lambda: watcher.execute(waiting, (pid,)).fetchone() == (True,),
+                                   timeout=30, message="TRUNCATE waiting for the fold")
+            folder.commit()
+            thread.join(30)
+            assert not thread.is_alive() and not errors, errors
+    assert _counts(patients_db) == (0, 0)

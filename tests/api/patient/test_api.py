@@ -96,6 +96,33 @@ def test_search_pagination_and_total(staff: httpx.Client, patient_factory: Any) 
     assert staff.get("/patients", params={"q": token}).headers["X-Total-Count"] == "6"
 
 
+def test_the_unfiltered_total_is_exact(staff: httpx.Client, patient_factory: Any, service_settings: Any) -> None:
+    """Without ``q`` the total is the trigger-kept count (migration 0004), not a count(*): it must
+    follow the API's own single-statement creates (also in parallel), updates and deletes."""
+    import psycopg
+
+    from pms.embedded import libpq_dsn
+
+    def counted() -> int:
+        with psycopg.connect(libpq_dsn(service_settings.database_url_for("patients"))) as conn:
+            row = conn.execute("SELECT count(*) FROM patients WHERE deleted_at IS NULL").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def total() -> int:
+        reply = staff.get("/patients", params={"limit": 1})
+        assert reply.status_code == 200, reply.text
+        return int(reply.headers["X-Total-Count"])
+
+    assert total() == counted()
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: patient_factory(), range(12)))
+    assert staff.put(f"/patients/{made[0]['id']}", json=new_patient_body(email=made[0]["email"])).status_code == 200
+    for patient in made[:5]:
+        assert staff.delete(f"/patients/{patient['id']}").status_code == 204
+    assert total() == counted()
+
+
 def test_if_match_version_conflicts(staff: httpx.Client, patient_factory: Any) -> None:
     patient = patient_factory()
     body = {k: patient[k] for k in ("name", "email", "address", "dateOfBirth")}

@@ -15,8 +15,11 @@ deadlock on it. Deltas are folded into one row by about one statement in a hundr
 (``patient_active_count_compact``): under a transaction-scoped advisory lock taken with
 ``try`` (a second compactor skips, never waits) and only at READ COMMITTED, where the
 ``DELETE ... RETURNING`` sees exactly the committed deltas and a concurrent writer's delta
-stays for the next fold. The current count is backfilled here, under the trigger's lock on
-``patients``, so writes in flight are either counted by the backfill or by the trigger.
+stays for the next fold. A TRUNCATE of ``patients`` empties the deltas after waiting for a
+fold in progress (the same lock, blocking) and is refused outside READ COMMITTED, where its
+``DELETE`` could miss deltas committed after its snapshot. The current count is backfilled
+here, under the trigger's lock on ``patients``, so writes in flight are either counted by the
+backfill or by the trigger.
 """
 
 from collections.abc import Sequence
@@ -54,6 +57,13 @@ def upgrade() -> None:
             change bigint := 0;
         BEGIN
             IF TG_OP = 'TRUNCATE' THEN
+                -- TRUNCATE removes every row whatever the snapshot; this DELETE only what its snapshot
+                -- sees. At READ COMMITTED, and after any fold has committed (its lock, blocking here),
+                -- that is every delta; at REPEATABLE READ deltas committed since the snapshot would stay.
+                IF current_setting('transaction_isolation') <> 'read committed' THEN
+                    RAISE EXCEPTION 'TRUNCATE patients needs READ COMMITTED (the active count cannot follow it)';
+                END IF;
+                PERFORM pg_advisory_xact_lock(hashtext('patient_active_count_compact'));
                 DELETE FROM patient_active_count_deltas;
                 RETURN NULL;
             END IF;
