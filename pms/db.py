@@ -93,15 +93,10 @@ def async_pool(url: URL, *, max_size: int, timeout_s: float = 5.0, name: str | N
     network are bounded too (connect timeout, statement timeout, TCP keepalives), so a hung
     server cannot hold a request for ever.
 
-    The pool's own reconnection backs off exponentially without a cap (1, 2, 4, 8 s ...): after an
-    8 s outage its next attempt could come 7 s after the database was back, and every request
-    until then waited ``timeout_s`` for a 503. So a reconnection gives up after ``timeout_s``,
-    as the requests waiting for it do, and the pool shrinks; the next request then starts a new
-    attempt at once (psycopg_pool grows an empty pool on demand). When connections are refused
-    (a stopped or restarting server), creates succeed within about a second of the database
-    answering, however long the outage was. Two limits: a connect that hangs (a silent network,
-    up to the 3 s connect timeout) stretches one reconnection to ~7 s, and a create already
-    waiting when a reconnection gives up still gets its 503.
+    Reconnection gives up after ``timeout_s``, as the waiting requests do (psycopg_pool's own backoff
+    has no cap: after an 8 s outage its next attempt came seconds after the database was back); the
+    next request then grows the emptied pool at once. Limits: a connect that hangs stretches one
+    reconnection to ~7 s, and a request already waiting when a reconnection gives up gets its 503.
     """
     from pms.embedded import libpq_dsn
 

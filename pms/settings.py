@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -359,10 +360,15 @@ class UnknownSettingsError(ValueError):
     """Environment variables in the settings' nested form that name no setting."""
 
 
+def nested_fields() -> dict[str, Any]:
+    """``PMS_<SECTION>__<NAME>`` of every nested setting, with its field (the one walk of the sections)."""
+    return {f"PMS_{name.upper()}__{sub.upper()}": sub_field for name, field in Settings.model_fields.items()
+            if isinstance(field.default, BaseModel) for sub, sub_field in type(field.default).model_fields.items()}
+
+
 def nested_variables() -> frozenset[str]:
     """Every ``PMS_<SECTION>__<NAME>`` variable a setting reads."""
-    return frozenset(f"PMS_{name.upper()}__{sub.upper()}" for name, field in Settings.model_fields.items()
-                     if isinstance(field.default, BaseModel) for sub in type(field.default).model_fields)
+    return frozenset(nested_fields())
 
 
 def check_environment(environ: Mapping[str, str]) -> None:
@@ -424,14 +430,8 @@ def to_env(settings: Settings) -> dict[str, str]:
 
 def _secret_variables() -> tuple[str, ...]:
     """The ``PMS_*`` names of every secret setting (each ``SecretStr`` field, nested ones included)."""
-    names = []
-    for name, field in Settings.model_fields.items():
-        if "SecretStr" in str(field.annotation):
-            names.append(f"PMS_{name.upper()}")
-        elif isinstance(field.default, BaseModel):
-            names.extend(f"PMS_{name.upper()}__{sub.upper()}" for sub, sub_field in
-                         type(field.default).model_fields.items() if "SecretStr" in str(sub_field.annotation))
-    return tuple(names)
+    fields = {f"PMS_{name.upper()}": field for name, field in Settings.model_fields.items()} | nested_fields()
+    return tuple(name for name, field in fields.items() if "SecretStr" in str(field.annotation))
 
 
 #: Variables that carry secrets; children that must not hold them (dashboard, notebook kernels) drop these.

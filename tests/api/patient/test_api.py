@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import date, timedelta
 from typing import Any
 
@@ -16,7 +18,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from tests.api.patient.conftest import Api, new_patient_body
+from tests.api.patient.conftest import Api, new_patient_body, patient_settings, start_patient
+from tests.api.patient.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -429,13 +432,9 @@ def test_random_input_never_gets_a_5xx(staff: httpx.Client, existing_patient_id:
     assert staff.get("/patients", params={"q": q, "limit": 1}).status_code in (200, 400)
 
 
-def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_path: Any) -> None:
-    import time
-
-    from api.patient.main import CREATE_POOL_TIMEOUT_S
-    from pms import process
-    from tests.api.patient.conftest import patient_settings, start_patient
-    from tests.api.patient.tcp_proxy import TcpProxy
+@contextmanager
+def _behind_proxy(servers: Any, tmp_path: Any) -> Iterator[tuple[TcpProxy, httpx.Client]]:
+    """A patient service of its own whose PostgreSQL is reached through a TCP proxy the test can cut."""
 
     base = patient_settings(servers)
     proxy = TcpProxy(base.postgres.host, base.postgres.port)
@@ -443,26 +442,36 @@ def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_pat
     svc = start_patient(settings, tmp_path)
     try:
         with Api(settings, svc.base_url).client() as client:
-            assert client.post("/patients", json=new_patient_body()).status_code == 201
-            proxy.cut()
-            started = time.monotonic()
-            create = client.post("/patients", json=new_patient_body())
-            # One wait for the create pool (2 s), not one per try (it was 10 s): the outage answer comes promptly.
-            assert time.monotonic() - started < 3 * CREATE_POOL_TIMEOUT_S
-            for attempt in (create, client.get("/patients")):
-                assert attempt.status_code == 503, attempt.text
-                assert attempt.json() == {"message": "Database unavailable, try again shortly", "errors": {}}
-                assert attempt.headers["Retry-After"] == "1"
-            assert client.get("/ready").status_code == 503
-            proxy.restore()
-            process.wait_until(lambda: client.get("/ready").status_code == 200,
-                               timeout=30, message="service back after the database returned")
-            # The create's pool holds connections the cut broke; the first create still succeeds.
-            assert client.post("/patients", json=new_patient_body()).status_code == 201
-            assert client.get("/patients", params={"limit": 1}).status_code == 200
+            yield proxy, client
     finally:
         svc.stop()
         proxy.close()
+
+
+def test_database_outage_is_a_503_and_the_service_recovers(servers: Any, tmp_path: Any) -> None:
+    import time
+
+    from api.patient.main import CREATE_POOL_TIMEOUT_S
+    from pms import process
+
+    with _behind_proxy(servers, tmp_path) as (proxy, client):
+        assert client.post("/patients", json=new_patient_body()).status_code == 201
+        proxy.cut()
+        started = time.monotonic()
+        create = client.post("/patients", json=new_patient_body())
+        # One wait for the create pool (2 s), not one per try (it was 10 s): the outage answer comes promptly.
+        assert time.monotonic() - started < 3 * CREATE_POOL_TIMEOUT_S
+        for attempt in (create, client.get("/patients")):
+            assert attempt.status_code == 503, attempt.text
+            assert attempt.json() == {"message": "Database unavailable, try again shortly", "errors": {}}
+            assert attempt.headers["Retry-After"] == "1"
+        assert client.get("/ready").status_code == 503
+        proxy.restore()
+        process.wait_until(lambda: client.get("/ready").status_code == 200,
+                           timeout=30, message="service back after the database returned")
+        # The create's pool holds connections the cut broke; the first create still succeeds.
+        assert client.post("/patients", json=new_patient_body()).status_code == 201
+        assert client.get("/patients", params={"limit": 1}).status_code == 200
 
 
 def test_after_a_long_outage_creates_succeed_as_soon_as_the_database_is_back(servers: Any, tmp_path: Any) -> None:
@@ -472,58 +481,35 @@ def test_after_a_long_outage_creates_succeed_as_soon_as_the_database_is_back(ser
     own timeout and the next create connects at once."""
     import time
 
-    from tests.api.patient.conftest import patient_settings, start_patient
-    from tests.api.patient.tcp_proxy import TcpProxy
-
-    base = patient_settings(servers)
-    proxy = TcpProxy(base.postgres.host, base.postgres.port)
-    settings = base.model_copy(update={"postgres": base.postgres.model_copy(update={"port": proxy.port})})
-    svc = start_patient(settings, tmp_path)
-    try:
-        with Api(settings, svc.base_url).client() as client:
-            assert client.post("/patients", json=new_patient_body()).status_code == 201
-            proxy.cut()
-            failed_at = time.monotonic()
-            # The pool finds its connections dead, drops them and starts reconnecting (and failing).
-            assert client.post("/patients", json=new_patient_body()).status_code == 503
-            # The outage lasts 3.5 s: long enough for the old backoff to have put its next attempt
-            # (~7 s) beyond this create's wait for a connection (CREATE_POOL_TIMEOUT_S).
-            time.sleep(max(0.0, failed_at + 3.5 - time.monotonic()))
-            proxy.restore()
-            reply = client.post("/patients", json=new_patient_body())
-            # The create waits at most CREATE_POOL_TIMEOUT_S for a connection: a 201 means it came in time.
-            assert reply.status_code == 201, reply.text
-    finally:
-        svc.stop()
-        proxy.close()
+    with _behind_proxy(servers, tmp_path) as (proxy, client):
+        assert client.post("/patients", json=new_patient_body()).status_code == 201
+        proxy.cut()
+        failed_at = time.monotonic()
+        # The pool finds its connections dead, drops them and starts reconnecting (and failing).
+        assert client.post("/patients", json=new_patient_body()).status_code == 503
+        # The outage lasts 3.5 s: long enough for the old backoff to have put its next attempt
+        # (~7 s) beyond this create's wait for a connection (CREATE_POOL_TIMEOUT_S).
+        time.sleep(max(0.0, failed_at + 3.5 - time.monotonic()))
+        proxy.restore()
+        reply = client.post("/patients", json=new_patient_body())
+        # The create waits at most CREATE_POOL_TIMEOUT_S for a connection: a 201 means it came in time.
+        assert reply.status_code == 201, reply.text
 
 
 def test_after_a_database_restart_the_first_create_succeeds(servers: Any, tmp_path: Any) -> None:
     """The create's pool does not ping on checkout: connections broken while idle are found by the
     create's first read, dropped, and the read goes again (service._preflight), so no 503."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from pms import process
-    from tests.api.patient.conftest import patient_settings, start_patient
-    from tests.api.patient.tcp_proxy import TcpProxy
 
-    base = patient_settings(servers)
-    proxy = TcpProxy(base.postgres.host, base.postgres.port)
-    settings = base.model_copy(update={"postgres": base.postgres.model_copy(update={"port": proxy.port})})
-    svc = start_patient(settings, tmp_path)
-    try:
-        with Api(settings, svc.base_url).client() as client, ThreadPoolExecutor(8) as pool:
-            # Several creates at once leave several open connections in the pool.
-            statuses = list(pool.map(lambda _: client.post("/patients", json=new_patient_body()).status_code,
-                                     range(16)))
-            assert statuses == [201] * 16
-            proxy.cut()  # every connection dies while idle: nothing is running
-            proxy.restore()
-            process.wait_until(lambda: client.get("/ready").status_code == 200, timeout=30,
-                               message="the database reachable again")
-            for _ in range(4):
-                reply = client.post("/patients", json=new_patient_body())
-                assert reply.status_code == 201, reply.text
-    finally:
-        svc.stop()
-        proxy.close()
+    with _behind_proxy(servers, tmp_path) as (proxy, client), ThreadPoolExecutor(8) as pool:
+        # Several creates at once leave several open connections in the pool.
+        statuses = list(pool.map(lambda _: client.post("/patients", json=new_patient_body()).status_code,
+                                 range(16)))
+        assert statuses == [201] * 16
+        proxy.cut()  # every connection dies while idle: nothing is running
+        proxy.restore()
+        process.wait_until(lambda: client.get("/ready").status_code == 200, timeout=30,
+                           message="the database reachable again")
+        for _ in range(4):
+            reply = client.post("/patients", json=new_patient_body())
+            assert reply.status_code == 201, reply.text
