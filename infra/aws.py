@@ -522,6 +522,9 @@ class Deployer:
             container["entryPoint"] = list(task.entry_point)
         if task.port is not None:
             container["portMappings"] = [{"containerPort": task.port, "protocol": "tcp", "name": task.name}]
+        if task.metrics_port is not None:
+            container.setdefault("portMappings", []).append(
+                {"containerPort": task.metrics_port, "protocol": "tcp", "name": f"{task.name}-metrics"})
         if task.health_command:
             container["healthCheck"] = {"command": list(task.health_command), "interval": 15, "timeout": 5,
                                         "retries": 3, "startPeriod": 60}

@@ -46,6 +46,15 @@ def service_port(spec: ServiceSpec) -> int:
     return int(section_defaults(spec).port)
 
 
+def metrics_port(spec: ServiceSpec) -> int | None:
+    """The separate Prometheus port of ``spec`` (billing's, beside its gRPC port), or None.
+
+    A service whose metrics live on its own HTTP port has none; 0 turns the port off.
+    """
+    port = int(getattr(section_defaults(spec), "metrics_port", 0) or 0)
+    return port or None
+
+
 def address_environment(services: tuple[ServiceSpec, ...], host_of: Callable[[ServiceSpec], str]) -> dict[str, str]:
     """``PMS_<SECTION>__HOST/PORT/URL/TARGET`` so every service binds 0.0.0.0 and finds the others.
 
@@ -137,6 +146,8 @@ class Task:
     one_off: bool = False
     #: Overrides the image's ENTRYPOINT (``pms``) when set.
     entry_point: tuple[str, ...] | None = None
+    #: A second container port for Prometheus scrapes (billing), reachable from the stack's own tasks.
+    metrics_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +292,7 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
             log_group=f"/{stack}/{spec.name}",
             health_command=("CMD", "python", "-m", "infra.healthcheck", spec.name),
             public=spec.public,
+            metrics_port=metrics_port(spec),
         ))
     tasks.append(Task(
         name="db-init",
@@ -316,7 +328,8 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
     else:
         listeners = (Listener(HTTP_PORT, "HTTP"),)
 
-    service_ports = sorted({service_port(s) for s in services})
+    # What the tasks reach on each other: every service port and every separate metrics port.
+    service_ports = sorted({service_port(s) for s in services} | {p for s in services if (p := metrics_port(s))})
     public_ports = sorted({service_port(s) for s in services if s.public})
     security_groups = (
         SecurityGroup(f"{stack}-alb", "load balancer: its listener ports from anywhere",

@@ -112,6 +112,7 @@ def test_security_groups_chain_world_to_alb_to_services_to_db(deployed: Deployme
     assert (4004, 4004, alb["GroupId"]) in svc_rules and (8501, 8501, alb["GroupId"]) in svc_rules
     assert not any(src == "0.0.0.0/0" for *_, src in svc_rules)
     ports = [int(Settings.model_fields[s.section].default.port) for s in SERVICES]
+    ports.append(Settings.model_fields["billing"].default.metrics_port)  # Prometheus scrapes billing there
     assert (min(ports), max(ports), services["GroupId"]) in svc_rules
 
 
@@ -183,7 +184,9 @@ def test_task_definition_wiring(deployed: Deployment, spec: Any) -> None:
     assert container["image"] == IMAGE
     assert container["command"] == ["serve", spec.name]
     assert "entryPoint" not in container  # the image's ENTRYPOINT is pms
-    assert [(p["containerPort"], p["protocol"]) for p in container["portMappings"]] == [(port, "tcp")]
+    metrics = getattr(Settings.model_fields[spec.section].default, "metrics_port", 0)
+    assert [(p["containerPort"], p["protocol"]) for p in container["portMappings"]] == [
+        (port, "tcp"), *([(metrics, "tcp")] if metrics else [])]
     env = {e["name"]: e["value"] for e in container["environment"]}
     assert env[f"PMS_{spec.section.upper()}__HOST"] == "0.0.0.0"
     assert env[f"PMS_{spec.section.upper()}__PORT"] == str(port)

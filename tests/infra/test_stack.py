@@ -55,6 +55,17 @@ def test_security_groups_expose_only_the_load_balancer(infra_settings: Callable[
         (4004, "s-alb"), (8501, "s-alb")}
 
 
+def test_billing_metrics_port_is_mapped_and_reachable_from_the_stack(infra_settings: Callable[..., Settings]) -> None:
+    stack = desired_stack(infra_settings("s"))
+    tasks = {t.name: t for t in stack.services}
+    assert tasks["billing"].metrics_port == Settings().billing.metrics_port == 9101
+    assert all(t.metrics_port is None for name, t in tasks.items() if name != "billing")
+    internal = next(r for g in stack.security_groups if g.name == "s-services" for r in g.ingress
+                    if r.source_group == "s-services")
+    assert internal.port_from <= 9101 <= internal.port_to
+    assert all(internal.port_from <= t.port <= internal.port_to for t in stack.services if t.port)
+
+
 def test_refuses_without_kafka_bootstrap(infra_settings: Callable[..., Settings]) -> None:
     settings = infra_settings("s").model_copy(update={"kafka_bootstrap_servers": None})
     with pytest.raises(StackError, match="PMS_KAFKA_BOOTSTRAP_SERVERS"):
