@@ -371,27 +371,56 @@ def nested_variables() -> frozenset[str]:
     return frozenset(nested_fields())
 
 
-def check_environment(environ: Mapping[str, str]) -> None:
-    """Refuse ``PMS_<SECTION>__<NAME>`` variables that name no setting, saying what was meant.
+def top_level_variables() -> frozenset[str]:
+    """Every single-underscore ``PMS_<NAME>`` variable a setting reads (not the sections)."""
+    return frozenset(f"PMS_{(field.alias or name).upper()}" for name, field in Settings.model_fields.items()
+                     if not isinstance(field.default, BaseModel))
 
-    pydantic-settings drops unknown keys of a nested section without a word, so a typo
+
+#: How alike (difflib ratio) a single-underscore name must be to a top-level setting to count as its typo.
+#: Tool variables sharing the prefix (compose's PMS_POSTGRES_PASSWORD, db-init's PMS_DB_APP_PASSWORD, the
+#: bench's PMS_BENCH_*) stay at or below 0.76; the typos seen (PMS_LOGLEVEL, PMS_DATABASE_ULR) are >= 0.86.
+TYPO_RATIO = 0.85
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse ``PMS_*`` variables that are meant as a setting but name none, saying what was meant.
+
+    pydantic-settings drops unknown keys without a word, so a typo
     (``PMS_PATIENT__OUTBOX_POLL_INTERVAL``) or a renamed setting would leave its default in
     force while the operator believes it changed; for a security setting that is a silent
-    hole. Only the nested form (with ``__``) is checked: single-underscore ``PMS_*`` names
-    are also used by docker-compose and the bench, which are not settings.
+    hole. Every nested name (with ``__``) is checked. Single-underscore ``PMS_*`` names are
+    also used by docker-compose, db-init and the bench, which are not settings, so one of
+    those is refused only when it is plainly a setting mistyped: a section's setting with one
+    underscore for two (``PMS_JWT_SECRET``), or a near miss of a top-level setting
+    (``PMS_LOGLEVEL``).
     """
     known = nested_variables()
+    top_level = top_level_variables()
     problems = []
-    for variable in sorted(key.upper() for key in environ if key.upper().startswith("PMS_") and "__" in key):
-        if variable in known:
+    for variable in sorted(key.upper() for key in environ if key.upper().startswith("PMS_")):
+        if variable in known or variable in top_level:
             continue
         if variable in RENAMED_VARIABLES:
             problems.append(f"{variable} was renamed {RENAMED_VARIABLES[variable]}")
-            continue
-        close = difflib.get_close_matches(variable, known, n=1)
-        problems.append(f"{variable} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif "__" in variable:
+            close = difflib.get_close_matches(variable, known, n=1)
+            problems.append(f"{variable} is not a setting" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif meant := _meant_by_single_underscore(variable, known, top_level):
+            problems.append(f"{variable} is not a setting (did you mean {meant}?)")
     if problems:
         raise UnknownSettingsError("; ".join(problems))
+
+
+def _meant_by_single_underscore(variable: str, nested: frozenset[str], top_level: frozenset[str]) -> str | None:
+    """The setting a single-underscore ``variable`` plainly mistypes, or None for a name of some other tool."""
+    parts = variable.split("_")
+    for cut in range(2, len(parts)):  # PMS_JWT_SECRET -> PMS_JWT__SECRET
+        candidate = "_".join(parts[:cut]) + "__" + "_".join(parts[cut:])
+        if candidate in nested:
+            return candidate
+    close = difflib.get_close_matches(variable, top_level, n=1, cutoff=TYPO_RATIO)
+    return close[0] if close else None
 
 
 def _env_value(value: object) -> str:

@@ -11,6 +11,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from pms.settings import (
+    RENAMED_VARIABLES,
     Mode,
     Settings,
     UnknownSettingsError,
@@ -167,9 +168,51 @@ def test_an_unknown_nested_variable_is_refused_with_what_was_meant(variable: str
         check_environment({variable: "1", "PMS_PATIENT__PORT": "4000"})
 
 
-def test_single_underscore_names_of_compose_and_the_bench_are_not_checked() -> None:
-    check_environment({"PMS_IMAGE": "pms:1", "PMS_BENCH_WRITE_TOTAL": "400", "PMS_GATEWAY_PUBLISHED_PORT": "80",
-                       "OTHER__THING": "x"})
+#: Every single-underscore PMS_* name the project's own tools use that is not a setting (compose, db-init,
+#: the bench, the tests, the notebooks' runner).
+TOOL_VARIABLES = (
+    "PMS_IMAGE", "PMS_POSTGRES_PASSWORD", "PMS_DB_APP_PASSWORD", "PMS_DB_ANALYST_PASSWORD", "PMS_DBINIT_SUPERUSER_URL",
+    "PMS_SERVICE", "PMS_RESULT", "PMS_TEST_BACKEND", "PMS_TEST_SUPERVISOR", "PMS_BENCH_WRITE_TOTAL", "PMS_BENCH_BIG",
+    "PMS_BENCH_PROFILE", "PMS_BENCH_PROFILE_IDLE", "PMS_BENCH_PROFILE_RATE", "PMS_KAFKA_PUBLISHED_PORT",
+    "PMS_POSTGRES_PUBLISHED_PORT", "PMS_LOCALSTACK_PUBLISHED_PORT", "PMS_GATEWAY_PUBLISHED_PORT",
+    "PMS_DASHBOARD_PUBLISHED_PORT",
+)
+
+
+def test_single_underscore_names_of_compose_db_init_and_the_bench_pass() -> None:
+    check_environment({**dict.fromkeys(TOOL_VARIABLES, "1"), "OTHER__THING": "x", "PMS_LOG_LEVEL": "INFO"})
+
+
+def test_no_pms_variable_the_project_itself_uses_is_refused() -> None:
+    """Compose, db-init, the bench, CI and the fixtures set PMS_* names; none may look like a mistyped setting."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    used: set[str] = set()
+    for name in files:
+        path = root / name
+        code = path.suffix in {".py", ".yml", ".yaml", ".toml", ".cfg", ".sh"} or name in {"Makefile", "Dockerfile",
+                                                                                          ".ci/run"}
+        # The check's own docstrings and tests spell typos on purpose.
+        deliberate_typos = name == "pms/settings.py" or (name.startswith("tests/") and path.name != "conftest.py")
+        if code and not deliberate_typos and path.is_file():
+            used |= set(re.findall(r"\bPMS_[A-Z0-9]+(?:_{1,2}[A-Z0-9]+)*\b", path.read_text(errors="replace")))
+    assert len(used) > 50, sorted(used)  # the scan found the project's variables
+    check_environment(dict.fromkeys(used - set(RENAMED_VARIABLES), "1"))
+
+
+@pytest.mark.parametrize(("variable", "message"), [
+    ("PMS_JWT_SECRET", "did you mean PMS_JWT__SECRET?"),  # one underscore for two: the key would be generated
+    ("PMS_PATIENT_BILLING_TIMEOUT_S", "did you mean PMS_PATIENT__BILLING_TIMEOUT_S?"),
+    ("PMS_LOGLEVEL", "did you mean PMS_LOG_LEVEL?"),
+    ("pms_database_ulr", "did you mean PMS_DATABASE_URL?"),
+    ("PMS_ADMIN_PASSWORD_FILE", "did you mean PMS_ADMIN_PASSWORD?"),  # no *_FILE convention here: say so
+])
+def test_a_single_underscore_name_that_plainly_mistypes_a_setting_is_refused(variable: str, message: str) -> None:
+    with pytest.raises(UnknownSettingsError, match=message.replace("?", r"\?")):
+        check_environment({variable: "1", "PMS_IMAGE": "pms:1"})
 
 
 def test_a_mistyped_variable_in_the_dotenv_file_is_refused_too(tmp_path: Path,
