@@ -120,6 +120,9 @@ class PipelineSettings(BaseModel):
     batch_size: int = 5000
     #: Seconds the sink waits to fill a batch before writing what it has.
     batch_timeout_s: float = 0.2
+    #: Longest a consumer fetch waits for new events (librdkafka fetch.wait.max.ms). Tansu answers a fetch only
+    #: when this runs out, not when events arrive, so it adds to freshness: 500 (the default) doubled the p50.
+    fetch_wait_ms: int = Field(default=50, ge=1, le=5000)
     #: Window (events) over which freshness p50/p99 are computed.
     freshness_window: int = 1000
     #: Seconds the consumer may stay outside its group, starved of partitions while events wait, or failing

@@ -242,6 +242,7 @@ def build_application(settings: Settings) -> _Application:
             "session.timeout.ms": settings.kafka.session_timeout_ms,
             "heartbeat.interval.ms": settings.kafka.heartbeat_interval_ms,
             "statistics.interval.ms": BrokerRestartGuard.STATS_INTERVAL_MS,
+            "fetch.wait.max.ms": settings.pipeline.fetch_wait_ms,
             "stats_cb": guard.on_stats,
         },
         consumer_poll_timeout=0.1,

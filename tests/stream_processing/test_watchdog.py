@@ -488,6 +488,18 @@ def test_the_application_runs_on_the_tolerant_context() -> None:
     assert app._processing_context.give_up_after_s == Settings().pipeline.stall_timeout_s
 
 
+def test_the_consumer_fetch_wait_comes_from_the_settings() -> None:
+    """Tansu holds a fetch for its whole wait even when events arrive, so this bounds freshness."""
+    from pms.settings import Settings
+
+    settings = Settings()
+    assert settings.pipeline.fetch_wait_ms == 50  # not librdkafka's 500
+    settings.pipeline.fetch_wait_ms = 70
+    config = build_application(settings)._consumer._consumer_config  # Quix keeps it private
+    assert config["fetch.wait.max.ms"] == 70
+    assert config["session.timeout.ms"] == settings.kafka.session_timeout_ms
+
+
 def paused_then_back_without_partitions(requests: list[int]) -> BrokerRestartGuard:
     """A guard that paused, then saw the broker come back: the consumer rejoined, but the topic was missing then."""
     consumer = FetchingConsumer()
