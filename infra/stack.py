@@ -270,14 +270,19 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
     if missing:
         raise StackError(f"public services without a load balancer route in infra.stack.PUBLIC_ROUTES: {missing}")
     namespace = f"{stack}.internal"
+    subnets = _subnets(stack, infra.vpc_cidr)
 
     env = {
         "PMS_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
         "PMS_ADMIN_EMAIL": settings.admin_email,
         "PMS_LOG_LEVEL": settings.log_level,
-        # Security groups admit only the load balancer and the stack's own tasks: their X-Forwarded-For is
-        # the real client, which auth's per-address login limit needs.
+        # Internal services are reached only by the stack's own tasks (security groups): the X-Forwarded-For
+        # the gateway sets is the real client, which auth's per-address login limit needs.
         "PMS_FORWARDED_ALLOW_IPS": "*",
+        # The gateway and dashboard are reached through the load balancer, whose nodes live in the public
+        # subnets and append the real client to X-Forwarded-For: only those hops are trusted, so uvicorn takes
+        # the address the load balancer saw, never one the client wrote into the header itself.
+        "PMS_PUBLIC_FORWARDED_ALLOW_IPS": ",".join(s.cidr for s in subnets if s.public),
         **address_environment(services, lambda spec: f"{spec.name}.{namespace}"),
     }
     tasks: list[Task] = []
@@ -349,7 +354,7 @@ def desired_stack(settings: Settings, *, services: tuple[ServiceSpec, ...] = SER
         region=infra.region,
         image=infra.image,
         vpc_cidr=infra.vpc_cidr,
-        subnets=_subnets(stack, infra.vpc_cidr),
+        subnets=subnets,
         security_groups=security_groups,
         cluster=stack,
         namespace=namespace,

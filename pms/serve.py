@@ -26,14 +26,15 @@ def serve(name: str, settings: Settings | None = None) -> None:
         import uvicorn
 
         app = target(settings)
+        trusted = settings.public_forwarded_allow_ips if spec.public else settings.forwarded_allow_ips
         uvicorn.run(
             app,
             host=spec.host(settings),
             port=spec.port(settings),
             log_config=None,
             access_log=False,
-            proxy_headers=True,
-            forwarded_allow_ips=settings.forwarded_allow_ips,
+            proxy_headers=bool(trusted.strip()),
+            forwarded_allow_ips=trusted,
             timeout_graceful_shutdown=5,
         )
     else:

@@ -249,9 +249,14 @@ class Settings(BaseSettings):
     admin_password: SecretStr | None = None
     #: Log level of every process (JSON lines on stderr; never patient data).
     log_level: str = "INFO"
-    #: Comma-separated proxy addresses whose X-Forwarded-For is trusted (uvicorn's forwarded_allow_ips): the
-    #: gateway's address, so auth counts failed logins per real client. "*" only on a private network.
+    #: Comma-separated proxy addresses or networks whose X-Forwarded-For the internal services trust
+    #: (uvicorn's forwarded_allow_ips): the gateway's, so auth counts failed logins per real client.
+    #: "*" only on a private network.
     forwarded_allow_ips: str = "127.0.0.1"
+    #: The same for the public services (gateway, dashboard): the load balancer in front of them, e.g. its
+    #: subnets' CIDR. Empty (the default): they are the edge and believe no X-Forwarded-For, since a client
+    #: that chose its own address would get a fresh rate limit and login counter per request.
+    public_forwarded_allow_ips: str = ""
 
     postgres: PostgresSettings = PostgresSettings()
     patient: PatientSettings = PatientSettings()

@@ -66,6 +66,19 @@ def test_billing_metrics_port_is_mapped_and_reachable_from_the_stack(infra_setti
     assert all(internal.port_from <= t.port <= internal.port_to for t in stack.services if t.port)
 
 
+def test_public_services_trust_only_the_load_balancer_subnets_forwarded_for(
+        infra_settings: Callable[..., Settings]) -> None:
+    """A client's own X-Forwarded-For must never become the address the gateway and auth limit by."""
+    import ipaddress
+
+    stack = desired_stack(infra_settings("s"))
+    env = stack.services[0].environment
+    trusted = [ipaddress.ip_network(cidr) for cidr in env["PMS_PUBLIC_FORWARDED_ALLOW_IPS"].split(",")]
+    assert sorted(map(str, trusted)) == sorted(s.cidr for s in stack.subnets if s.public)
+    assert "*" not in env["PMS_PUBLIC_FORWARDED_ALLOW_IPS"]
+    assert env["PMS_FORWARDED_ALLOW_IPS"] == "*"  # internal services: reached by the stack's own tasks only
+
+
 def test_refuses_without_kafka_bootstrap(infra_settings: Callable[..., Settings]) -> None:
     settings = infra_settings("s").model_copy(update={"kafka_bootstrap_servers": None})
     with pytest.raises(StackError, match="PMS_KAFKA_BOOTSTRAP_SERVERS"):

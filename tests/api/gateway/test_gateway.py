@@ -210,7 +210,7 @@ def test_dot_segments_cannot_dodge_the_rules(stack: Stack, raw_path: str) -> Non
 def test_forwards_request_id_identity_address_and_query(stack: Stack, gw: httpx.Client) -> None:
     rid = uuid.uuid4().hex
     reply = gw.get("/api/patients/echo", params={"q": "smith", "limit": 5},
-                   headers={**bearer(stack.tokens["STAFF"]), "X-Request-ID": rid,
+                   headers={**bearer(stack.tokens["STAFF"]), "X-Request-ID": rid, "X-Forwarded-For": "203.0.113.9",
                             "X-User-Role": "ADMIN", "X-User-Sub": "someone-else", "Cookie": "session=1"})
     assert reply.status_code == 200
     seen = reply.json()
@@ -218,7 +218,7 @@ def test_forwards_request_id_identity_address_and_query(stack: Stack, gw: httpx.
     assert seen["headers"]["x-request-id"] == rid
     assert seen["headers"]["x-user-sub"] == stack.users["STAFF"]
     assert seen["headers"]["x-user-role"] == "STAFF"  # the client's own X-User-Role is not passed on
-    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"  # the peer, not the address the client claimed
     assert "cookie" not in seen["headers"]
     assert seen["headers"]["authorization"] == f"Bearer {stack.tokens['STAFF']}"
     assert seen["path"] == "/patients/echo" and seen["query"] == "q=smith&limit=5"
@@ -370,9 +370,10 @@ def test_rate_limit_per_caller(servers: ServerSet, stack: Stack, tmp_path_factor
             # Another caller has its own budget; the probes are never limited.
             assert client.get("/api/analytics/summary", headers=analyst).status_code == 200
             assert client.get("/health").status_code == 200
-            # Anonymous callers are counted by address.
-            codes = [client.post("/auth/login", json={"email": "x@y.example", "password": "p" * 12}).status_code
-                     for _ in range(limit + 1)]
+            # Anonymous callers are counted by address: the one they connect from, not one they write into
+            # X-Forwarded-For (the gateway is the edge here, so it believes no such header).
+            codes = [client.post("/auth/login", json={"email": "x@y.example", "password": "p" * 12},
+                                 headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(limit + 1)]
             assert codes[:limit] == [401] * limit and codes[limit] == 429
     finally:
         gateway.stop()
