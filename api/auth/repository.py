@@ -44,6 +44,15 @@ def add_user(session: Session, user: User) -> User:
     return user
 
 
+def fold_email(session: Session, email: str) -> str:
+    """``email`` case-folded as the database folds it when it compares emails (citext: its ``lower``).
+
+    Python's ``str.lower`` differs for some letters (U+0130 "İ" becomes "i" + a combining dot in
+    Python, "i" in PostgreSQL), so a key folded in Python gave one account several counters.
+    """
+    return str(session.execute(select(func.lower(email.strip()))).scalar_one())
+
+
 def lock_keys(session: Session, *, keys: Sequence[str]) -> None:
     """Serialise logins that share a key until the transaction ends (sorted: no deadlocks)."""
     for key in sorted(set(keys)):

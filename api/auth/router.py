@@ -66,10 +66,11 @@ def me(user: ActiveUser) -> UserRead:
     return UserRead.model_validate(user)
 
 
-@router.post("/me/password", status_code=status.HTTP_204_NO_CONTENT, tags=["auth"], responses=_ERRORS)
-def change_password(data: PasswordChange, user: ActiveUser, session: SessionDep) -> Response:
-    """Change the caller's password (needs the current one)."""
-    auth_service.change_password(session=session, user=user, data=data)
+@router.post("/me/password", status_code=status.HTTP_204_NO_CONTENT, tags=["auth"],
+             responses={**_ERRORS, 429: {"description": "Too many failed logins or password checks"}})
+def change_password(data: PasswordChange, user: ActiveUser, session: SessionDep, settings: SettingsDep) -> Response:
+    """Change the caller's password (needs the current one; wrong ones count as failed logins)."""
+    auth_service.change_password(session=session, settings=settings, user=user, data=data)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -42,10 +42,12 @@ ADMIN_PASSWORD_FILE = "admin.password"
 REVOCATION_MARGIN_S = 60
 
 
-def _account_key(settings: Settings, email: str) -> str:
-    """Failure-counter key of an account: a keyed digest, so the table holds no raw addresses."""
+def _account_key(session: Session, settings: Settings, email: str) -> str:
+    """Failure-counter key of an account: a keyed digest (the table holds no raw addresses) of the email
+    folded as the database folds it, so every spelling that finds the account shares its counter."""
     assert settings.jwt.secret is not None
-    digest = hmac.new(settings.jwt.secret.get_secret_value().encode(), email.strip().lower().encode(), hashlib.sha256)
+    folded = auth_repository.fold_email(session, email)
+    digest = hmac.new(settings.jwt.secret.get_secret_value().encode(), folded.encode(), hashlib.sha256)
     return "acct:" + digest.hexdigest()
 
 
@@ -84,7 +86,7 @@ def login(*, session: Session, settings: Settings, data: LoginRequest, client_ad
     """
     now = datetime.now(UTC)
     window = timedelta(seconds=settings.auth.failed_login_window_s)
-    account_key = _account_key(settings, data.email)
+    account_key = _account_key(session, settings, data.email)
     keys = [account_key, _address_key(client_address)]
     # Parallel guesses at one account (or from one address) are checked one after another,
     # so a burst of concurrent attempts cannot slip past the limit before failures are recorded.
@@ -164,13 +166,31 @@ def require_admin(*, user: User) -> User:
     return user
 
 
-def change_password(*, session: Session, user: User, data: PasswordChange) -> None:
-    """Replace the caller's password after checking the current one."""
+def change_password(*, session: Session, settings: Settings, user: User, data: PasswordChange) -> None:
+    """Replace the caller's password after checking the current one.
+
+    Wrong current passwords count against the account's login limit (the same counter), so a
+    stolen session cannot guess the password at the gateway's request rate and take the account.
+
+    Raises:
+        TooManyRequests: the account is locked by failed logins or failed checks here.
+        BadRequest: the current password is wrong, or the new one equals it.
+    """
+    now = datetime.now(UTC)
+    window = timedelta(seconds=settings.auth.failed_login_window_s)
+    keys = [_account_key(session, settings, user.email)]
+    auth_repository.lock_keys(session, keys=keys)
+    _check_not_locked(session=session, settings=settings, keys=keys, now=now, window=window)
     if not verify_password(user.password_hash, data.current_password):
+        auth_repository.delete_failures(session, keys=keys, before=now - window)
+        auth_repository.add_failures(session, keys=keys, at=now)
+        session.commit()
+        log.info("password change refused", extra={"fields": {"event": "password_check_failed",
+                                                               "user_id": str(user.id)}})
         raise BadRequest("Current password is wrong", errors={"currentPassword": "Does not match"})
     if data.new_password == data.current_password:
         raise BadRequest(errors={"newPassword": "Must differ from the current password"})
-    now = datetime.now(UTC)
+    auth_repository.delete_failures(session, keys=keys)
     user.password_hash = hash_password(data.new_password)
     user.password_changed_at = now
     _revoke_sessions(user, now=now)  # whoever knew the old password loses the sessions it opened

@@ -70,6 +70,43 @@ def test_brute_force_per_account_then_success_after_the_window(
         )
 
 
+def test_every_spelling_the_database_folds_to_an_account_shares_its_counter(
+    strict_auth: ServiceProcess, user_factory: Callable[..., AuthUser]
+) -> None:
+    """PostgreSQL folds U+0130 to "i" (citext finds the user), Python to "i" + a combining dot: a counter
+    keyed in Python gave every such spelling a full set of guesses at one account."""
+    user = user_factory("STAFF")
+    assert "i" in user.email
+    variants = [user.email.replace("i", "\u0130", 1), user.email.upper(), user.email.replace("i", "I")]
+    with httpx.Client(base_url=strict_auth.base_url, timeout=10) as client:
+        for i, variant in enumerate(variants[:MAX_FAILED]):
+            assert _login(client, variant, "wrong-password-123", f"10.4.0.{i + 1}").status_code == 401
+        assert _login(client, user.email, user.password, "10.4.0.99").status_code == 429
+        assert _login(client, variants[0], user.password, "10.4.0.98").status_code == 429
+
+
+def test_wrong_current_passwords_count_against_the_account(
+    strict_auth: ServiceProcess, user_factory: Callable[..., AuthUser]
+) -> None:
+    """A held token (a stolen session) cannot guess the current password at the request rate."""
+    user = user_factory("STAFF")
+    new = {"newPassword": "Brand-New-Phrase-77"}
+    with httpx.Client(base_url=strict_auth.base_url, timeout=10) as client:
+        token = _login(client, user.email, user.password, "10.5.0.1").json()["token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        for i in range(MAX_FAILED):
+            wrong = client.post("/me/password", headers=headers, json={"currentPassword": f"guess-{i}-xyz!", **new})
+            assert wrong.status_code == 400 and "currentPassword" in wrong.json()["errors"]
+        locked = client.post("/me/password", headers=headers, json={"currentPassword": user.password, **new})
+        assert locked.status_code == 429 and 1 <= int(locked.headers["Retry-After"]) <= WINDOW_S + 1
+        assert _login(client, user.email, user.password, "10.5.0.2").status_code == 429  # one counter
+        process.wait_until(
+            lambda: client.post("/me/password", headers=headers,
+                                json={"currentPassword": user.password, **new}).status_code == 204,
+            timeout=WINDOW_S + 10, interval=0.25, message="the password change to be allowed again")
+        assert _login(client, user.email, "Brand-New-Phrase-77", "10.5.0.3").status_code == 200
+
+
 def test_parallel_guesses_cannot_exceed_the_limit(
     strict_auth: ServiceProcess, user_factory: Callable[..., AuthUser]
 ) -> None:
