@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from infra.stack import address_environment, service_port
-from pms.embedded import ANALYST_ROLE, APP_ROLE
+from pms.embedded import ANALYST_ROLE, APP_ROLE, PRIVATE_LOG_SETTINGS, postgres_options
 from pms.registry import SERVICES, ServiceSpec
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
@@ -81,9 +81,7 @@ def _infrastructure() -> dict[str, dict[str, Any]]:
                 "postgres",
                 "-c", "shared_preload_libraries=pg_stat_statements",
                 "-c", "max_connections=200",
-                "-c", "log_statement=none",
-                "-c", "log_min_error_statement=panic",
-                "-c", "log_min_duration_statement=-1",
+                *postgres_options(PRIVATE_LOG_SETTINGS),
             ],
             "volumes": [
                 # postgres:18 keeps PGDATA in a versioned folder below /var/lib/postgresql.

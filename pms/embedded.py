@@ -91,6 +91,23 @@ def libpq_dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+#: PostgreSQL logging that keeps patient data out of the server log, for every server pms runs (embedded and
+#: docker-compose). Statements and their durations are never logged, and errors without their DETAIL line:
+#: a unique violation's DETAIL quotes the key, e.g. a patient's email ("Key (lower(email))=(...) already
+#: exists"), which the application turns into a 409 but the server log kept.
+PRIVATE_LOG_SETTINGS: dict[str, str] = {
+    "log_statement": "none",
+    "log_min_error_statement": "panic",
+    "log_min_duration_statement": "-1",
+    "log_error_verbosity": "terse",
+}
+
+
+def postgres_options(settings: dict[str, str]) -> list[str]:
+    """``settings`` as ``postgres -c name=value`` arguments (these win over every configuration file)."""
+    return [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
+
+
 class EmbeddedPostgres:
     """One PostgreSQL server on ``<data_dir>/postgres``."""
 
@@ -192,10 +209,8 @@ class EmbeddedPostgres:
             "wal_level = replica\n"
             "synchronous_commit = on\n"
             "log_min_messages = warning\n"
-            # Statements can carry patient data: never log them.
-            "log_statement = 'none'\n"
-            "log_min_error_statement = panic\n"
-            "log_min_duration_statement = -1\n"
+            # The logging settings that keep patient data out of the log are on the command line
+            # (PRIVATE_LOG_SETTINGS), so clusters initialised before one was added get it too.
         )
         with open(self.pgdata / "postgresql.auto.conf", "a") as handle:
             handle.write(extra)
@@ -219,6 +234,7 @@ class EmbeddedPostgres:
             "-p", str(self.port),
             "-h", self.host,
             "-k", str(self._socket_dir),
+            *postgres_options(PRIVATE_LOG_SETTINGS),
         ]
 
     def start(self, *, timeout: float = 60.0) -> subprocess.Popen[bytes]:

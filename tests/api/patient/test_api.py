@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from pms import process
 from tests.api.patient.conftest import Api, new_patient_body, patient_settings, start_patient
 from tests.api.patient.tcp_proxy import TcpProxy
 
@@ -396,6 +397,22 @@ def test_request_id_is_echoed_and_no_pii_is_logged(staff: httpx.Client, patient_
     log = patient_service.log_path.read_text()
     assert "rid-123" in log
     assert secret_name not in log and response.json()["email"] not in log
+
+
+def test_a_refused_email_does_not_reach_the_postgres_log(staff: httpx.Client, servers: Any) -> None:
+    """The unique index refuses an update to a taken email (409); PostgreSQL logs that error, without the
+    DETAIL line that quotes the key (the email), since log_error_verbosity is terse."""
+    if servers.postgres is None:
+        pytest.skip("an external PostgreSQL: its logging is its operator's")
+    log = servers.postgres.log_path
+    errors_before = log.read_text(errors="replace").count("violates unique constraint")
+    first = staff.post("/patients", json=new_patient_body()).json()
+    second = staff.post("/patients", json=new_patient_body()).json()
+    clash = staff.put(f"/patients/{second['id']}", json=new_patient_body(email=first["email"], name=second["name"]))
+    assert clash.status_code == 409
+    process.wait_until(lambda: log.read_text(errors="replace").count("violates unique constraint") > errors_before,
+                       timeout=10, interval=0.05, message="PostgreSQL to log the unique violation")
+    assert first["email"] not in log.read_text(errors="replace")
 
 
 def test_ops_endpoints(api: Api) -> None:
