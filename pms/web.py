@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pms.errors import error_response, install_error_handlers, route_template
@@ -63,8 +64,16 @@ class BodySizeLimit:
             await error_response(413, "Request body too large")(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` once a body without (or beyond) its Content-Length passes the limit.
+
+    An HTTPException, so whoever is reading the body lets it through: FastAPI re-raises HTTP
+    exceptions met while parsing a body (any other one becomes a 400 "error parsing the body"),
+    and the app's handler answers it 413 in the one error shape.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(413, "Request body too large")
 
 
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode("latin-1")
@@ -112,6 +121,8 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except _BodyTooLarge:
+            raise  # BodySizeLimit (outside) answers 413; not a failure of the service
         except Exception:
             log.exception("request failed", extra={"fields": {"service": self.service, "request_id": request_id}})
             if started:

@@ -30,7 +30,7 @@ def expected_version(if_match: Annotated[str | None, Header(alias="If-Match")] =
     if if_match is None or if_match.strip() == "*":
         return None
     raw = if_match.strip().removeprefix("W/").strip('"')
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # str.isdigit alone passes "²", which int() refuses
         raise BadRequest("Invalid If-Match header", errors={"If-Match": "Must be a patient version number"})
     return int(raw)
 

@@ -272,6 +272,11 @@ def test_body_limit_cors_and_security_headers(stack: Stack, gw: httpx.Client) ->
     too_big = gw.post("/api/patients", headers={**staff, "Content-Type": "application/json"},
                       content=b'{"name": "' + b"x" * 9000 + b'"}')
     assert too_big.status_code == 413 and error_shape(too_big)
+    # Sent in chunks (no Content-Length): the limit is met while reading, still a 413, not a 500.
+    for path, headers in (("/api/patients", staff), ("/auth/login", {})):
+        chunked = gw.post(path, headers={**headers, "Content-Type": "application/json"},
+                          content=iter([b'{"name": "', b"x" * 9000, b'"}']))
+        assert chunked.status_code == 413 and error_shape(chunked), (path, chunked.text)
     dashboard = stack.settings.dashboard.base_url
     preflight = gw.options("/api/patients", headers={"Origin": dashboard, "Access-Control-Request-Method": "GET",
                                                      "Access-Control-Request-Headers": "Authorization"})

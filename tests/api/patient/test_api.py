@@ -382,6 +382,23 @@ def test_bad_input_is_answered_with_the_one_error_shape(
     assert "Traceback" not in response.text
 
 
+def test_an_oversized_chunked_body_is_413_and_odd_if_match_bytes_are_400(
+    staff: httpx.Client, existing_patient_id: str, patient_service: Any,
+) -> None:
+    """Edge forms of two refusals above: a body without Content-Length over the limit (FastAPI turned the
+    limit into a 400 "error parsing the body"), and If-Match bytes that are digits to str.isdigit but not
+    to int() (a 500)."""
+    huge = iter([b'{"name": "', b"x" * 70_000, b'"}'])
+    chunked = staff.post("/patients", content=huge, headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 413 and chunked.json()["message"] == "Request body too large"
+    url = f"/patients/{existing_patient_id}"
+    for method, raw in (("PUT", b"\xb2"), ("DELETE", b"\xb9"), ("DELETE", b'W/"\xb3"')):
+        reply = staff.request(method, url, json=new_patient_body() if method == "PUT" else None,
+                              headers={"If-Match": raw})
+        assert reply.status_code == 400 and "If-Match" in reply.json()["errors"], (method, raw, reply.text)
+    assert "request failed" not in patient_service.log_path.read_text()
+
+
 def test_bad_input_table_is_big_enough() -> None:
     assert len(BAD_INPUTS) >= 30
     assert all(row[4] < 500 for row in BAD_INPUTS)
