@@ -129,7 +129,8 @@ def error_from_response(response: httpx.Response) -> GatewayError:
     cls = _BY_STATUS.get(status, ServerError if status >= 500 else GatewayError)
     if cls is RateLimited:
         retry = response.headers.get("Retry-After", "")
-        return RateLimited(message, status=status, errors=errors, retry_after=int(retry) if retry.isascii() and retry.isdigit() else None)
+        seconds = int(retry) if retry.isascii() and retry.isdigit() else None
+        return RateLimited(message, status=status, errors=errors, retry_after=seconds)
     return cls(message, status=status, errors=errors)
 
 
