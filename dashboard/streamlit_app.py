@@ -15,7 +15,7 @@ import threading
 import streamlit as st
 
 from dashboard import ui
-from dashboard.client import GatewayError, GatewayUnavailable, NotAuthenticated, PermissionDenied, ServerError
+from dashboard.client import GatewayError, NotAuthenticated
 
 st.set_page_config(
     page_title="PMS · Staff dashboard",
@@ -76,18 +76,5 @@ try:
     page.run()
 except NotAuthenticated:
     ui.expire_session()
-except GatewayUnavailable as exc:
-    banner.error(
-        f"**The platform is not reachable right now.** {exc.message} "
-        "Your work on this page is kept; try again in a moment.",
-        icon=":material/cloud_off:",
-    )
-except PermissionDenied:
-    # The UI hides what a role may not do; this is the server refusing anyway (e.g. a role changed mid-session).
-    banner.error("**Your role does not allow this.** Ask an administrator if you need access.",
-                 icon=":material/block:")
-except ServerError:
-    banner.error("**The server could not complete this request.** Try again, and tell your administrator "
-                 "if it keeps happening.", icon=":material/error:")
 except GatewayError as exc:
-    banner.error(f"**The request failed.** {exc.message}", icon=":material/error:")
+    ui.error_banner(exc, banner)

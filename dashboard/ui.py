@@ -13,7 +13,14 @@ from typing import Any
 
 import streamlit as st
 
-from dashboard.client import AuthSession, GatewayClient, GatewayError
+from dashboard.client import (
+    AuthSession,
+    GatewayClient,
+    GatewayError,
+    GatewayUnavailable,
+    PermissionDenied,
+    ServerError,
+)
 from dashboard.serve import GATEWAY_ARG
 
 AUTH_KEY = "auth"
@@ -175,3 +182,21 @@ def other_errors(errors: dict[str, str], known: set[str]) -> dict[str, str]:
 def empty_state(title: str, hint: str, icon: str = ":material/inbox:") -> None:
     """A friendly "nothing here yet" box instead of an empty table."""
     st.info(f"**{title}**  \n{hint}", icon=icon)
+
+
+def error_banner(exc: GatewayError, where: Any = st) -> None:
+    """The banner for a failed call, the same wherever it is caught (the app around a page, or a fragment
+    that re-runs on its own timer outside the app's handling). Sign-in expiry is not shown here: callers
+    send the user back to sign in instead."""
+    if isinstance(exc, GatewayUnavailable):
+        where.error(f"**The platform is not reachable right now.** {exc.message} "
+                    "Your work on this page is kept; try again in a moment.", icon=":material/cloud_off:")
+    elif isinstance(exc, PermissionDenied):
+        # The UI hides what a role may not do; this is the server refusing anyway (a role changed mid-session).
+        where.error("**Your role does not allow this.** Ask an administrator if you need access.",
+                    icon=":material/block:")
+    elif isinstance(exc, ServerError):
+        where.error("**The server could not complete this request.** Try again, and tell your administrator "
+                    "if it keeps happening.", icon=":material/error:")
+    else:
+        where.error(f"**The request failed.** {exc.message}", icon=":material/error:")

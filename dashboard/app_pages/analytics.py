@@ -8,7 +8,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import charts, ui
-from dashboard.client import GatewayUnavailable, NotAuthenticated, cached_analytics
+from dashboard.client import GatewayError, GatewayUnavailable, InvalidInput, NotAuthenticated, cached_analytics
 
 REFRESH_S = 10
 GRANULARITIES = ("day", "week", "month")
@@ -52,6 +52,10 @@ def kpis() -> None:
     except GatewayUnavailable as exc:
         st.warning(f"**Live figures paused.** {exc.message} They come back by themselves.",
                    icon=":material/cloud_off:")
+    except GatewayError as exc:
+        # Anything else (a 500, a 403 after a role change, a 429) would surface as Streamlit's own
+        # exception box: the app's handlers never see what a fragment raises.
+        ui.error_banner(exc)
 
 
 def _kpis() -> None:
@@ -92,18 +96,30 @@ with controls:
 with reg_col:
     st.subheader("Registrations over time")
     start, end = (period[0], period[-1]) if isinstance(period, tuple) and period else (today - timedelta(90), today)
-    registrations = charts.registrations_frame(
-        _view("registrations", **{"from": start.isoformat(), "to": end.isoformat(), "granularity": granularity})
-    )
-    moved = int(registrations["registrations"].sum()) + int(registrations["removals"].sum())
-    if registrations.is_empty() or (moved == 0 and not registrations["suppressed"].any()):
-        ui.empty_state("No registrations in this period.", "Widen the date range.", icon=":material/event_busy:")
-    else:
-        st.altair_chart(charts.registrations_chart(registrations), width="stretch")
-        hidden = int(registrations["suppressed"].sum())
-        st.caption(f"{ui.plural(registrations['registrations'].sum(), 'registration')}, "
-                   f"{ui.plural(registrations['removals'].sum(), 'removal')} in the period"
-                   + (f" · {hidden} period(s) suppressed for privacy" if hidden else ""))
+    body: dict[str, Any] | None = None
+    try:
+        body = _view("registrations", **{"from": start.isoformat(), "to": end.isoformat(), "granularity": granularity})
+    except InvalidInput as exc:
+        # E.g. a range the picker allows but the API refuses at this granularity (over 3,700 buckets):
+        # say why, and keep the rest of the page.
+        reasons = "; ".join(exc.errors.values()) or exc.message
+        st.warning(f"**This range cannot be shown.** {reasons}. Choose a shorter range or a coarser granularity.",
+                   icon=":material/date_range:")
+    if body is not None:
+        registrations = charts.registrations_frame(body)
+        moved = int(registrations["registrations"].sum()) + int(registrations["removals"].sum())
+        if registrations.is_empty() or (moved == 0 and not registrations["suppressed"].any()):
+            ui.empty_state("No registrations in this period.", "Widen the date range.", icon=":material/event_busy:")
+        else:
+            st.altair_chart(charts.registrations_chart(registrations), width="stretch")
+            hidden = int(registrations["suppressed"].sum())
+            # The API's totals, not a sum of the shown periods: for a caller who sees suppressed periods that
+            # sum is not the period's total, and the API hides the total when it would reveal a hidden period.
+            regs, regs_hidden = charts.count_value(body.get("totalRegistrations"))
+            removals, removals_hidden = charts.count_value(body.get("totalRemovals"))
+            st.caption(("Registrations suppressed" if regs_hidden else ui.plural(regs, "registration")) + ", "
+                       + ("removals suppressed" if removals_hidden else ui.plural(removals, "removal"))
+                       + " in the period" + (f" · {hidden} period(s) suppressed for privacy" if hidden else ""))
 
 demo_col, geo_col = st.columns(2)
 with demo_col:

@@ -32,6 +32,11 @@ page_no = int(st.session_state.get("patients_page", 0))
 
 result = cached_patients(ui.gateway_url(), auth.token, q.strip(), int(limit), page_no * int(limit))
 last_page = max(0, (result.total - 1) // int(limit))
+if not result.items and page_no > last_page:
+    # The list shrank under this page (the last patient on it was deleted, here or by a colleague):
+    # go to the new last page rather than show "no patients" with no way back.
+    st.session_state["patients_page"] = last_page
+    st.rerun()
 
 if not result.items:
     if q.strip():

@@ -7,7 +7,7 @@ from datetime import date
 import streamlit as st
 
 from dashboard import ui
-from dashboard.client import Conflict, Created, InvalidInput, forget_patients
+from dashboard.client import Conflict, Created, GatewayError, GatewayUnavailable, InvalidInput, forget_patients
 
 FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender", "registeredDate")
 GENDERS = ("", "female", "male", "other", "unknown")
@@ -26,9 +26,27 @@ def _key(name: str) -> str:
     return f"reg_{n}_{name}"
 
 
+def _saved_anyway(email: str) -> dict[str, object] | None:
+    """After a create that got no answer: the active patient now holding ``email``, if the platform can say.
+
+    The create may have committed before the gateway or this client gave up waiting; registering again
+    would then only meet "Email already used". Emails are unique among active patients, so one lookup tells.
+    """
+    try:
+        page = ui.client().list_patients(q=email, limit=5)
+    except GatewayError:
+        return None
+    return next((p for p in page.items if str(p.get("email", "")).lower() == email.lower()), None)
+
+
 if errors:
     st.error(f"{st.session_state.get('register_message') or 'Not registered'}: please correct the fields below.",
              icon=":material/error:")
+unconfirmed = st.session_state.get("register_unconfirmed")
+if unconfirmed:
+    st.warning(f"**The registration was not confirmed.** {unconfirmed} It may have been saved all the same: "
+               "search for this e-mail on the Patients page before you register again.",
+               icon=":material/help:")
 
 with st.form(f"register_{n}", border=True):
     left, right = st.columns(2)
@@ -74,15 +92,25 @@ if submitted:
         data["city"] = city.strip()
     if gender:
         data["gender"] = gender
+    st.session_state.pop("register_unconfirmed", None)
+    created: Created | None = None
     try:
         created = ui.client().create_patient(data)
+    except GatewayUnavailable as exc:
+        # No answer is not a "no": the create may have committed before the gateway or this page gave up
+        # waiting (a retry would then only meet "Email already used"). Look before offering a retry.
+        saved = _saved_anyway(str(data["email"]))
+        if saved is None:
+            st.session_state["register_unconfirmed"] = exc.message
+        else:
+            created = Created(patient=saved)
     except InvalidInput as exc:
         st.session_state["register_errors"] = exc.errors or {"form": exc.message}
         st.session_state["register_message"] = exc.message
     except Conflict as exc:
         st.session_state["register_errors"] = {"email": exc.errors.get("email") or exc.message}
         st.session_state["register_message"] = exc.message
-    else:
+    if created is not None:
         forget_patients()
         st.session_state[RESULT_KEY] = created
         st.session_state.pop("register_confirmed", None)

@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from pms import process
@@ -55,6 +55,10 @@ class StubState:
     calls: Counter[str] = field(default_factory=Counter)
     last_query: dict[str, dict[str, str]] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
+    #: path -> status the stand-in answers there instead (in the one error shape), e.g. a 500 on summary.
+    fail: dict[str, int] = field(default_factory=dict)
+    #: "METHOD /path" -> status answered AFTER the request was carried out (a write whose answer was lost).
+    lose_answer: dict[str, int] = field(default_factory=dict)
 
 
 def _now() -> str:
@@ -111,7 +115,11 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
         state.last_query[request.url.path] = dict(request.query_params)
         if state.down and request.url.path != "/health":
             return error_response(502, "Upstream service unavailable")
-        return await call_next(request)
+        if request.url.path in state.fail:
+            return error_response(state.fail[request.url.path], "Injected failure")
+        response = await call_next(request)
+        lost = state.lose_answer.get(f"{request.method} {request.url.path}")
+        return error_response(lost, "Upstream service timed out") if lost else response
 
     def principal(authorization: str | None = Header(default=None)) -> Principal:
         if not authorization or not authorization.startswith("Bearer "):
@@ -316,15 +324,24 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
                 "lastEventAt": _now(), "lagMessages": 0, "suppression": sup}
 
     @app.get("/api/analytics/registrations")
-    def registrations(p: Principal = Depends(principal), granularity: str = "day") -> dict[str, Any]:
+    def registrations(p: Principal = Depends(principal), granularity: str = "day",
+                      start: date | None = Query(default=None, alias="from"),
+                      end: date | None = Query(default=None, alias="to")) -> dict[str, Any]:
         sup = _analytics(p)
         if granularity not in ("day", "week", "month"):
             raise BadRequest("Validation failed", errors={"granularity": "Must be day, week or month"})
+        if start and end and granularity == "day" and (end - start).days + 1 > 3700:  # the real API's limit
+            raise BadRequest("Validation failed", errors={"from": "range too long for granularity 'day'"})
         per_day = Counter(x["registeredDate"] for x in state.patients.values())
+        hidden = any(_hide(n, sup) for n in per_day.values())
+        total = sum(per_day.values())
         return {"asOf": _now(), "granularity": granularity, "suppression": sup, "buckets": [
             {"period": d, "registrations": None if _hide(n, sup) else n, "removals": 0,
              "registrationsSuppressed": _hide(n, sup), "removalsSuppressed": False}
-            for d, n in sorted(per_day.items())]}
+            for d, n in sorted(per_day.items())],
+            # Like the real API: a total is hidden when it would reveal a hidden period.
+            "totalRegistrations": {"value": None if hidden else total, "suppressed": hidden},
+            "totalRemovals": {"value": 0, "suppressed": False}}
 
     @app.get("/api/analytics/demographics")
     def demographics(p: Principal = Depends(principal)) -> dict[str, Any]:
@@ -394,6 +411,8 @@ class StubGateway:
         self.state.calls.clear()
         self.state.last_query.clear()
         self.state.revoked.clear()
+        self.state.fail.clear()
+        self.state.lose_answer.clear()
         self.state.down = False
         self.state.token_ttl_s = None
         self.state.users.clear()

@@ -233,6 +233,39 @@ def test_register_duplicate_email_is_shown_on_the_email_field(stub: StubGateway)
     assert len(stub.state.patients) == 1
 
 
+def _fill_register_form(at: object) -> None:
+    form = at.form[0]  # type: ignore[attr-defined]
+    form.text_input(key="reg_0_name").input("Ada Lovelace")
+    form.text_input(key="reg_0_email").input("ada@example.org")
+    form.text_input(key="reg_0_address").input("1 Main St")
+    form.date_input(key="reg_0_dateOfBirth").set_value(date(1990, 1, 1))
+    form.form_submit_button[0].click()
+
+
+def test_a_registration_whose_answer_was_lost_is_found_not_retried(stub: StubGateway) -> None:
+    """The gateway timed out after the patient service saved: the page finds the record by its e-mail."""
+    stub.state.lose_answer["POST /api/patients"] = 504
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register_form(at)
+    at.run()
+    assert not at.exception and not texts(at.error)
+    assert len(stub.state.patients) == 1
+    mrn = next(iter(stub.state.patients.values()))["mrn"]
+    assert any("Ada Lovelace" in t and str(mrn) in t for t in texts(at.success))
+
+
+def test_an_unconfirmed_registration_says_so_instead_of_inviting_a_retry(stub: StubGateway) -> None:
+    stub.state.down = True  # no answer to the create, nor to the lookup after it
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register_form(at)
+    at.run()
+    assert not at.exception
+    assert any("was not confirmed" in t and "search for this e-mail" in t for t in texts(at.warning))
+    assert at.form[0].text_input(key="reg_0_email").value == "ada@example.org"  # the form is kept
+
+
 def test_possible_duplicates_are_shown_and_can_be_discarded(stub: StubGateway) -> None:
     _seed(stub, 1)
     at = signed_in_app(stub, "STAFF").run()
@@ -275,6 +308,21 @@ def test_search_and_server_side_pagination(stub: StubGateway) -> None:
     assert at.dataframe[0].value["Name"].tolist() == ["Patient 017"]
     at.text_input(key="patients_q").input("nobody-like-this").run()
     assert any("No patient matches" in t for t in texts(at.info))
+
+
+def test_a_page_emptied_under_the_user_moves_to_the_new_last_page(stub: StubGateway) -> None:
+    ids = _seed(stub, 26)
+    at = signed_in_app(stub, "STAFF").run()
+    at.button(key="patients_next").click().run()
+    assert any("26 to 26" in t for t in texts(at.caption))
+    GatewayClient(stub.url, stub.token("STAFF")).delete_patient(ids[-1])  # a colleague deletes it
+    import streamlit as st
+
+    st.cache_data.clear()
+    at.run()
+    assert not at.exception
+    assert any("1 to 25" in t and "of **25**" in t for t in texts(at.caption))
+    assert not any("No patients yet" in t for t in texts(at.info))
 
 
 def test_edit_saves_with_version_and_explains_a_conflict(stub: StubGateway) -> None:
@@ -399,6 +447,46 @@ def test_analytics_empty_states_and_suppression_for_analyst(stub: StubGateway) -
     assert any("small cell(s) suppressed for privacy" in t for t in captions)
     assert any("period(s) suppressed for privacy" in t for t in captions)
     assert "3" not in tiles.values()
+
+
+@pytest.mark.parametrize(("status", "banner"), [(500, "could not complete"), (403, "does not allow"),
+                                              (429, "request failed")])
+def test_a_failing_kpi_call_is_a_banner_and_the_rest_of_the_page_stays(stub: StubGateway, status: int,
+                                                                       banner: str) -> None:
+    """The tiles are a fragment: what it raises never reaches the app's handlers, so it handles every error."""
+    _seed(stub, 12)
+    stub.state.fail["/api/analytics/summary"] = status
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/analytics.py").run()
+    assert not at.exception
+    assert any(banner in t for t in texts(at.error))
+    assert {h.value for h in at.subheader} >= {"Registrations over time", "Age and gender", "Top cities"}
+
+
+def test_a_range_too_long_for_the_granularity_says_why_and_keeps_the_page(stub: StubGateway) -> None:
+    _seed(stub, 12)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/analytics.py").run()
+    at.segmented_control(key="analytics_gran").set_value("day")
+    at.date_input(key="analytics_range").set_value((date(2016, 8, 28), date.today())).run()
+    assert not at.exception and not texts(at.error)
+    assert any("range too long for granularity 'day'" in t for t in texts(at.warning))
+    assert len(at.get("vega_lite_chart")) == 2  # pyramid and cities still drawn
+
+
+def test_the_period_caption_gives_the_api_totals_never_a_sum_of_the_shown_periods(stub: StubGateway) -> None:
+    for n in range(12):
+        GatewayClient(stub.url, stub.token("STAFF")).create_patient(_patient(n))
+    GatewayClient(stub.url, stub.token("STAFF")).create_patient(
+        _patient(99, registeredDate=date.today().replace(day=1).isoformat()))
+    staff = signed_in_app(stub, "STAFF").run()
+    staff.switch_page("app_pages/analytics.py").run()
+    assert any("13 registrations, 0 removals in the period" in t for t in texts(staff.caption))
+    analyst = signed_in_app(stub, "ANALYST").run()
+    captions = texts(analyst.caption)
+    if date.today().day != 1:  # otherwise both land on one day, and nothing is hidden
+        assert any("Registrations suppressed, 0 removals in the period" in t for t in captions), captions
+        assert not any("12 registrations" in t for t in captions)
 
 
 # --- users -----------------------------------------------------------------------------------
