@@ -64,10 +64,14 @@ class Analytics:
         with self.engine.connect() as conn:
             result = conn.execute(text(sql), params)
             columns = list(result.keys())
+            types = [_POLARS_TYPES.get(column.type_code) for column in result.cursor.description or ()]
             rows = [tuple(_plain(value) for value in row) for row in result]
-        if not rows:
-            return pl.DataFrame({name: [] for name in columns})
-        return pl.DataFrame(rows, schema=columns, orient="row", infer_schema_length=None)
+        frame = (pl.DataFrame(rows, schema=columns, orient="row", infer_schema_length=None) if rows
+                 else pl.DataFrame({name: [] for name in columns}))
+        # A column with no value to infer from (no rows, or all NULL) would be Polars' Null type, which
+        # date, string and chart operations refuse: type it from what PostgreSQL says the column is.
+        return frame.with_columns(pl.col(name).cast(dtype) for name, dtype in zip(columns, types, strict=False)
+                                  if dtype is not None and frame.schema[name] == pl.Null)
 
     def scalar(self, sql: str, /, **params: Any) -> Any:
         """The single value of a one-row, one-column query."""
@@ -116,6 +120,16 @@ class Analytics:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+#: Polars type of a PostgreSQL column type (by OID), for columns whose values say nothing (see ``query``).
+_POLARS_TYPES: dict[int, pl.DataType] = {
+    16: pl.Boolean(), 20: pl.Int64(), 21: pl.Int64(), 23: pl.Int64(), 26: pl.Int64(),
+    700: pl.Float64(), 701: pl.Float64(), 1700: pl.Float64(),
+    18: pl.String(), 19: pl.String(), 25: pl.String(), 1042: pl.String(), 1043: pl.String(), 2950: pl.String(),
+    1082: pl.Date(), 1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1186: pl.Duration("us"),
+    17: pl.Binary(),
+}
 
 
 def _plain(value: Any) -> Any:

@@ -56,6 +56,16 @@ def test_empty_result_keeps_its_columns(analytics: pms_notebook.Analytics) -> No
     assert frame.columns == ["city", "patients"]
 
 
+def test_columns_with_nothing_to_infer_from_get_their_database_types(analytics: pms_notebook.Analytics) -> None:
+    empty = analytics.query("SELECT day, registrations FROM daily_registrations WHERE registrations < 0")
+    assert empty.schema == {"day": pl.Date, "registrations": pl.Int64}
+    nulls = analytics.query("SELECT CAST(NULL AS timestamptz) AS at, CAST(NULL AS text) AS city,"
+                            " CAST(NULL AS double precision) AS p99, CAST(NULL AS boolean) AS active")
+    assert nulls.schema == {"at": pl.Datetime("us", "UTC"), "city": pl.String, "p99": pl.Float64,
+                            "active": pl.Boolean}
+    assert nulls.height == 1 and nulls.row(0) == (None, None, None, None)
+
+
 def test_tables_lists_the_analytics_contract_and_table_rejects_others(analytics: pms_notebook.Analytics) -> None:
     from stream_processing import models
 
