@@ -125,6 +125,12 @@ class LoadResult:
         return percentile(self.latencies_ms, 99)
 
 
+def merged(results: list[LoadResult]) -> LoadResult:
+    """Rounds of one load as one: their operations over their summed time, every latency."""
+    return LoadResult(sum(r.ops for r in results), sum(r.seconds for r in results),
+                      [ms for r in results for ms in r.latencies_ms], sum(r.errors for r in results))
+
+
 def run_load(op: Callable[[int], bool], *, total: int, concurrency: int) -> LoadResult:
     """Run ``op(i)`` ``total`` times with ``concurrency`` in flight; ``op`` returns success."""
     latencies: list[float] = []
