@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import streamlit as st
 
+from pms import forwarding
+
 log = logging.getLogger("dashboard.client")
 
 #: Seconds cached reads stay fresh. Short enough that a new registration shows up on the
@@ -234,15 +236,20 @@ class GatewayClient:
         except GatewayError:
             return False
 
-    def login(self, *, email: str, password: str) -> AuthSession:
+    def login(self, *, email: str, password: str, on_behalf_of: str | None = None,
+              forwarding_key: bytes | None = None) -> AuthSession:
         """Exchange credentials for a token.
+
+        ``on_behalf_of`` is the browser's address; signed with ``forwarding_key`` the gateway counts
+        failures against it instead of the dashboard's own address (see :mod:`pms.forwarding`).
 
         Raises:
             NotAuthenticated: wrong pair (the server does not say which half).
             RateLimited: too many failures; ``retry_after`` says how long to wait.
         """
+        vouch = forwarding.sign(forwarding_key, on_behalf_of) if on_behalf_of and forwarding_key else None
         body = self._json(self._request("POST", "/auth/login", json={"email": email, "password": password},
-                                        auth=False))
+                                        headers=vouch, auth=False))
         expires_in = int(body.get("expiresIn") or 3600)
         return AuthSession(
             token=str(body["token"]),

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from pms import forwarding
 from pms.settings import SECRET_VARIABLES, Settings, child_env
 
 APP = Path(__file__).resolve().parent / "streamlit_app.py"
@@ -40,11 +41,15 @@ def command(settings: Settings) -> list[str]:
 
 
 def environment(settings: Settings) -> dict[str, str]:
-    # The dashboard holds no secret: it never signs tokens or opens a database.
+    # The dashboard holds no secret that signs tokens or opens a database; only the derived key that lets
+    # it vouch for its users' addresses at the gateway.
     env = child_env(settings)
     for name in SECRET_VARIABLES:
         env.pop(name, None)
     env["PMS_GATEWAY__URL"] = settings.gateway.base_url
+    if settings.jwt.secret is not None:
+        # Not the JWT key: a key derived from it that can only vouch for a browser's address (pms.forwarding).
+        env[forwarding.KEY_VARIABLE] = forwarding.derive_key(settings.jwt.secret.get_secret_value()).hex()
     env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
     return env
 

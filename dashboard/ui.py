@@ -7,6 +7,7 @@ sent back to the login page with a note instead of a stack trace.
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import UTC, date, datetime
 from typing import Any
@@ -22,6 +23,7 @@ from dashboard.client import (
     ServerError,
 )
 from dashboard.serve import GATEWAY_ARG
+from pms import forwarding
 
 AUTH_KEY = "auth"
 NOTE_KEY = "login_note"
@@ -47,6 +49,16 @@ def gateway_url() -> str:
     from pms.settings import get_settings
 
     return get_settings().gateway.base_url
+
+
+def forwarding_key() -> bytes | None:
+    """The key that vouches for the browser's address to the gateway (``pms serve dashboard`` sets it);
+    None under ``streamlit run`` by hand, where logins count against the dashboard's own address."""
+    raw = os.environ.get(forwarding.KEY_VARIABLE, "")
+    try:
+        return bytes.fromhex(raw) or None
+    except ValueError:
+        return None
 
 
 def current_session() -> AuthSession | None:

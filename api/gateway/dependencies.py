@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import aiohttp
 from fastapi import Request
 
+from api.gateway.proxy import client_address
 from api.gateway.ratelimit import RateLimiter
 from api.gateway.rules import Access
 from pms.errors import Forbidden, TooManyRequests, Unauthorized
@@ -40,10 +41,7 @@ def identify(request: Request) -> Caller:
 def limit_rate(request: Request, caller: Caller) -> None:
     """Count the request against its caller: the token subject, else the client address."""
     limiter: RateLimiter = request.app.state.rate_limiter
-    if caller.principal is not None:
-        key = "sub:" + caller.principal.sub
-    else:
-        key = "addr:" + (request.client.host if request.client else "unknown")
+    key = "sub:" + caller.principal.sub if caller.principal is not None else "addr:" + client_address(request)
     wait = limiter.hit(key)
     if wait is not None:
         raise TooManyRequests("Too many requests; slow down", retry_after=wait)

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.gateway import proxy
 from api.gateway.ratelimit import RateLimiter
 from api.gateway.router import router
-from pms import revocation
+from pms import forwarding, revocation
 from pms.settings import Settings
 from pms.web import create_service_app
 
@@ -90,6 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=gateway.max_body_bytes,
     )
     app.state.rate_limiter = RateLimiter(gateway.rate_limit_per_minute)
+    if settings.jwt.secret is not None:  # the dashboard's signed client addresses (pms.forwarding)
+        app.state.forwarding_key = forwarding.derive_key(settings.jwt.secret.get_secret_value())
     app.state.upstream_errors = proxy.upstream_error_counter(app.state.metrics_registry)
     app.include_router(router)
     app.add_middleware(SecurityHeaders)  # type: ignore[arg-type]

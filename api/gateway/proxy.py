@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from yarl import URL
 
 from api.gateway.rules import Upstream, gateway_location, upstream_path
+from pms import forwarding
 from pms.errors import BadGateway, GatewayTimeout
 from pms.security import Principal
 from pms.web import REQUEST_ID_HEADER
@@ -94,13 +95,28 @@ def upstream_target(upstream: Upstream, subpath: str) -> str:
     return upstream_path(upstream, quote(subpath, safe="/:@!$&'()*+,;=-._~"))
 
 
+def client_address(request: Request) -> str:
+    """The caller's address: the connection's, or the browser's when the dashboard vouches for it.
+
+    Logins through the dashboard all arrive from the dashboard's address; counted by it, one person
+    typing wrong passwords would lock every member of staff out (see :mod:`pms.forwarding`).
+    """
+    state = request.state
+    if getattr(state, "client_address", None) is None:
+        peer = request.client.host if request.client else "unknown"
+        key: bytes | None = getattr(request.app.state, "forwarding_key", None)
+        vouched = forwarding.verified_address(key, request.headers.get(forwarding.ADDRESS_HEADER),
+                                              request.headers.get(forwarding.SIGNATURE_HEADER)) if key else None
+        state.client_address = vouched or peer
+    return str(state.client_address)
+
+
 def build_headers(request: Request, principal: Principal | None) -> dict[str, str]:
     """The headers an upstream sees: the allowed ones, the request id, the caller's address and identity."""
     headers = {name: value for name in FORWARD_REQUEST_HEADERS if (value := request.headers.get(name)) is not None}
     headers[REQUEST_ID_HEADER] = request.state.request_id  # set by create_service_app's middleware
-    if request.client is not None:
-        # Replaced, not appended: the caller cannot choose the address the auth service limits by.
-        headers["X-Forwarded-For"] = request.client.host
+    # Replaced, not appended: the caller cannot choose the address the auth service limits by.
+    headers["X-Forwarded-For"] = client_address(request)
     headers["X-Forwarded-Proto"] = request.url.scheme
     if principal is not None:
         headers["X-User-Sub"] = principal.sub

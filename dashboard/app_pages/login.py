@@ -28,7 +28,9 @@ with middle:
             st.error("Enter your e-mail and password.", icon=":material/error:")
         else:
             try:
-                auth = GatewayClient(ui.gateway_url()).login(email=email.strip(), password=password)
+                auth = GatewayClient(ui.gateway_url()).login(email=email.strip(), password=password,
+                                                             on_behalf_of=st.context.ip_address,
+                                                             forwarding_key=ui.forwarding_key())
             except NotAuthenticated:
                 st.error("E-mail or password is not correct.", icon=":material/lock:")
             except RateLimited as exc:

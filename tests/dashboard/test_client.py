@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from dashboard import client as gw
-from pms import process
+from pms import forwarding, process
 from tests.dashboard.stub_gateway import PASSWORD, StubGateway
 
 
@@ -16,6 +16,24 @@ def test_login_returns_session_with_role_and_expiry(stub: StubGateway) -> None:
     assert auth.email == "admin@pms.local"
     assert not auth.expired
     assert gw.GatewayClient(stub.url, auth.token).me()["role"] == "ADMIN"
+
+
+def test_login_on_behalf_of_a_browser_sends_the_signed_address() -> None:
+    sent: list[httpx.Headers] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers)
+        return httpx.Response(200, json={"token": "t", "expiresIn": 60, "role": "STAFF"})
+
+    key = forwarding.derive_key("k" * 40)
+    client = gw.GatewayClient("http://gw.test", transport=httpx.MockTransport(answer))
+    client.login(email="a@b.example", password="p", on_behalf_of="203.0.113.5", forwarding_key=key)
+    client.login(email="a@b.example", password="p", on_behalf_of=None, forwarding_key=key)  # localhost: none
+    client.login(email="a@b.example", password="p", on_behalf_of="203.0.113.5", forwarding_key=None)
+    first, second, third = sent
+    assert forwarding.verified_address(key, first[forwarding.ADDRESS_HEADER],
+                                       first[forwarding.SIGNATURE_HEADER]) == "203.0.113.5"
+    assert forwarding.ADDRESS_HEADER not in second and forwarding.ADDRESS_HEADER not in third
 
 
 def test_wrong_password_is_not_authenticated_and_then_rate_limited(stub: StubGateway) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dashboard import serve
+from pms import forwarding
 from pms.registry import by_name
 from pms.settings import Settings
 
@@ -31,6 +32,8 @@ def test_environment_has_the_gateway_but_no_platform_secrets(stub_settings: Sett
         assert name not in env
     secret = settings.jwt.secret.get_secret_value()  # type: ignore[union-attr]
     assert all(secret not in value for value in env.values())
+    # Only the derived key that vouches for browser addresses at the gateway (pms.forwarding).
+    assert bytes.fromhex(env[forwarding.KEY_VARIABLE]) == forwarding.derive_key(secret)
 
 
 def test_registry_entry_points_here() -> None:

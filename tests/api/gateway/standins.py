@@ -23,6 +23,7 @@ from pms.security import bearer_token, decode_token
 from pms.settings import Settings
 
 ECHO_HEADERS = ("x-request-id", "x-user-sub", "x-user-role", "x-forwarded-for", "authorization", "cookie",
+                "x-pms-client-address", "x-pms-client-address-signature",
                 "if-match")
 
 

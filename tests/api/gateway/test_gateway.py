@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from pms import process
+from pms import forwarding, process
 from pms.security import encode_token
 from pms.settings import Settings
 from tests.api.gateway.conftest import PASSWORD, Stack, bearer
@@ -224,6 +224,18 @@ def test_forwards_request_id_identity_address_and_query(stack: Stack, gw: httpx.
     assert seen["path"] == "/patients/echo" and seen["query"] == "q=smith&limit=5"
 
 
+def test_the_address_the_dashboard_vouches_for_is_the_one_forwarded(stack: Stack, gw: httpx.Client) -> None:
+    assert stack.settings.jwt.secret is not None
+    key = forwarding.derive_key(stack.settings.jwt.secret.get_secret_value())
+    signed = gw.get("/api/patients/echo",
+                    headers={**bearer(stack.tokens["STAFF"]), **forwarding.sign(key, "198.51.100.4")})
+    assert signed.json()["headers"]["x-forwarded-for"] == "198.51.100.4"
+    assert not any(name.startswith("x-pms-client") for name in signed.json()["headers"])  # not passed on
+    unsigned = gw.get("/api/patients/echo", headers={**bearer(stack.tokens["STAFF"]),
+                                                      forwarding.ADDRESS_HEADER: "198.51.100.4"})
+    assert unsigned.json()["headers"]["x-forwarded-for"] == "127.0.0.1"
+
+
 def test_request_id_generated_when_absent(stack: Stack, gw: httpx.Client) -> None:
     reply = gw.get("/api/patients/echo", headers=bearer(stack.tokens["STAFF"]))
     generated = reply.headers["X-Request-ID"]
@@ -380,5 +392,20 @@ def test_rate_limit_per_caller(servers: ServerSet, stack: Stack, tmp_path_factor
             codes = [client.post("/auth/login", json={"email": "x@y.example", "password": "p" * 12},
                                  headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code for i in range(limit + 1)]
             assert codes[:limit] == [401] * limit and codes[limit] == 429
+            # The dashboard vouches for its users' addresses (pms.forwarding): each browser has its own budget,
+            # so one person's wrong passwords cannot lock every member of staff out of the dashboard.
+            assert settings.jwt.secret is not None
+            key = forwarding.derive_key(settings.jwt.secret.get_secret_value())
+
+            def login_as(address: str, headers: dict[str, str]) -> int:
+                return client.post("/auth/login", json={"email": "x@y.example", "password": "p" * 12},
+                                   headers=headers).status_code
+
+            browser = [login_as("203.0.113.1", forwarding.sign(key, "203.0.113.1")) for _ in range(limit + 1)]
+            assert browser[:limit] == [401] * limit and browser[limit] == 429
+            assert login_as("203.0.113.2", forwarding.sign(key, "203.0.113.2")) == 401  # another browser
+            # A signature made with anything but the key vouches for nothing: the connection's budget (spent).
+            forged = forwarding.sign(forwarding.derive_key("not the key" * 4), "203.0.113.3")
+            assert login_as("203.0.113.3", forged) == 429
     finally:
         gateway.stop()
