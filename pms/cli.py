@@ -95,9 +95,28 @@ def replay(
                                                    help="Only events on or after this date (YYYY-MM-DD).")] = None,
 ) -> None:
     """Republish the outbox history to the broker (to rebuild analytics)."""
+    import psycopg
+    from confluent_kafka import KafkaException
+    from sqlalchemy.exc import OperationalError
+
     from api.patient import replay as patient_replay
 
-    patient_replay.run(_settings_or_exit(), since=since.date() if since else None)
+    settings = _settings_or_exit()
+    try:
+        sent = patient_replay.run(settings, since=since.date() if since else None)
+    except patient_replay.ReplayFailed as exc:
+        console.print(f"[red]error:[/] {exc}; run `pms replay` again (it is safe to repeat)", highlight=False)
+        raise typer.Exit(1) from None
+    except KafkaException as exc:
+        console.print(f"[red]error:[/] the broker at {settings.bootstrap_servers} did not answer "
+                      f"({exc.args[0].str() if exc.args else exc}); is `pms up` running?", highlight=False)
+        raise typer.Exit(1) from None
+    except (OperationalError, psycopg.OperationalError) as exc:
+        url = settings.server_url()
+        console.print(f"[red]error:[/] cannot read the outbox from PostgreSQL at {url.host}:{url.port} "
+                      f"({type(exc).__name__}); is `pms up` running?", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"republished {sent} events to {settings.kafka.topic!r}", highlight=False)
 
 
 class ExportFormat(StrEnum):

@@ -14,6 +14,7 @@ whichever thread calls :func:`spawn`.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import queue
 import random
@@ -219,15 +220,31 @@ def wait_until(
         time.sleep(interval)
 
 
+#: What :func:`listen_problem` answers for a port that something else holds.
+IN_USE = "in use"
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why nothing could listen on ``host:port`` right now: :data:`IN_USE`, another reason, or None.
+
+    Only "address in use" means the port is taken; a host this machine does not have, or a name
+    that does not resolve, is a wrong host setting and is reported as such.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return IN_USE
+        return exc.strerror or str(exc)
+    return None
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether something already listens on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
+    return listen_problem(host, port) == IN_USE
 
 
 _handed_out: set[int] = set()

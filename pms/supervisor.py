@@ -33,9 +33,11 @@ start time) and probes each service itself.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -45,7 +47,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from subprocess import Popen
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import psutil
 from pydantic import SecretStr
@@ -235,6 +237,54 @@ def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
 # -- the supervisor ------------------------------------------------------------------------
 
 
+class HangupSafeStream(io.TextIOBase):
+    """A console stream whose writes cannot fail: after the terminal is gone they are dropped.
+
+    Closing the terminal sends SIGHUP and then makes every write to it fail (EIO; EPIPE for a
+    closed pipe). The supervisor prints "stopping everything" before it stops the children, so a
+    failing print cut the shutdown short: children died by the parent-death SIGKILL, PostgreSQL
+    had to recover at the next start and the state files stayed behind.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self._stream.write(text)
+            except OSError:
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except OSError:
+                self.broken = True
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+def hangup_safe_console(stream: TextIO | None = None, **options: Any) -> Console:
+    """The supervisor's console: rich on stderr (or ``stream``), through a :class:`HangupSafeStream`."""
+    return Console(file=HangupSafeStream(stream or sys.stderr), **options)
+
+
 class Supervisor:
     """Runs the embedded servers and the services until told to stop.
 
@@ -270,7 +320,7 @@ class Supervisor:
         self.ready_timeout_s = settings.supervisor.ready_timeout_s if ready_timeout_s is None else ready_timeout_s
         self.poll_interval_s = poll_interval_s
         self.stop_timeout_s = settings.supervisor.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
-        self.console = console or Console(stderr=True)
+        self.console = console or hangup_safe_console()
         self.children: list[Child] = []
         self.postgres: EmbeddedPostgres | None = None
         self.broker: EmbeddedBroker | None = None
@@ -346,9 +396,13 @@ class Supervisor:
             if port in seen:
                 return f"port {port} is configured for both {seen[port]} and {name}; set {setting} to another port"
             seen[port] = name
-            if process.port_in_use(host, port):
+            problem = process.listen_problem(host, port)
+            if problem == process.IN_USE:
                 return (f"port {port} on {host} is already in use ({name} needs it); "
                         f"set {setting} to use another port")
+            if problem:
+                host_setting = setting.removesuffix("__PORT") + "__HOST" if setting.endswith("__PORT") else setting
+                return f"{name} cannot listen on {host}:{port} ({problem}); check {host_setting}"
         return None
 
     def _start_infra(self) -> None:

@@ -12,11 +12,9 @@ import json
 import os
 import sys
 
-from rich.console import Console
-
 from pms.registry import Kind, Probe, ServiceSpec
 from pms.settings import Settings
-from pms.supervisor import RestartPolicy, Supervisor
+from pms.supervisor import RestartPolicy, Supervisor, hangup_safe_console
 
 CONFIG_ENV = "PMS_TEST_SUPERVISOR"
 
@@ -54,7 +52,7 @@ def main() -> int:
         policy=RestartPolicy(**config["policy"]) if "policy" in config else None,
         ready_timeout_s=float(config["ready_timeout_s"]) if "ready_timeout_s" in config else None,
         stop_timeout_s=float(config["stop_timeout_s"]) if "stop_timeout_s" in config else None,
-        console=Console(stderr=True, width=200, force_terminal=False, color_system=None),
+        console=hangup_safe_console(width=200, force_terminal=False, color_system=None),
     )
     return supervisor.run()
 

@@ -328,6 +328,33 @@ def test_killed_child_is_restarted_and_only_starts_what_is_needed(
     assert _alive(tree) == []
 
 
+def test_a_closed_terminal_still_stops_everything_cleanly(servers: ServerSet, tmp_path: Path) -> None:
+    """SIGHUP, and every write to the terminal failing from then on (here: the reading end of the pipe is
+    closed, EPIPE; a closed terminal gives EIO). The status line before stopping must not end the shutdown."""
+    settings = external_settings(servers, tmp_path / "data")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMS_")}
+    env.update(to_env(settings))
+    env[CONFIG_ENV] = json.dumps({"services": STACK, "only": ["patient"], "policy": FAST_POLICY})
+    proc = subprocess.Popen([sys.executable, "-m", "tests.pms.supervisor_harness"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"Admin login:" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            seen += proc.stderr.read1(65536)  # type: ignore[attr-defined]
+        assert b"Admin login:" in seen, seen.decode(errors="replace")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        proc.stderr.close()  # the terminal is gone
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=60) == EXIT_OK
+        assert _alive(tree) == []
+        assert not state_path(settings).exists()  # a clean stop removes its state
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_service_that_never_gets_ready_fails_the_start(
     servers: ServerSet, tmp_path: Path, run_supervisor: Any
 ) -> None:
@@ -500,6 +527,17 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path, section: str) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in lines[0]
     assert f"PMS_{section.upper()}__PORT" in lines[0]
     assert not (settings.data_dir / "postgres").exists(), "started PostgreSQL despite the conflict"
+
+
+@pytest.mark.parametrize("host", ["192.0.2.77", "no-such-host.invalid"])  # not this machine's; not a name
+def test_a_host_nothing_can_listen_on_is_not_called_a_taken_port(tmp_path: Path, host: str) -> None:
+    settings = embedded_settings(tmp_path / "data")
+    settings.patient.host = host
+    code, out = _in_process(settings)
+    assert code == EXIT_FAILED
+    assert f"patient cannot listen on {host}:{settings.patient.port}" in out and "check PMS_PATIENT__HOST" in out
+    assert "already in use" not in out
+    assert not (settings.data_dir / "postgres").exists()
 
 
 def test_broker_port_in_use_names_its_setting(tmp_path: Path) -> None:
