@@ -243,6 +243,7 @@ class EmbeddedPostgres:
             raise PortInUseError(self.host, self.port, "PMS_POSTGRES__PORT")
         created = self.initialise()
         self._prepare_permissions()
+        self._end_orphaned_backends()
         self.proc = process.spawn(self.command(), log_path=self.log_path, user=self._run_as)
         process.wait_until(
             self.is_ready, timeout=timeout, message="PostgreSQL to accept connections",
@@ -252,6 +253,47 @@ class EmbeddedPostgres:
         if created:
             log.info("initialised a new PostgreSQL cluster in %s", self.pgdata)
         return self.proc
+
+    def _end_orphaned_backends(self, *, timeout: float = 10.0) -> int:
+        """SIGKILL backends of this cluster that outlived their server; return how many.
+
+        Each backend runs in its own session, so neither the process-group kill nor the parent-death
+        signal reaches it, and one busy in a long query (an analyst's, say) only notices its server
+        died when the query ends. Until then it holds the cluster's shared memory, and a new server
+        refuses to start ("pre-existing shared memory block ... is still in use"): after a ``kill -9``
+        of the server or of ``pms up``, the restart failed. A backend is known by its working
+        directory, which PostgreSQL sets to the data directory; nothing is done while the server
+        named in ``postmaster.pid`` is alive.
+        """
+        import psutil
+
+        pid_file = self.pgdata / "postmaster.pid"
+        try:
+            server_pid = int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+        if psutil.pid_exists(server_pid):
+            try:
+                if psutil.Process(server_pid).cwd() == str(self.pgdata.resolve()):
+                    return 0  # the server itself is still there
+            except psutil.Error:
+                pass
+        orphans = []
+        for proc in psutil.process_iter(["name"]):
+            try:
+                if proc.info["name"] == "postgres" and proc.cwd() == str(self.pgdata.resolve()):
+                    orphans.append(proc)
+            except psutil.Error:
+                continue
+        for proc in orphans:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(orphans, timeout=timeout)
+        if orphans:
+            log.warning("ended %d backend(s) left running by a server that died", len(orphans))
+        return len(orphans)
 
     def is_ready(self) -> bool:
         try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -96,6 +98,44 @@ def test_postgres_start_stop_restart_and_crash_keep_data(own_settings: Settings)
     finally:
         postgres.stop()
     assert not postgres.is_ready()
+
+
+@pytest.mark.slow
+def test_a_server_killed_under_a_long_query_restarts(own_settings: Settings) -> None:
+    """Its busy backend outlives it and holds the shared memory; the next start ends that backend."""
+    postgres = EmbeddedPostgres(own_settings)
+    postgres.start()
+    dsn = libpq_dsn(own_settings.database_url_for("analytics"))
+    busy = psycopg.connect(dsn, autocommit=True)
+    try:
+        backend = busy.info.backend_pid
+        worker = threading.Thread(target=lambda: _ignore_errors(
+            busy.execute, "SELECT count(*) FROM generate_series(1, 3000000000)"), daemon=True)
+        worker.start()
+        process.wait_until(lambda: _running_query(own_settings, backend), timeout=10, interval=0.05,
+                           message="the long query to run")
+        postgres.kill()
+        assert psutil.pid_exists(backend), "the backend should outlive its server (what this test is about)"
+        postgres.start()
+        assert not psutil.pid_exists(backend) or psutil.Process(backend).status() == psutil.STATUS_ZOMBIE
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        postgres.stop()
+        busy.close()
+
+
+def _ignore_errors(call: Any, *args: Any) -> None:
+    try:
+        call(*args)
+    except psycopg.Error:
+        pass  # the server (and then the backend) is killed under it
+
+
+def _running_query(settings: Settings, backend: int) -> bool:
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients")), autocommit=True) as conn:
+        row = conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (backend,)).fetchone()
+    return row is not None and row[0] == "active"
 
 
 @pytest.mark.slow
