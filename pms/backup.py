@@ -156,6 +156,7 @@ def _write_dumps(settings: Settings, target: Path) -> dict[str, object]:
             if result.returncode != 0:
                 raise BackupError(f"pg_dump of {database} failed: {result.stderr.strip()}")
             out.chmod(0o600)
+            _fsync(out)
             entries.append(DumpEntry(database, out.name, out.stat().st_size, _sha256(out)))
             progress.advance(task)
     secrets: list[dict[str, object]] = []
@@ -164,6 +165,7 @@ def _write_dumps(settings: Settings, target: Path) -> dict[str, object]:
         copy = target / ADMIN_PASSWORD_FILE
         shutil.copyfile(admin_password, copy)
         copy.chmod(0o600)
+        _fsync(copy)
         secrets.append({"file": copy.name, "size": copy.stat().st_size, "sha256": _sha256(copy)})
     manifest: dict[str, object] = {
         "format": FORMAT_VERSION,
@@ -180,7 +182,16 @@ def _write_dumps(settings: Settings, target: Path) -> dict[str, object]:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.rename(target / MANIFEST)
+    _fsync(target)  # the rename itself: "backup written" means on disk, also after a power cut
     return manifest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def verify(source: Path) -> list[DumpEntry]:

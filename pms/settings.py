@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from enum import StrEnum
 from functools import lru_cache
@@ -326,17 +327,27 @@ def _with_psycopg(url: URL) -> URL:
 
 
 def read_or_create_secret(path: Path, *, nbytes: int) -> str:
-    """Return the secret stored at ``path``, creating it (mode 0600) on first use."""
+    """Return the secret stored at ``path``, creating it (mode 0600) on first use.
+
+    The secret is written and synced under a temporary name and then hard-linked into place, which
+    fails if the name exists: when two processes race on first start exactly one secret wins, and
+    nobody can read a half-written (or, after a crash, empty) file under the real name.
+    """
     if path.exists():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
     try:
-        # O_EXCL: when two processes race on first start, exactly one secret wins.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_urlsafe(nbytes))
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(nbytes))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won the race: use its secret
+    finally:
+        os.unlink(tmp)
     return path.read_text().strip()
 
 
