@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -77,6 +78,8 @@ class _BodyTooLarge(StarletteHTTPException):
 
 
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode("latin-1")
+#: A caller's X-Request-ID that is kept (anything else is replaced by a generated one).
+_REQUEST_ID_SHAPE = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 
 
 class RequestContext:
@@ -101,7 +104,10 @@ class RequestContext:
         request_id = ""
         for key, value in scope.get("headers") or ():
             if key == _REQUEST_ID_KEY:
-                request_id = value.decode("latin-1")
+                # The caller's id is kept only if it looks like one: it goes into every log line and the
+                # audit trail, so a kilobyte of anything there would flood the logs or forge audit ids.
+                if _REQUEST_ID_SHAPE.fullmatch(value):
+                    request_id = value.decode("ascii")
                 break
         request_id = request_id or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id

@@ -157,7 +157,7 @@ def test_racing_creators_and_readers_all_see_one_whole_secret(tmp_path: Path) ->
     for round_no in range(20):
         path = tmp_path / f"r{round_no}" / "secret"
         with ThreadPoolExecutor(8) as pool:
-            seen = set(pool.map(lambda _i: read_or_create_secret(path, nbytes=18), range(16)))
+            seen = set(pool.map(lambda _i, path=path: read_or_create_secret(path, nbytes=18), range(16)))
         assert len(seen) == 1 and len(seen.pop()) >= 24  # never an empty or partial one
         assert [p.name for p in path.parent.iterdir()] == ["secret"]  # no temporary file left
         assert stat.S_IMODE(path.stat().st_mode) == 0o600

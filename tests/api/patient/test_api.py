@@ -408,8 +408,14 @@ def test_request_id_is_echoed_and_no_pii_is_logged(staff: httpx.Client, patient_
     secret_name = f"Unloggable {uuid.uuid4().hex[:8]}"
     response = staff.post("/patients", json=new_patient_body(name=secret_name), headers={"X-Request-ID": "rid-123"})
     assert response.headers["X-Request-ID"] == "rid-123"
-    long_id = "r" * 300  # longer than the audit column: kept cut, never a 500
-    assert staff.post("/patients", json=new_patient_body(), headers={"X-Request-ID": long_id}).status_code == 201
+    long_id = "r" * 300  # not kept (it would go into every log line): a generated one instead, never a 500
+    odd = staff.post("/patients", json=new_patient_body(), headers={"X-Request-ID": long_id})
+    assert odd.status_code == 201 and odd.headers["X-Request-ID"] != long_id and len(odd.headers["X-Request-ID"]) == 32
+    spaced = staff.post("/patients", json=new_patient_body(), headers={"X-Request-ID": "a b"})
+    assert spaced.status_code == 201 and spaced.headers["X-Request-ID"] != "a b"
+    fits = "r" * 64  # the audit column's length: kept whole
+    assert staff.post("/patients", json=new_patient_body(), headers={"X-Request-ID": fits}).headers["X-Request-ID"] \
+        == fits
     staff.get("/patients", params={"q": secret_name})
     log = patient_service.log_path.read_text()
     assert "rid-123" in log
