@@ -210,6 +210,8 @@ def verify(source: Path) -> list[DumpEntry]:
     if missing:
         raise BackupError(f"backup is partial: no dump of {', '.join(sorted(missing))}")
     for entry in entries:
+        if entry.file != f"{entry.database}.dump":  # never a path out of the folder, nor another database's file
+            raise BackupError(f"{manifest_path} is damaged: {entry.database} is stored as {entry.file!r}")
         path = source / entry.file
         if not path.is_file():
             raise BackupError(f"backup is partial: {entry.file} is missing")

@@ -111,6 +111,27 @@ def test_partial_backup_is_refused(written_backup: tuple[Path, set[int]], tmp_pa
         pms_backup.verify(copy)
 
 
+@pytest.mark.parametrize("change", ["file outside", "database twice"])
+def test_a_manifest_that_points_elsewhere_is_refused(written_backup: tuple[Path, set[int]], tmp_path: Path,
+                                                     change: str) -> None:
+    target, _ = written_backup
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for item in target.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if change == "file outside":
+        (tmp_path / "auth.dump").write_bytes((copy / "auth.dump").read_bytes())
+        next(e for e in manifest["databases"] if e["database"] == "auth")["file"] = "../auth.dump"
+        expected = r"auth is stored as '\.\./auth\.dump'"
+    else:
+        manifest["databases"].append(manifest["databases"][0])
+        expected = "expected each of"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(pms_backup.BackupError, match=expected):
+        pms_backup.verify(copy)
+
+
 def test_restore_refuses_a_running_system(written_backup: tuple[Path, set[int]], servers: ServerSet) -> None:
     target, _ = written_backup
     with psycopg.connect(libpq_dsn(servers.settings.database_url_for("auth"))), \
