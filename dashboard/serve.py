@@ -51,6 +51,10 @@ def environment(settings: Settings) -> dict[str, str]:
         # Not the JWT key: a key derived from it that can only vouch for a browser's address (pms.forwarding).
         env[forwarding.KEY_VARIABLE] = forwarding.derive_key(settings.jwt.secret.get_secret_value()).hex()
     env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
+    # Streamlit serves through uvicorn, which by default believes X-Forwarded-For from 127.0.0.1: the address
+    # the sign-in page vouches for at the gateway must be the browser's (behind the load balancer: the
+    # address it appended), never one a local client wrote. Same trusted proxies as the gateway.
+    env["FORWARDED_ALLOW_IPS"] = settings.public_forwarded_allow_ips
     return env
 
 

@@ -260,7 +260,7 @@ def restore(settings: Settings, *, source: Path) -> None:
                 _drop_databases(settings, [entry.database + STAGING_SUFFIX for entry in entries])
             except psycopg.Error:
                 pass  # the server went away: the next restore drops the leftovers first
-            if isinstance(exc, BackupError):
+            if isinstance(exc, BackupError | psycopg.Error):  # e.g. a service connected during the swap
                 raise BackupError(f"{exc}\nNothing was changed: every database is as it was before the restore.") \
                     from exc
             raise
@@ -278,10 +278,11 @@ def _restore_into_staging(settings: Settings, entry: DumpEntry, source: Path) ->
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(staging), sql.Identifier(owner)))
         # Like the bootstrap: only the roles granted below may connect (an external server has no bootstrap).
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(staging)))
+        analyst = _analyst_role(settings)
         if entry.database == "analytics" and conn.execute(
-                "SELECT 1 FROM pg_roles WHERE rolname = %s", (ANALYST_ROLE,)).fetchone():
+                "SELECT 1 FROM pg_roles WHERE rolname = %s", (analyst,)).fetchone():
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-                sql.Identifier(staging), sql.Identifier(ANALYST_ROLE)))
+                sql.Identifier(staging), sql.Identifier(analyst)))
     url = settings.database_url_for(entry.database).set(database=staging)
     dsn, env = _client(url)
     use_list = _restorable_toc(source / entry.file)
@@ -301,6 +302,14 @@ def _restore_into_staging(settings: Settings, entry: DumpEntry, source: Path) ->
         with psycopg.connect(_dsn(url), autocommit=True) as conn:
             if conn.execute("SELECT to_regclass('patient_relay_state') IS NOT NULL").fetchone() == (True,):
                 conn.execute("DELETE FROM patient_relay_state")
+
+
+def _analyst_role(settings: Settings) -> str:
+    """The read-only role's name: the one in PMS_ANALYST_DATABASE_URL when set (an external server may
+    name it otherwise), else the embedded one."""
+    if settings.analyst_database_url is None:
+        return ANALYST_ROLE
+    return settings.analyst_url().username or ANALYST_ROLE
 
 
 def _swap_in(settings: Settings, databases: list[str]) -> None:

@@ -269,7 +269,7 @@ class EmbeddedPostgres:
 
         pid_file = self.pgdata / "postmaster.pid"
         try:
-            server_pid = int(pid_file.read_text().split()[0])
+            server_pid = abs(int(pid_file.read_text().split()[0]))  # negative: a single-user `postgres --single`
         except (OSError, ValueError, IndexError):
             return 0
         if psutil.pid_exists(server_pid):

@@ -50,7 +50,7 @@ def verified_address(key: bytes, address: str | None, signature: str | None, *,
     if not address or not signature or len(address) > 45 or len(signature) > 100:
         return None
     stamp_text, _, mac = signature.partition(".")
-    if not (stamp_text.isascii() and stamp_text.isdigit()):
+    if not (stamp_text.isascii() and stamp_text.isdigit() and mac.isascii()):  # compare_digest refuses non-ASCII str
         return None
     stamp = int(stamp_text)
     if abs((time.time() if now is None else now) - stamp) > MAX_AGE_S:

@@ -346,9 +346,20 @@ def read_or_create_secret(path: Path, *, nbytes: int) -> str:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another process won the race: use its secret
+        except OSError:  # a filesystem without hard links (vfat, some network mounts): exclusive create
+            _create_exclusive(path, Path(tmp).read_text())
     finally:
         os.unlink(tmp)
     return path.read_text().strip()
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 @lru_cache

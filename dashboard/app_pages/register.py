@@ -26,17 +26,22 @@ def _key(name: str) -> str:
     return f"reg_{n}_{name}"
 
 
-def _saved_anyway(email: str) -> dict[str, object] | None:
-    """After a create that got no answer: the active patient now holding ``email``, if the platform can say.
+def _saved_anyway(data: dict[str, object]) -> dict[str, object] | None:
+    """After a create that got no answer: the patient it made, if the platform can say.
 
     The create may have committed before the gateway or this client gave up waiting; registering again
-    would then only meet "Email already used". Emails are unique among active patients, so one lookup tells.
+    would then only meet "Email already used". Emails are unique among active patients, so one lookup
+    finds the holder of the e-mail, which is this registration only if name and date of birth are the
+    ones submitted too (otherwise the e-mail belonged to someone else and the create would have been
+    refused: say "not confirmed", never show another person as registered).
     """
+    email = str(data["email"])
     try:
         page = ui.client().list_patients(q=email, limit=5)
     except GatewayError:
         return None
-    return next((p for p in page.items if str(p.get("email", "")).lower() == email.lower()), None)
+    return next((p for p in page.items if str(p.get("email", "")).lower() == email.lower()
+                 and p.get("name") == data["name"] and p.get("dateOfBirth") == data.get("dateOfBirth")), None)
 
 
 if errors:
@@ -99,7 +104,7 @@ if submitted:
     except GatewayUnavailable as exc:
         # No answer is not a "no": the create may have committed before the gateway or this page gave up
         # waiting (a retry would then only meet "Email already used"). Look before offering a retry.
-        saved = _saved_anyway(str(data["email"]))
+        saved = _saved_anyway(data)
         if saved is None:
             st.session_state["register_unconfirmed"] = exc.message
         else:

@@ -34,6 +34,7 @@ def test_environment_has_the_gateway_but_no_platform_secrets(stub_settings: Sett
     assert all(secret not in value for value in env.values())
     # Only the derived key that vouches for browser addresses at the gateway (pms.forwarding).
     assert bytes.fromhex(env[forwarding.KEY_VARIABLE]) == forwarding.derive_key(secret)
+    assert env["FORWARDED_ALLOW_IPS"] == settings.public_forwarded_allow_ips == ""  # trusts no X-Forwarded-For
 
 
 def test_registry_entry_points_here() -> None:

@@ -232,6 +232,34 @@ def test_a_restore_that_fails_changes_nothing_and_the_relay_republishes_after_on
         postgres.stop()
 
 
+def test_a_connection_that_blocks_the_swap_changes_nothing_and_says_so(
+        written_backup: tuple[Path, set[int]], data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service connecting during the restore makes the renames fail: rolled back, staging dropped."""
+    target, _ = written_backup
+    fresh = Settings(_env_file=None, data_dir=data_dir,  # type: ignore[call-arg]
+                     postgres=PostgresSettings(port=process.free_port()))
+    real_swap = pms_backup._swap_in
+
+    def swap_with_a_visitor(settings: Settings, databases: list[str]) -> None:
+        with psycopg.connect(libpq_dsn(settings.database_url_for("billing"))):
+            real_swap(settings, databases)
+
+    monkeypatch.setattr(pms_backup, "_swap_in", swap_with_a_visitor)
+    with pytest.raises(pms_backup.BackupError, match=r"(?s)being accessed by other users.*Nothing was changed"):
+        pms_backup.restore(fresh, source=target)
+    monkeypatch.setattr(pms_backup, "_swap_in", real_swap)
+    postgres = EmbeddedPostgres(fresh)
+    postgres.start()
+    try:
+        with psycopg.connect(libpq_dsn(fresh.database_url_for("patients"))) as conn:
+            assert conn.execute(f"SELECT to_regclass('{TABLE}')").fetchone() == (None,)  # still the empty one
+        with psycopg.connect(libpq_dsn(postgres.superuser_url())) as conn:
+            names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+        assert not any(pms_backup.STAGING_SUFFIX in n for n in names)
+    finally:
+        postgres.stop()
+
+
 def test_a_restore_into_a_fresh_data_dir_keeps_the_admin_password(
         written_backup: tuple[Path, set[int]], data_dir: Path) -> None:
     target, _ = written_backup

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -342,7 +343,8 @@ def test_a_closed_terminal_still_stops_everything_cleanly(servers: ServerSet, tm
         seen = b""
         deadline = time.monotonic() + 60
         while b"Admin login:" not in seen and time.monotonic() < deadline and proc.poll() is None:
-            seen += proc.stderr.read1(65536)  # type: ignore[attr-defined]
+            if select.select([proc.stderr], [], [], 0.5)[0]:  # never block past the deadline
+                seen += proc.stderr.read1(65536)  # type: ignore[attr-defined]
         assert b"Admin login:" in seen, seen.decode(errors="replace")
         tree = psutil.Process(proc.pid).children(recursive=True)
         proc.stderr.close()  # the terminal is gone

@@ -488,11 +488,12 @@ def test_the_application_runs_on_the_tolerant_context() -> None:
     assert app._processing_context.give_up_after_s == Settings().pipeline.stall_timeout_s
 
 
-def test_the_consumer_fetch_wait_comes_from_the_settings() -> None:
+def test_the_consumer_fetch_wait_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tansu holds a fetch for its whole wait even when events arrive, so this bounds freshness."""
     from pms.settings import Settings
 
-    settings = Settings()
+    monkeypatch.delenv("PMS_PIPELINE__FETCH_WAIT_MS", raising=False)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.pipeline.fetch_wait_ms == 50  # not librdkafka's 500
     settings.pipeline.fetch_wait_ms = 70
     config = build_application(settings)._consumer._consumer_config  # Quix keeps it private
