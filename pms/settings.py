@@ -254,9 +254,10 @@ class Settings(BaseSettings):
     #: (uvicorn's forwarded_allow_ips): the gateway's, so auth counts failed logins per real client.
     #: "*" only on a private network.
     forwarded_allow_ips: str = "127.0.0.1"
-    #: The same for the gateway (the public HTTP service): the load balancer in front of it, e.g. its
-    #: subnets' CIDR. Empty (the default): it is the edge and believes no X-Forwarded-For, since a client
-    #: that chose its own address would get a fresh rate limit and login counter per request.
+    #: The same for the public services (the gateway, and the dashboard's Streamlit): the load balancer in
+    #: front of them, e.g. its subnets' CIDR. Empty (the default): they are the edge and believe no
+    #: X-Forwarded-For, since a client that chose its own address would get a fresh rate limit and login
+    #: counter per request.
     public_forwarded_allow_ips: str = ""
 
     postgres: PostgresSettings = PostgresSettings()
