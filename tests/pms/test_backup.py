@@ -189,9 +189,13 @@ def test_a_restore_that_fails_changes_nothing_and_the_relay_republishes_after_on
     with psycopg.connect(billing, autocommit=True) as conn:  # as the app role, like every billing table
         conn.execute(f"CREATE TABLE {ghost}_t (id int)")
         conn.execute(f"GRANT SELECT ON {ghost}_t TO {ghost}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {ghost}_p (id int)")  # marks this backup's patients database
     try:
         bad = pms_backup.backup(source, to=tmp_path / "bad")
     finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE {ghost}_p")
         with psycopg.connect(billing, autocommit=True) as conn:
             conn.execute(f"DROP TABLE {ghost}_t")
         with psycopg.connect(superuser, autocommit=True) as conn:
@@ -210,7 +214,7 @@ def test_a_restore_that_fails_changes_nothing_and_the_relay_republishes_after_on
     try:
         with psycopg.connect(libpq_dsn(fresh.database_url_for("patients"))) as conn:
             assert before <= {row[0] for row in conn.execute(f"SELECT id FROM {TABLE}")}  # the good restore's
-            assert conn.execute("SELECT to_regclass('patient_relay_state')").fetchone() == (None,)
+            assert conn.execute(f"SELECT to_regclass('{ghost}_p')").fetchone() == (None,)  # not the bad one's
         with psycopg.connect(libpq_dsn(postgres.superuser_url())) as conn:
             names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
         assert not any(pms_backup.STAGING_SUFFIX in n or pms_backup.REPLACED_SUFFIX in n for n in names)
@@ -227,6 +231,7 @@ def test_a_restore_that_fails_changes_nothing_and_the_relay_republishes_after_on
     postgres.start()
     try:
         with psycopg.connect(libpq_dsn(fresh.database_url_for("patients"))) as conn:
+            assert conn.execute(f"SELECT to_regclass('{ghost}_p') IS NOT NULL").fetchone() == (True,)
             assert conn.execute("SELECT count(*) FROM patient_relay_state").fetchone() == (0,)
     finally:
         postgres.stop()
