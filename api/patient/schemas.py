@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import phonenumbers
@@ -100,7 +100,7 @@ class _PatientFields(_Camel):
     @field_validator("date_of_birth")
     @classmethod
     def _birth(cls, value: date) -> date:
-        if value > date.today():
+        if value > latest_calendar_date():
             raise ValueError("Must not be in the future")
         if value < EARLIEST_BIRTH_DATE:
             raise ValueError("Must not be before 1900-01-01")
@@ -112,8 +112,22 @@ class _PatientFields(_Camel):
         return value or None
 
 
+def _clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def latest_calendar_date() -> date:
+    """The latest date it is anywhere on Earth now (UTC+14).
+
+    Dates of birth and registration are calendar dates without a time zone. Compared with the
+    server's own today, a clinic ahead of the server (UTC+10 against a UTC container) had today's
+    date refused as "in the future" every morning until the server's midnight.
+    """
+    return (_clock() + timedelta(hours=14)).date()
+
+
 def _not_future(value: date | None) -> date | None:
-    if value is not None and value > date.today():
+    if value is not None and value > latest_calendar_date():
         raise ValueError("Must not be in the future")
     return value
 

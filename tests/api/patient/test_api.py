@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import date, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,13 +18,15 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from api.patient.schemas import latest_calendar_date
 from pms import process
 from tests.api.patient.conftest import Api, new_patient_body, patient_settings, start_patient
 from tests.api.patient.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
-TOMORROW = (date.today() + timedelta(days=1)).isoformat()
+#: A date no time zone has reached yet (see ``latest_calendar_date``).
+TOMORROW = (latest_calendar_date() + timedelta(days=1)).isoformat()
 
 
 def test_seed_tutorial_crud_round_trip(staff: httpx.Client) -> None:

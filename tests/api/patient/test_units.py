@@ -48,3 +48,26 @@ def test_fhir_human_name() -> None:
     assert _human_name("Cher") == {"use": "official", "text": "Cher", "given": ["Cher"]}
     assert _human_name("Ada  Lovelace") == {"use": "official", "text": "Ada  Lovelace", "family": "Lovelace",
                                          "given": ["Ada"]}
+
+
+@pytest.mark.parametrize(("utc_now", "latest"), [
+    ("2026-11-26T09:59:59+00:00", "2026-11-26"),  # 23:59:59 in UTC+14: still the 26th everywhere
+    ("2026-11-26T10:00:00+00:00", "2026-11-27"),  # midnight in UTC+14: the 27th has begun somewhere
+])
+def test_a_date_is_in_the_future_only_where_no_clinic_has_reached_it(
+        monkeypatch: pytest.MonkeyPatch, utc_now: str, latest: str) -> None:
+    """A clinic ahead of the server (UTC+10 against a UTC container) had today's date refused every morning."""
+    from datetime import date, datetime
+
+    from pydantic import ValidationError
+
+    from api.patient import schemas
+
+    monkeypatch.setattr(schemas, "_clock", lambda: datetime.fromisoformat(utc_now))
+    assert schemas.latest_calendar_date() == date.fromisoformat(latest)
+    body = {"name": "A B", "email": "a@b.example", "address": "1 St", "dateOfBirth": "1990-01-01"}
+    assert schemas.PatientCreate.model_validate({**body, "registeredDate": latest}).registered_date
+    day_after = (date.fromisoformat(latest) + timedelta(days=1)).isoformat()
+    for field in ("registeredDate", "dateOfBirth"):
+        with pytest.raises(ValidationError, match="Must not be in the future"):
+            schemas.PatientCreate.model_validate({**body, field: day_after})
