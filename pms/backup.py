@@ -41,7 +41,7 @@ from sqlalchemy.engine import URL
 from pms import process
 from pms.embedded import ANALYST_ROLE, EmbeddedPostgres, libpq_dsn, pg_bin
 from pms.settings import Mode, Settings
-from pms.supervisor import ADMIN_PASSWORD_FILE, ADMIN_SHOWN_MARKER
+from pms.supervisor import ADMIN_PASSWORD_FILE, ADMIN_SHOWN_MARKER, read_state
 
 #: Dump order (see module docstring for why).
 BACKUP_ORDER = ("analytics", "patients", "billing", "auth")
@@ -242,6 +242,9 @@ def restore(settings: Settings, *, source: Path) -> None:
     """
     source = source.resolve()
     entries = sorted(verify(source), key=lambda e: RESTORE_ORDER.index(e.database))
+    running = read_state(settings)
+    if running is not None:  # before anything is started: its services may just be between connections
+        raise BackupError(f"pms up is running from {settings.data_dir} (pid {running['pid']}); stop it and retry")
     with _server(settings), _progress() as progress:
         _refuse_running_system(settings)
         _drop_databases(settings, [d + STAGING_SUFFIX for d in RESTORE_ORDER] +

@@ -322,6 +322,8 @@ class Supervisor:
         self.stop_timeout_s = settings.supervisor.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
         self.console = console or hangup_safe_console()
         self.children: list[Child] = []
+        #: Size of each embedded server's log when it was last started (see ``_start_server``).
+        self._server_log_offsets: dict[str, int] = {}
         self.postgres: EmbeddedPostgres | None = None
         self.broker: EmbeddedBroker | None = None
         self._infra_restarts: dict[str, deque[float]] = {"postgres": deque(), "broker": deque()}
@@ -418,6 +420,8 @@ class Supervisor:
     def _start_server(self, name: str, server: EmbeddedPostgres | EmbeddedBroker) -> None:
         from pms.embedded import PortInUseError
 
+        # The log is appended across runs: a tail shown later starts at this run's first line.
+        self._server_log_offsets[name] = server.log_path.stat().st_size if server.log_path.exists() else 0
         with self.console.status(f"starting {name} ..."):
             try:
                 proc = server.start()
@@ -426,7 +430,7 @@ class Supervisor:
                 raise _GiveUp(EXIT_FAILED) from exc
             except (RuntimeError, TimeoutError, OSError) as exc:
                 self._error(f"{name} did not start: {exc}")
-                self._show_tail(name, server.log_path)
+                self._show_tail(name, server.log_path, since=self._server_log_offsets[name])
                 raise _GiveUp(EXIT_FAILED) from exc
         self.console.print(f"[green]ready[/] {name} (pid {proc.pid})")
 
@@ -594,7 +598,7 @@ class Supervisor:
         pid = server.proc.pid
         server.proc = None
         self._error(f"{name} (pid {pid}) {describe_exit(code)}")
-        self._show_tail(name, server.log_path)
+        self._show_tail(name, server.log_path, since=self._server_log_offsets.get(name, 0))
         now = time.monotonic()
         recent = self._recent(self._infra_restarts[name], now)
         if len(recent) >= self.policy.max_restarts:

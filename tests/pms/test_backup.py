@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 
@@ -17,7 +18,7 @@ from pms import backup as pms_backup
 from pms import db, process
 from pms.embedded import EmbeddedPostgres, libpq_dsn
 from pms.settings import PostgresSettings, Settings, read_or_create_secret
-from pms.supervisor import ADMIN_PASSWORD_FILE, ADMIN_SHOWN_MARKER
+from pms.supervisor import ADMIN_PASSWORD_FILE, ADMIN_SHOWN_MARKER, state_path
 from tests.fixtures.servers import ServerSet
 
 pytestmark = pytest.mark.integration
@@ -130,6 +131,20 @@ def test_a_manifest_that_points_elsewhere_is_refused(written_backup: tuple[Path,
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(pms_backup.BackupError, match=expected):
         pms_backup.verify(copy)
+
+
+def test_restore_refuses_while_pms_up_runs_on_the_data_dir(written_backup: tuple[Path, set[int]],
+                                                            data_dir: Path) -> None:
+    """Even at a moment when none of its services holds a connection."""
+    target, _ = written_backup
+    fresh = Settings(_env_file=None, data_dir=data_dir,  # type: ignore[call-arg]
+                     postgres=PostgresSettings(port=process.free_port()))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    state_path(fresh).write_text(json.dumps({"pid": me.pid, "create_time": me.create_time(), "services": []}))
+    with pytest.raises(pms_backup.BackupError, match=rf"pms up is running from .* \(pid {me.pid}\)"):
+        pms_backup.restore(fresh, source=target)
+    assert not (data_dir / "postgres").exists()  # refused before anything was started
 
 
 def test_restore_refuses_a_running_system(written_backup: tuple[Path, set[int]], servers: ServerSet) -> None:

@@ -542,6 +542,23 @@ def test_a_host_nothing_can_listen_on_is_not_called_a_taken_port(tmp_path: Path,
     assert not (settings.data_dir / "postgres").exists()
 
 
+def test_a_server_that_will_not_start_shows_this_run_s_log_only(data_dir: Path) -> None:
+    """postgres.log is appended across runs; the tail after a failed start must not show older runs' lines."""
+    from pms.embedded import EmbeddedPostgres
+
+    settings = embedded_settings(data_dir)
+    postgres = EmbeddedPostgres(settings)
+    postgres.initialise()
+    with open(postgres.pgdata / "postgresql.auto.conf", "a") as conf:
+        conf.write("no_such_setting_for_this_test = 1\n")
+    postgres.log_path.parent.mkdir(parents=True, exist_ok=True)
+    postgres.log_path.write_text("a line from an earlier run\n")
+    code, out = _in_process(settings)
+    assert code == EXIT_FAILED
+    assert "postgres did not start" in out and "no_such_setting_for_this_test" in out
+    assert "a line from an earlier run" not in out
+
+
 def test_broker_port_in_use_names_its_setting(tmp_path: Path) -> None:
     settings = embedded_settings(tmp_path / "data")
     port = int(settings.kafka.bootstrap_servers.rpartition(":")[2])
