@@ -131,6 +131,10 @@ class Child:
     log_offset: int = 0
 
 
+class _StartFailed(Exception):
+    """An embedded server did not start (the reason was already printed)."""
+
+
 class _GiveUp(Exception):
     """Stop everything and exit with ``code`` (the reason has been printed)."""
 
@@ -327,6 +331,8 @@ class Supervisor:
         self.postgres: EmbeddedPostgres | None = None
         self.broker: EmbeddedBroker | None = None
         self._infra_restarts: dict[str, deque[float]] = {"postgres": deque(), "broker": deque()}
+        #: When a dead embedded server is next tried (absent: it runs, or was never started).
+        self._server_retry_at: dict[str, float] = {}
         self._stop = threading.Event()
         #: Set by a second stop signal: everything still running is SIGKILLed, nothing waits any more.
         self._force = threading.Event()
@@ -418,6 +424,13 @@ class Supervisor:
             self._start_server("broker", self.broker)
 
     def _start_server(self, name: str, server: EmbeddedPostgres | EmbeddedBroker) -> None:
+        """Start an embedded server; a failure ends ``pms up`` (:class:`_GiveUp`) at the first start."""
+        try:
+            self._try_start_server(name, server)
+        except _StartFailed as exc:
+            raise _GiveUp(EXIT_FAILED) from exc
+
+    def _try_start_server(self, name: str, server: EmbeddedPostgres | EmbeddedBroker) -> None:
         from pms.embedded import PortInUseError
 
         # The log is appended across runs: a tail shown later starts at this run's first line.
@@ -427,11 +440,11 @@ class Supervisor:
                 proc = server.start()
             except PortInUseError as exc:
                 self._error(str(exc))
-                raise _GiveUp(EXIT_FAILED) from exc
+                raise _StartFailed(name) from exc
             except (RuntimeError, TimeoutError, OSError) as exc:
                 self._error(f"{name} did not start: {exc}")
                 self._show_tail(name, server.log_path, since=self._server_log_offsets[name])
-                raise _GiveUp(EXIT_FAILED) from exc
+                raise _StartFailed(name) from exc
         self.console.print(f"[green]ready[/] {name} (pid {proc.pid})")
 
     def _child_env(self) -> dict[str, str]:
@@ -591,23 +604,48 @@ class Supervisor:
         return restarts
 
     def _check_server(self, name: str, server: EmbeddedPostgres | EmbeddedBroker | None) -> bool:
-        """Restart an embedded server that died (same policy as services); True if it did."""
-        if server is None or server.proc is None or server.proc.poll() is None:
+        """Restart an embedded server that died (same policy as services); True if anything happened.
+
+        A restart that fails counts like another death: it is tried again after the policy's
+        backoff, and only more failures than ``max_restarts`` inside the window end everything
+        (a first restart failing, e.g. while a dead server's backend still held its memory,
+        used to stop the whole platform at once).
+        """
+        if server is None:
             return False
-        code = server.proc.poll()
-        pid = server.proc.pid
-        server.proc = None
-        self._error(f"{name} (pid {pid}) {describe_exit(code)}")
-        self._show_tail(name, server.log_path, since=self._server_log_offsets.get(name, 0))
         now = time.monotonic()
+        if server.proc is not None:
+            code = server.proc.poll()
+            if code is None:
+                return False
+            pid = server.proc.pid
+            server.proc = None
+            self._error(f"{name} (pid {pid}) {describe_exit(code)}")
+            self._show_tail(name, server.log_path, since=self._server_log_offsets.get(name, 0))
+            self._count_server_failure(name, now, f"{name} died")
+            self._server_retry_at[name] = now
+        retry_at = self._server_retry_at.get(name)
+        if retry_at is None or now < retry_at:
+            return False
+        self.console.print(f"[yellow]restarting[/] {name}")
+        try:
+            self._try_start_server(name, server)
+        except _StartFailed:
+            recent = self._count_server_failure(name, time.monotonic(), f"{name} failed to restart")
+            delay = self.policy.backoff(len(recent))
+            self._server_retry_at[name] = time.monotonic() + delay
+            self.console.print(f"[yellow]retrying[/] {name} in {delay:.1f}s")
+            return True
+        del self._server_retry_at[name]
+        return True
+
+    def _count_server_failure(self, name: str, now: float, what: str) -> deque[float]:
         recent = self._recent(self._infra_restarts[name], now)
         if len(recent) >= self.policy.max_restarts:
-            self._error(f"{name} died {len(recent) + 1} times within {self.policy.window_s:.0f}s: giving up")
+            self._error(f"{what} {len(recent) + 1} times within {self.policy.window_s:.0f}s: giving up")
             raise _GiveUp(EXIT_FAILED)
         recent.append(now)
-        self.console.print(f"[yellow]restarting[/] {name}")
-        self._start_server(name, server)
-        return True
+        return recent
 
     # -- stop ----------------------------------------------------------------------------
     def _shutdown(self) -> None:

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -540,6 +541,39 @@ def test_a_host_nothing_can_listen_on_is_not_called_a_taken_port(tmp_path: Path,
     assert f"patient cannot listen on {host}:{settings.patient.port}" in out and "check PMS_PATIENT__HOST" in out
     assert "already in use" not in out
     assert not (settings.data_dir / "postgres").exists()
+
+
+def test_a_server_whose_restart_fails_is_tried_again(data_dir: Path) -> None:
+    """PostgreSQL dies, its first restart fails (here: a bad setting), the next one, after the backoff, works."""
+    from pms.embedded import EmbeddedPostgres
+
+    settings = embedded_settings(data_dir)
+    buffer = io.StringIO()
+    policy = RestartPolicy(max_restarts=5, window_s=60, backoff_initial_s=0.5, backoff_max_s=1.0)
+    supervisor = Supervisor(settings, services=[], policy=policy,
+                            console=Console(file=buffer, width=300, color_system=None))
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
+    runner.start()
+    try:
+        process.wait_until(lambda: supervisor.postgres is not None and supervisor.postgres.proc is not None
+                           and "Admin login" in buffer.getvalue(), timeout=60, message="pms up")
+        postgres = supervisor.postgres
+        assert isinstance(postgres, EmbeddedPostgres)
+        conf = postgres.pgdata / "postgresql.auto.conf"
+        good = conf.read_text()
+        conf.write_text(good + "no_such_setting_for_this_test = 1\n")
+        os.kill(postgres.proc.pid, signal.SIGKILL)
+        process.wait_until(lambda: "retrying postgres" in buffer.getvalue(), timeout=30,
+                           message="a failed restart", alive=runner.is_alive)
+        conf.write_text(good)
+        process.wait_until(postgres.is_ready, timeout=30, message="PostgreSQL back", alive=runner.is_alive)
+        assert runner.is_alive() and not result
+        assert "postgres did not start" in buffer.getvalue()
+    finally:
+        supervisor.request_stop()
+        runner.join(60)
+    assert result == [EXIT_OK], buffer.getvalue()
 
 
 def test_a_server_that_will_not_start_shows_this_run_s_log_only(data_dir: Path) -> None:
