@@ -280,7 +280,8 @@ def apply_records(
                     _write_aggregate(conn, table, delta)
             occurred = plan.applied.get_column("occurred_at")
             last_event_at = frame.get_column("occurred_at").max()  # type: ignore[assignment]
-        dead_count = _write_dead_letters(conn, dead)
+        _write_dead_letters(conn, dead)  # a redelivered one is stored once ...
+        dead_count = len(dead)  # ... and counted as seen, so processed = applied + stale + dead letters
         if records:
             _write_positions(conn, records, consumer or consumer_name(), watermarks)
         p50 = p99 = None

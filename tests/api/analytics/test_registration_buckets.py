@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api.analytics import repository as analytics_repository
 from api.analytics.schemas import Granularity
-from api.analytics.service import HiddenDays, _period_start
+from api.analytics.service import MAX_BUCKETS, HiddenDays, _bucket_count, _period_start, _periods
 
 pytestmark = pytest.mark.integration
 
@@ -63,3 +63,19 @@ def test_sql_buckets_equal_the_day_by_day_reference(analytics: Engine, days, sta
             session=session, start=start, end=end, granularity=granularity.value,
             hide=(reg_rule.as_sql(), rem_rule.as_sql()))
     assert got == reference(days, start, end, granularity, reg_rule, rem_rule)
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.dates(date(1, 1, 1), date(9999, 12, 31)), days=st.integers(0, 40_000),
+       granularity=st.sampled_from(list(Granularity)))
+def test_the_bucket_limit_counts_the_buckets_it_would_build(start: date, days: int, granularity: Granularity) -> None:
+    end = min(date(9999, 12, 31), start + timedelta(days=min(days, (date(9999, 12, 31) - start).days)))
+    if granularity is Granularity.DAY and (end - start).days > 5000:
+        end = start + timedelta(days=5000)  # enough to cross the limit; keeps the reference list small
+    assert _bucket_count(start, end, granularity) == len(_periods(start, end, granularity))
+
+
+def test_the_bucket_limit_at_its_edges() -> None:
+    """3,601 months were refused (an estimate by 28-day months); a 3,701-week range was let through."""
+    assert _bucket_count(date(1900, 1, 1), date(2200, 1, 1), Granularity.MONTH) == 3601 <= MAX_BUCKETS
+    assert _bucket_count(date(2000, 1, 2), date(2070, 11, 24), Granularity.WEEK) == 3701 > MAX_BUCKETS
