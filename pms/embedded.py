@@ -272,16 +272,17 @@ class EmbeddedPostgres:
             server_pid = abs(int(pid_file.read_text().split()[0]))  # negative: a single-user `postgres --single`
         except (OSError, ValueError, IndexError):
             return 0
+        cluster = str(self.pgdata.resolve())
         if psutil.pid_exists(server_pid):
             try:
-                if psutil.Process(server_pid).cwd() == str(self.pgdata.resolve()):
+                if psutil.Process(server_pid).cwd() == cluster:
                     return 0  # the server itself is still there
             except psutil.Error:
                 pass
         orphans = []
         for proc in psutil.process_iter(["name"]):
             try:
-                if proc.info["name"] == "postgres" and proc.cwd() == str(self.pgdata.resolve()):
+                if proc.info["name"] == "postgres" and proc.cwd() == cluster:
                     orphans.append(proc)
             except psutil.Error:
                 continue

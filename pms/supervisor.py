@@ -552,20 +552,32 @@ class Supervisor:
             self.console.print(f"affected while {name} is down: {', '.join(affected)} "
                                f"(they depend on it, keep running and reconnect when it is back; not restarted)",
                                highlight=False)
-        recent = self._recent(child.restarts, now)
-        if len(recent) >= self.policy.max_restarts:
+        try:
+            delay = self._admit_restart(child.restarts, now, f"{name} died")
+        except _GiveUp:
             child.state = State.FAILED
-            self._error(f"{name} died {len(recent) + 1} times within {self.policy.window_s:.0f}s: "
-                        "giving up, stopping everything")
-            raise _GiveUp(EXIT_FAILED)
-        delay = self.policy.backoff(len(recent))
-        recent.append(now)
+            raise
         child.total_restarts += 1
         child.state = State.BACKOFF
         child.restart_at = now + delay
         self.console.print(f"[yellow]restarting[/] {name} in {delay:.1f}s "
-                           f"(restart {len(recent)} of at most {self.policy.max_restarts} "
+                           f"(restart {len(child.restarts)} of at most {self.policy.max_restarts} "
                            f"per {self.policy.window_s:.0f}s)")
+
+    def _admit_restart(self, restarts: deque[float], now: float, what: str) -> float:
+        """Count one more failure against the restart policy; the backoff before the next try.
+
+        Children and embedded servers share it. Raises :class:`_GiveUp` (the reason printed) once
+        ``max_restarts`` restarts within ``window_s`` are used up.
+        """
+        recent = self._recent(restarts, now)
+        if len(recent) >= self.policy.max_restarts:
+            self._error(f"{what} {len(recent) + 1} times within {self.policy.window_s:.0f}s: "
+                        "giving up, stopping everything")
+            raise _GiveUp(EXIT_FAILED)
+        delay = self.policy.backoff(len(recent))
+        recent.append(now)
+        return delay
 
     def _dependents(self, name: str) -> list[str]:
         """Children that depend on ``name``, directly or through another child, in start order."""
@@ -622,8 +634,8 @@ class Supervisor:
             server.proc = None
             self._error(f"{name} (pid {pid}) {describe_exit(code)}")
             self._show_tail(name, server.log_path, since=self._server_log_offsets.get(name, 0))
-            self._count_server_failure(name, now, f"{name} died")
-            self._server_retry_at[name] = now
+            self._admit_restart(self._infra_restarts[name], now, f"{name} died")
+            self._server_retry_at[name] = now  # at once: services are waiting for it
         retry_at = self._server_retry_at.get(name)
         if retry_at is None or now < retry_at:
             return False
@@ -631,21 +643,13 @@ class Supervisor:
         try:
             self._try_start_server(name, server)
         except _StartFailed:
-            recent = self._count_server_failure(name, time.monotonic(), f"{name} failed to restart")
-            delay = self.policy.backoff(len(recent))
-            self._server_retry_at[name] = time.monotonic() + delay
+            failed_at = time.monotonic()
+            delay = self._admit_restart(self._infra_restarts[name], failed_at, f"{name} failed to restart")
+            self._server_retry_at[name] = failed_at + delay
             self.console.print(f"[yellow]retrying[/] {name} in {delay:.1f}s")
             return True
         del self._server_retry_at[name]
         return True
-
-    def _count_server_failure(self, name: str, now: float, what: str) -> deque[float]:
-        recent = self._recent(self._infra_restarts[name], now)
-        if len(recent) >= self.policy.max_restarts:
-            self._error(f"{what} {len(recent) + 1} times within {self.policy.window_s:.0f}s: giving up")
-            raise _GiveUp(EXIT_FAILED)
-        recent.append(now)
-        return recent
 
     # -- stop ----------------------------------------------------------------------------
     def _shutdown(self) -> None:
