@@ -40,7 +40,7 @@ from sqlalchemy.engine import URL
 
 from pms import process
 from pms.embedded import ANALYST_ROLE, EmbeddedPostgres, libpq_dsn, pg_bin
-from pms.settings import Mode, Settings
+from pms.settings import Mode, Settings, install_secret
 from pms.supervisor import ADMIN_PASSWORD_FILE, ADMIN_SHOWN_MARKER, read_state
 
 #: Dump order (see module docstring for why).
@@ -112,10 +112,6 @@ def _client(url: URL) -> tuple[str, dict[str, str]]:
     return libpq_dsn(url._replace(password=None)), env  # URL.set(password=None) keeps the password
 
 
-def _dsn(url: URL) -> str:
-    return libpq_dsn(url)
-
-
 def backup(settings: Settings, *, to: Path | None = None) -> Path:
     """Dump every service database into ``to`` and write the manifest; return the folder.
 
@@ -176,11 +172,9 @@ def _write_dumps(settings: Settings, target: Path) -> dict[str, object]:
     }
     # The manifest is written last: a folder without one is a backup that did not finish.
     tmp = target / (MANIFEST + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(manifest, indent=2))
-        handle.flush()
-        os.fsync(handle.fileno())
+    tmp.write_text(json.dumps(manifest, indent=2))  # inside the 0700 folder
+    tmp.chmod(0o600)
+    _fsync(tmp)
     tmp.rename(target / MANIFEST)
     _fsync(target)  # the rename itself: "backup written" means on disk, also after a power cut
     return manifest
@@ -302,7 +296,7 @@ def _restore_into_staging(settings: Settings, entry: DumpEntry, source: Path) ->
     if entry.database == "patients":
         # Whatever the broker holds, the relay republishes the whole outbox after a restore: analytics (dumped
         # first) catches up on what patients got after its dump, and the topic gets every restored event.
-        with psycopg.connect(_dsn(url), autocommit=True) as conn:
+        with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
             if conn.execute("SELECT to_regclass('patient_relay_state') IS NOT NULL").fetchone() == (True,):
                 conn.execute("DELETE FROM patient_relay_state")
 
@@ -344,10 +338,8 @@ def _restore_admin_password(settings: Settings, source: Path) -> None:
     target = settings.secrets_dir / ADMIN_PASSWORD_FILE
     if settings.mode is not Mode.EMBEDDED or not saved.is_file() or target.exists():
         return
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(saved.read_text())
+    if not install_secret(target, saved.read_text()):
+        return
     (settings.data_dir / ADMIN_SHOWN_MARKER).touch()
     console.print(f"the restored admin account keeps its password: it is in {target}")
 
@@ -367,13 +359,13 @@ def _restorable_toc(dump: Path) -> Path:
 
 
 def _server_version(settings: Settings) -> str:
-    with psycopg.connect(_dsn(settings.database_url_for("patients"))) as conn:
+    with psycopg.connect(libpq_dsn(settings.database_url_for("patients"))) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return str(row[0]) if row else "unknown"
 
 
 def _maintenance_dsn(settings: Settings) -> str:
-    return _dsn(settings.server_url().set(database="postgres", drivername="postgresql+psycopg"))
+    return libpq_dsn(settings.server_url().set(database="postgres", drivername="postgresql+psycopg"))
 
 
 def _refuse_running_system(settings: Settings) -> None:

@@ -328,39 +328,40 @@ def _with_psycopg(url: URL) -> URL:
 
 
 def read_or_create_secret(path: Path, *, nbytes: int) -> str:
-    """Return the secret stored at ``path``, creating it (mode 0600) on first use.
+    """Return the secret stored at ``path``, creating it (mode 0600) on first use."""
+    if not path.exists():
+        install_secret(path, secrets.token_urlsafe(nbytes))
+    return path.read_text().strip()
 
-    The secret is written and synced under a temporary name and then hard-linked into place, which
+
+def install_secret(path: Path, value: str) -> bool:
+    """Store ``value`` at ``path`` (mode 0600) unless a secret is there already; True if this call stored it.
+
+    The value is written and synced under a temporary name and then hard-linked into place, which
     fails if the name exists: when two processes race on first start exactly one secret wins, and
     nobody can read a half-written (or, after a crash, empty) file under the real name.
     """
-    if path.exists():
-        return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(nbytes))
+            handle.write(value)
             handle.flush()
             os.fsync(handle.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:
-            pass  # another process won the race: use its secret
+            return False  # another process won the race: its secret stands
         except OSError:  # a filesystem without hard links (vfat, some network mounts): exclusive create
-            _create_exclusive(path, Path(tmp).read_text())
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as handle:
+                handle.write(value)
+        return True
     finally:
         os.unlink(tmp)
-    return path.read_text().strip()
-
-
-def _create_exclusive(path: Path, text: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
 
 
 @lru_cache

@@ -200,9 +200,10 @@ def _write_aggregate(conn: Connection, table: str, delta: pl.DataFrame) -> None:
     )
 
 
-def _write_dead_letters(conn: Connection, dead: list[tuple[Record, transforms.DeadLetter]]) -> int:
+def _write_dead_letters(conn: Connection, dead: list[tuple[Record, transforms.DeadLetter]]) -> None:
+    """Store each dead letter once (a redelivered one is already there)."""
     if not dead:
-        return 0
+        return
     rows = []
     for record, letter in dead:
         raw = letter.raw
@@ -210,7 +211,7 @@ def _write_dead_letters(conn: Connection, dead: list[tuple[Record, transforms.De
             "topic": record.topic, "partition": record.partition, "kafka_offset": record.offset,
             "reason": letter.reason[:500], "raw": raw, "raw_digest": hashlib.md5(raw).hexdigest(),  # noqa: S324
         })
-    result = conn.execute(
+    conn.execute(
         text(
             "INSERT INTO dead_letters (topic, partition, kafka_offset, reason, raw, raw_digest)"
             " VALUES (:topic, :partition, :kafka_offset, :reason, :raw, :raw_digest)"
@@ -218,7 +219,6 @@ def _write_dead_letters(conn: Connection, dead: list[tuple[Record, transforms.De
         ),
         rows,
     )
-    return max(result.rowcount, 0)
 
 
 def _write_positions(
@@ -280,8 +280,8 @@ def apply_records(
                     _write_aggregate(conn, table, delta)
             occurred = plan.applied.get_column("occurred_at")
             last_event_at = frame.get_column("occurred_at").max()  # type: ignore[assignment]
-        _write_dead_letters(conn, dead)  # a redelivered one is stored once ...
-        dead_count = len(dead)  # ... and counted as seen, so processed = applied + stale + dead letters
+        _write_dead_letters(conn, dead)
+        dead_count = len(dead)  # counted as seen (redeliveries too): processed = applied + stale + dead letters
         if records:
             _write_positions(conn, records, consumer or consumer_name(), watermarks)
         p50 = p99 = None
