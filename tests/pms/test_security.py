@@ -111,3 +111,43 @@ def test_passwords_hash_and_verify() -> None:
     assert not verify_password(None, "correct horse battery staple")  # unknown user, same cost
     assert not verify_password("not-a-hash", "x")
     assert not needs_rehash(hashed)
+
+
+def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified tokens are remembered (a fifth of the gateway's CPU), but never past their expiry."""
+    from pms import security
+
+    token = encode_token(SETTINGS, sub="a@b.example", role=Role.STAFF, ttl_s=60)
+    principal = decode_token(SETTINGS, token)
+    assert decode_token(SETTINGS, token) == principal  # the remembered answer
+    monkeypatch.setattr(security, "_now", lambda: principal.exp + security.LEEWAY_S - 0.5)
+    assert decode_token(SETTINGS, token) == principal  # inside the leeway, as PyJWT allows
+    monkeypatch.setattr(security, "_now", lambda: principal.exp + security.LEEWAY_S)
+    with pytest.raises(Unauthorized, match="Token expired"):
+        decode_token(SETTINGS, token)
+
+
+def test_a_remembered_token_is_checked_against_the_verifiers_own_settings() -> None:
+    """The memory is per key, audience and issuer: a token accepted under one is refused under another."""
+    token = encode_token(SETTINGS, sub="a@b.example", role=Role.STAFF)
+    assert decode_token(SETTINGS, token).sub == "a@b.example"
+    for other in (_settings(secret=SecretStr("another-secret-that-is-also-long-enough-000")),
+                  _settings(audience="other"), _settings(issuer="someone-else")):
+        with pytest.raises(Unauthorized, match="Invalid token"):
+            decode_token(other, token)
+    with pytest.raises(Unauthorized, match="Invalid token"):
+        decode_token(SETTINGS, token, audience="pms:internal")
+
+
+def test_a_refused_token_is_verified_again_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure is not remembered: a token that is not valid yet becomes valid when its time comes."""
+    from pms import security
+
+    calls = []
+    real_decode = jwt.decode
+    monkeypatch.setattr(security.jwt, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    token = jwt.encode(_claims(nbf=datetime.now(UTC) + timedelta(hours=6), jti="not-yet"), SECRET, algorithm="HS256")
+    for _ in range(2):
+        with pytest.raises(Unauthorized, match="Invalid token"):
+            decode_token(SETTINGS, token)
+    assert len(calls) == 2
