@@ -137,8 +137,7 @@ def build_server(settings: Settings, *, port: int | None = None, engine: Engine 
         RuntimeError: the port cannot be bound.
     """
     engine = engine if engine is not None else billing_engine(settings)
-    # AUTOCOMMIT: opening an account is one INSERT, atomic by itself (see billing.service.create).
-    servicer = BillingServicer(db.session_factory(engine.execution_options(isolation_level="AUTOCOMMIT")))
+    servicer = BillingServicer(engine)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="billing-health"),

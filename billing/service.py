@@ -10,13 +10,12 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Row
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine
 
 from billing import repository as billing_repository
-from billing.models import BillingAccount as AccountRow
+from billing.repository import AccountRow
+from pms.db import driver_connection
 from pms.errors import BadRequest, NotFound
 
 #: The canonical 8-4-4-4-12 hex form only: other spellings uuid.UUID() accepts (braces,
@@ -61,33 +60,30 @@ def _check_contact_bounds(*, name: str, email: str) -> None:
         raise BadRequest("invalid billing request", errors=errors)
 
 
-def create(*, sessions: sessionmaker[Session], patient_id: str, name: str = "", email: str = "") -> Account:
+def create(*, engine: Engine, patient_id: str, name: str = "", email: str = "") -> Account:
     """Open the patient's account, or return the one already open (idempotent on patient_id).
 
     ``name`` and ``email`` are accepted for compatibility with the seed contract and only
-    bounds-checked: billing does not store or log them.
+    bounds-checked: billing does not store or log them. The insert is one autocommit statement,
+    atomic by itself: no BEGIN and COMMIT round trips.
 
     Raises:
         BadRequest: ``patient_id`` is not a UUID, or name/email exceed their bounds.
     """
     pid = parse_patient_id(patient_id)
     _check_contact_bounds(name=name, email=email)
-    with sessions() as session:
-        # With the server's AUTOCOMMIT sessions the insert is its own transaction (no BEGIN and
-        # COMMIT round trips) and the commit below is a no-op; with other sessions it commits.
-        inserted = billing_repository.insert_if_absent(session, patient_id=pid)
-        created = inserted is not None
-        row: AccountRow | Row[Any] | None = inserted
+    with driver_connection(engine) as conn:
+        row = billing_repository.insert_if_absent(conn, patient_id=pid)
+        created = row is not None
         if row is None:
             # READ COMMITTED: this statement sees the winner's committed row.
-            row = billing_repository.get_by_patient_id(session, patient_id=pid)
-        if row is None:  # the account was deleted between the two statements; not a path we have
-            raise RuntimeError("billing account vanished during create")
-        session.commit()
-        return _account(row, created=created)
+            row = billing_repository.get_by_patient_id(conn, patient_id=pid)
+    if row is None:  # the account was deleted between the two statements; not a path we have
+        raise RuntimeError("billing account vanished during create")
+    return _account(row, created=created)
 
 
-def get_or_raise(*, sessions: sessionmaker[Session], patient_id: str) -> Account:
+def get_or_raise(*, engine: Engine, patient_id: str) -> Account:
     """Return the patient's account.
 
     Raises:
@@ -95,14 +91,14 @@ def get_or_raise(*, sessions: sessionmaker[Session], patient_id: str) -> Account
         NotFound: the patient has no billing account.
     """
     pid = parse_patient_id(patient_id)
-    with sessions() as session:
-        row = billing_repository.get_by_patient_id(session, patient_id=pid)
-        if row is None:
-            raise NotFound("no billing account for this patient")
-        return _account(row, created=False)
+    with driver_connection(engine) as conn:
+        row = billing_repository.get_by_patient_id(conn, patient_id=pid)
+    if row is None:
+        raise NotFound("no billing account for this patient")
+    return _account(row, created=False)
 
 
-def _account(row: AccountRow | Row[Any], *, created: bool) -> Account:
+def _account(row: AccountRow, *, created: bool) -> Account:
     return Account(
         account_id=str(row.id),
         status=row.status,

@@ -17,10 +17,11 @@ from datetime import UTC
 from typing import NoReturn, TypeVar
 
 import grpc
+import psycopg
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session, sessionmaker
 
 from billing import service as billing_service
 from pms.contracts import billing_pb2, billing_pb2_grpc
@@ -62,11 +63,11 @@ class BillingMetrics:
 
 
 class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
-    """BillingService over a session factory; answers UNAVAILABLE until ``ready`` is set."""
+    """BillingService over the billing database's engine; answers UNAVAILABLE until ``ready`` is set."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, ready: threading.Event | None = None,
+    def __init__(self, engine: Engine, *, ready: threading.Event | None = None,
                  metrics: BillingMetrics | None = None) -> None:
-        self._sessions = sessions
+        self._engine = engine
         self._ready = ready if ready is not None else threading.Event()
         self.metrics = metrics or BillingMetrics()
 
@@ -81,7 +82,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             if isinstance(request, _Malformed):
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed BillingRequest")
             account = self._run(context, "CreateBillingAccount", lambda: billing_service.create(
-                sessions=self._sessions, patient_id=request.patient_id, name=request.name, email=request.email,
+                engine=self._engine, patient_id=request.patient_id, name=request.name, email=request.email,
             ))
         if account.created:
             self.metrics.opened.inc()
@@ -97,7 +98,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             if isinstance(request, _Malformed):
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed GetBillingAccountRequest")
             account = self._run(context, "GetBillingAccount", lambda: billing_service.get_or_raise(
-                sessions=self._sessions, patient_id=request.patient_id,
+                engine=self._engine, patient_id=request.patient_id,
             ))
         return _response(account)
 
@@ -127,7 +128,7 @@ class BillingServicer(billing_pb2_grpc.BillingServiceServicer):
             if error.errors:
                 details += ": " + "; ".join(f"{field} {why}" for field, why in sorted(error.errors.items()))
             _abort(context, code, details)
-        except sa_exc.SQLAlchemyError as error:
+        except (sa_exc.SQLAlchemyError, psycopg.Error) as error:
             if is_database_outage(error):
                 log.warning("billing database unavailable",
                             extra={"fields": {"method": method, "exc_type": type(error).__name__}})

@@ -14,11 +14,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from fastapi import Depends, Request
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Engine, MetaData, TextClause, create_engine, text
+from sqlalchemy import ClauseElement, Engine, MetaData, create_engine, text
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
@@ -112,9 +113,39 @@ def bounded_connection(*, connect_timeout_s: int, statement_timeout_ms: int) -> 
     return {"connect_timeout": connect_timeout_s, "options": f"-c statement_timeout={statement_timeout_ms}"}
 
 
-def psycopg_sql(statement: TextClause) -> str:
-    """A ``text()`` statement (``:name`` parameters) as psycopg SQL (``%(name)s``): one source for both."""
+def psycopg_sql(statement: ClauseElement) -> str:
+    """A ``text()`` or Core statement (``:name`` parameters) as psycopg SQL (``%(name)s``): one source for both."""
     return str(statement.compile(dialect=psycopg_dialect.dialect()))
+
+
+@contextmanager
+def driver_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
+    """One of ``engine``'s pooled connections as plain psycopg, in autocommit: for one-statement hot paths.
+
+    An ORM session costs billing ~0.3 ms of CPU per CreateBillingAccount and Core's execution
+    machinery ~0.25 ms; this ~0.15 ms (in-process, 2,800 calls each). What they did that matters
+    is kept: the connection comes from the engine's pool and goes back to it, and a connection
+    error (PostgreSQL restarted) drops the whole pool, as SQLAlchemy does on a disconnect, so one
+    call fails rather than one per pooled connection. Autocommit is set for the call and put back.
+    """
+    fairy = engine.raw_connection()
+    try:
+        conn: psycopg.Connection[Any] = fairy.driver_connection  # type: ignore[assignment]
+        was_autocommit = conn.autocommit
+        if not was_autocommit:
+            conn.autocommit = True  # idle connection: an attribute, no round trip
+        try:
+            yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            fairy.invalidate(exc)
+            engine.dispose()  # the other pooled connections went with the server: start afresh
+            raise
+        finally:
+            if not was_autocommit and not conn.closed:
+                with suppress(psycopg.Error):
+                    conn.autocommit = False
+    finally:
+        fairy.close()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -177,3 +177,47 @@ def test_engine_for_is_shared_per_database(servers: ServerSet) -> None:
     assert db.engine_for(servers.settings, "auth") is db.engine_for(servers.settings, "auth")
     assert db.engine_for(servers.settings, "auth") is not db.engine_for(servers.settings, "billing")
     assert db.database_reachable(db.engine_for(servers.settings, "billing"))
+
+
+def test_driver_connection_runs_in_autocommit_and_hands_the_connection_back_as_it_was(
+    empty_database: URL,
+) -> None:
+    """The hot path's plain psycopg connection: autocommit for the call, the pool's own setting after."""
+    engine = db.make_engine(empty_database, pool_size=1, max_overflow=0)
+    try:
+        with db.driver_connection(engine) as conn:
+            assert conn.autocommit
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            conn.execute("INSERT INTO t VALUES (1)")  # committed by itself: no transaction is left open
+        with engine.connect() as sa_conn:  # the same pooled connection (pool of one), as SQLAlchemy expects it
+            assert sa_conn.connection.driver_connection is conn
+            assert not conn.autocommit
+            assert sa_conn.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+        with pytest.raises(psycopg.errors.UniqueViolation), db.driver_connection(engine) as again:
+            again.execute("INSERT INTO t VALUES (1)")
+        with engine.connect() as sa_conn:  # a refused statement leaves the connection usable and in the pool
+            assert sa_conn.connection.driver_connection is conn and not conn.autocommit
+    finally:
+        engine.dispose()
+
+
+def test_driver_connection_drops_the_whole_pool_when_the_server_ends_a_connection(
+    servers: ServerSet, empty_database: URL,
+) -> None:
+    """After a restart every pooled connection is dead: one call fails, the next ones get new connections."""
+    engine = db.make_engine(empty_database, pool_size=3, max_overflow=0, pre_ping=False)
+    try:
+        held = [engine.raw_connection() for _ in range(3)]
+        pids = {fairy.driver_connection.info.backend_pid for fairy in held}
+        for fairy in held:
+            fairy.close()
+        with psycopg.connect(libpq_dsn(servers.settings.server_url()), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(pids),))
+        with pytest.raises(psycopg.OperationalError), db.driver_connection(engine) as conn:
+            conn.execute("SELECT 1")
+        for _ in range(3):
+            with db.driver_connection(engine) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+                assert conn.info.backend_pid not in pids
+    finally:
+        engine.dispose()
