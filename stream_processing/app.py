@@ -32,6 +32,7 @@ from pms import db
 from pms.settings import Settings
 from pms.web import create_service_app
 from stream_processing.consumer_health import BrokerRestartGuard, GroupWatchdog, StarvationProbe, WatermarkProbe
+from stream_processing.heartbeat import Heartbeat
 from stream_processing.sink import AnalyticsSink
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class _Application(Application):
         self.stopping = False
         #: How often the processing loop subscribed again on request.
         self.rejoins = 0
+        #: time.monotonic() of the processing loop's latest turn (it turns at least every poll timeout).
+        self.turned_at = time.monotonic()
 
     @property
     def commits_dropped(self) -> int:
@@ -147,7 +150,12 @@ class _Application(Application):
         """
         self._rejoin_requested = True
 
+    def turning(self, within_s: float) -> bool:
+        """Whether the processing loop took a turn in the last ``within_s`` seconds."""
+        return time.monotonic() - self.turned_at <= within_s
+
     def _process_message(self, dataframe_composed: Any) -> None:
+        self.turned_at = time.monotonic()
         if self._rejoin_requested:
             self._rejoin_requested = False
             self._renew_consumer()
@@ -318,6 +326,12 @@ def run(settings: Settings) -> None:
                              starved=starved, nudge=app.request_rejoin)
     ready["watchdog"] = watchdog
     watchdog.start()
+    beat_s = settings.pipeline.heartbeat_s
+    # A loop turn per poll (0.1 s) unless a batch is being written: a write retried while the
+    # database is away stops the beats, and so does a consumer outside its group or starved.
+    heartbeat = Heartbeat(engine, interval_s=beat_s,
+                          alive=lambda: app.turning(within_s=2 * beat_s) and watchdog.healthy())
+    heartbeat.start()
     ready["running"] = True
     started = time.monotonic()
     log.info("pipeline starting", extra={"fields": {"topic": settings.kafka.topic,
@@ -326,5 +340,6 @@ def run(settings: Settings) -> None:
         app.run()
     finally:
         ready["running"] = False
+        heartbeat.stop()
         engine.dispose()
         log.info("pipeline stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})

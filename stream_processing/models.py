@@ -91,6 +91,8 @@ pipeline_status = Table(
     Column("freshness_p50_ms", Double),
     Column("freshness_p99_ms", Double),
     Column("freshness_samples", Integer, nullable=False, server_default="0"),
+    #: Stamped every PMS_PIPELINE__HEARTBEAT_S by a pipeline whose loop turns (stream_processing/heartbeat.py).
+    Column("heartbeat_at", DateTime(timezone=True)),
 )
 
 pipeline_partitions = Table(

@@ -36,6 +36,17 @@ class Count(Schema):
     suppressed: bool = False
 
 
+class PipelineState(Schema):
+    """Whether a pipeline is running: its last heartbeat, and whether that is recent.
+
+    Every other status figure moves only when a batch is written; after a pipeline stopped they
+    keep their last values (a lag of 0 included), so ``running`` is what says they may be stale.
+    """
+
+    running: bool = Field(description="A pipeline beat within the last three heartbeat intervals")
+    heartbeat_at: datetime | None = Field(description="The latest heartbeat of any pipeline process")
+
+
 class SummaryRead(Schema):
     as_of: datetime
     active_patients: Count
@@ -45,6 +56,7 @@ class SummaryRead(Schema):
     removed_total: Count
     last_event_at: datetime | None
     lag_messages: int | None
+    pipeline: PipelineState
     suppression: Suppression
 
 
@@ -135,4 +147,5 @@ class FreshnessRead(Schema):
     events_stale: int
     dead_letters: int
     lag_messages: int | None
+    pipeline: PipelineState
     partitions: list[PartitionRead]

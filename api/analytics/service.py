@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -43,6 +44,7 @@ from api.analytics.schemas import (
     GeographyRead,
     Granularity,
     PartitionRead,
+    PipelineState,
     RegistrationBucket,
     RegistrationsRead,
     SummaryRead,
@@ -50,6 +52,7 @@ from api.analytics.schemas import (
 )
 from pms.errors import BadRequest
 from pms.security import Principal, Role
+from stream_processing.heartbeat import running
 
 #: Age bands (inclusive lower bound, label) by age reached this year.
 AGE_BANDS: tuple[tuple[int, str], ...] = (
@@ -163,7 +166,13 @@ def age_band(birth_year: int | None, *, reference_year: int) -> str:
     return label
 
 
-def summary(*, session: Session, principal: Principal, threshold: int) -> SummaryRead:
+def pipeline_state(status: dict[str, Any] | None, *, heartbeat_s: float) -> PipelineState:
+    """Running or not, from the pipelines' heartbeat (stream_processing/heartbeat.py)."""
+    beat = status.get("heartbeat_at") if status else None
+    return PipelineState(running=running(beat, now=datetime.now(UTC), interval_s=heartbeat_s), heartbeat_at=beat)
+
+
+def summary(*, session: Session, principal: Principal, threshold: int, heartbeat_s: float) -> SummaryRead:
     """Active patients, recent registrations and removals, as of the pipeline's last commit."""
     suppression = suppression_for(principal=principal, threshold=threshold)
     status = analytics_repository.status(session=session)
@@ -188,6 +197,7 @@ def summary(*, session: Session, principal: Principal, threshold: int) -> Summar
         removed_total=_single(counts["removed"], suppression),
         last_event_at=status["last_event_at"] if status else None,
         lag_messages=status["lag_messages"] if status else None,
+        pipeline=pipeline_state(status, heartbeat_s=heartbeat_s),
         suppression=suppression,
     )
 
@@ -339,7 +349,7 @@ def billing(*, session: Session, principal: Principal, threshold: int) -> Billin
     )
 
 
-def freshness(*, session: Session) -> FreshnessRead:
+def freshness(*, session: Session, heartbeat_s: float) -> FreshnessRead:
     """How fresh analytics are: event -> commit p50/p99, counters, per-partition positions."""
     status = analytics_repository.status(session=session) or {}
     return FreshnessRead(
@@ -354,6 +364,7 @@ def freshness(*, session: Session) -> FreshnessRead:
         events_stale=status.get("events_stale", 0),
         dead_letters=status.get("dead_letters", 0),
         lag_messages=status.get("lag_messages"),
+        pipeline=pipeline_state(status, heartbeat_s=heartbeat_s),
         partitions=[PartitionRead(**{k: v for k, v in p.items() if k != "consumer"})
                     for p in analytics_repository.partitions(session=session)],
     )

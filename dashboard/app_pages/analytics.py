@@ -70,14 +70,22 @@ def _kpis() -> None:
     lag = _pick(freshness, "lagMessages", "lag")
     p99 = _pick(freshness, "p99Ms", "freshnessP99Ms")
     last_event = _pick(freshness, "lastEventAt", "lastCommitAt") or _pick(summary, "lastEventAt")
-    stale = lag not in (None, 0)
+    pipeline = freshness.get("pipeline") or summary.get("pipeline") or {}
     parts = [f"as of {ui.fmt_ago(as_of)}", f"last event {ui.fmt_ago(last_event)}"]
-    if lag is not None:
-        parts.append(f"lag {ui.fmt_int(lag)} events")
-    if p99 is not None:
-        parts.append(f"p99 freshness {float(p99):,.0f} ms")
-    st.badge(" · ".join(parts), icon=":material/schedule:" if stale else ":material/bolt:",
-             color="orange" if stale else "green")
+    if pipeline.get("running") is False:
+        # Lag and p99 keep the values of the pipeline's last batch: shown, they would read as current.
+        parts.insert(0, f"Analytics pipeline not running (last heartbeat {ui.fmt_ago(pipeline.get('heartbeatAt'))})")
+        st.badge(" · ".join(parts), icon=":material/error:", color="red")
+        st.caption(":material/warning: New registrations and changes are not counted until it runs again; "
+                   "nothing is lost, it catches up by itself.")
+    else:
+        stale = lag not in (None, 0)
+        if lag is not None:
+            parts.append(f"lag {ui.fmt_int(lag)} events")
+        if p99 is not None:
+            parts.append(f"p99 freshness {float(p99):,.0f} ms")
+        st.badge(" · ".join(parts), icon=":material/schedule:" if stale else ":material/bolt:",
+                 color="orange" if stale else "green")
     suppression = summary.get("suppression") or {}
     if suppression.get("applied"):
         st.caption(f":material/visibility_off: Counts below {suppression.get('threshold')} are suppressed "

@@ -59,6 +59,8 @@ class StubState:
     fail: dict[str, int] = field(default_factory=dict)
     #: "METHOD /path" -> status answered AFTER the request was carried out (a write whose answer was lost).
     lose_answer: dict[str, int] = field(default_factory=dict)
+    #: What the analytics answers say of the pipeline (False: its heartbeat stopped an hour ago).
+    pipeline_running: bool = True
 
 
 def _now() -> str:
@@ -308,6 +310,10 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
     def _hide(n: int, suppression: dict[str, Any]) -> bool:
         return bool(suppression["applied"]) and 0 < n < suppression["threshold"]
 
+    def _pipeline() -> dict[str, Any]:
+        beat = datetime.now(UTC) - (timedelta(0) if state.pipeline_running else timedelta(hours=1))
+        return {"running": state.pipeline_running, "heartbeatAt": beat.isoformat()}
+
     @app.get("/api/analytics/summary")
     def summary(p: Principal = Depends(principal)) -> dict[str, Any]:
         sup = _analytics(p)
@@ -321,7 +327,7 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
                 "new7d": count(sum(d > today - timedelta(days=7) for d in regs)),
                 "new30d": count(sum(d > today - timedelta(days=30) for d in regs)),
                 "removedTotal": count(sum(1 for x in state.patients.values() if x.get("_deleted"))),
-                "lastEventAt": _now(), "lagMessages": 0, "suppression": sup}
+                "lastEventAt": _now(), "lagMessages": 0, "pipeline": _pipeline(), "suppression": sup}
 
     @app.get("/api/analytics/registrations")
     def registrations(p: Principal = Depends(principal), granularity: str = "day",
@@ -376,7 +382,7 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
     def freshness(p: Principal = Depends(principal)) -> dict[str, Any]:
         _analytics(p)
         return {"asOf": _now(), "lastEventAt": _now(), "lagMessages": 0, "p50Ms": 40.0, "p99Ms": 180.0,
-                "samples": len(state.patients), "eventsProcessed": len(state.patients)}
+                "samples": len(state.patients), "eventsProcessed": len(state.patients), "pipeline": _pipeline()}
 
     @app.get("/boom")
     def boom() -> None:

@@ -413,6 +413,22 @@ def test_analytics_tiles_and_charts(stub: StubGateway) -> None:
     assert any("Billing accounts of active patients: **ACTIVE** 12" in t for t in texts(at.caption))
     badge = [t for t in texts(at.markdown) if "as of" in t]
     assert badge and "lag 0 events" in badge[0] and "p99 freshness 180 ms" in badge[0]
+    assert not any("not running" in t for t in texts(at.markdown))
+
+
+def test_analytics_says_so_when_the_pipeline_stopped_instead_of_a_green_badge(stub: StubGateway) -> None:
+    """Lag and p99 keep the last batch's values after the pipeline stops: shown green, they lied."""
+    _seed(stub, 3)
+    stub.state.pipeline_running = False
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/analytics.py").run()
+    assert not at.exception
+    badge = [t for t in texts(at.markdown) if "as of" in t]
+    assert badge and "Analytics pipeline not running (last heartbeat 1 h ago)" in badge[0]
+    assert "lag" not in badge[0] and "p99" not in badge[0]
+    assert badge[0].startswith(":red-badge[:material/error:")
+    assert any("catches up by itself" in t for t in texts(at.caption))
+    assert {m.label: m.value for m in at.metric}["Active patients"] == "3"  # the figures are still shown
 
 
 def test_analytics_with_the_gateway_down_pauses_tiles_and_shows_the_banner(stub: StubGateway) -> None:

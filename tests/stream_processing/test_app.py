@@ -19,6 +19,7 @@ from sqlalchemy import Engine, text
 from pms.embedded import EmbeddedBroker
 from pms.process import free_port, spawn, wait_until
 from pms.settings import Settings, child_env
+from stream_processing.heartbeat import running
 from tests.fixtures.services import ServiceProcess
 from tests.stream_processing.helpers import BASE_TIME, Event, PatientState, history, oracle, read_tables, status
 
@@ -259,6 +260,31 @@ def test_a_consumer_that_rejoined_before_the_topic_came_back_gets_its_partitions
     since = _log_since(pipeline, mark)
     if '"join_state": "steady", "assigned": 0' in since:  # it joined with nothing: only a new consumer helps
         assert "replacing it with a new one in the same group" in since
+
+
+def test_a_running_pipeline_beats_while_idle_and_a_killed_one_stops_beating(
+    settings: Settings, analytics: Engine, start_service: Callable[..., ServiceProcess]
+) -> None:
+    """What tells the dashboard that the figures are current: every other status column stays put when idle."""
+    beat_s = 0.2
+    cfg = pipeline_settings(settings)
+    cfg = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"heartbeat_s": beat_s})})
+    create_topic(cfg)
+
+    def beat() -> datetime | None:
+        return status(analytics)["heartbeat_at"]
+
+    pipeline = start_service("pipeline", cfg)
+    wait_until(lambda: beat() is not None, timeout=60, interval=0.05, message="a first heartbeat",
+               alive=alive(pipeline))
+    first = beat()
+    assert first is not None
+    wait_until(lambda: (beat() or first) > first, timeout=10, interval=0.05, message="a later heartbeat, idle",
+               alive=alive(pipeline))
+    assert status(analytics)["events_processed"] == 0  # no event: the beats are all that moved
+    pipeline.kill()
+    wait_until(lambda: not running(beat(), now=datetime.now(UTC), interval_s=beat_s), timeout=10, interval=0.05,
+               message="the killed pipeline to count as not running")
 
 
 def test_kill_9_mid_stream_then_restart_is_exact_and_replay_into_empty_tables_reproduces(

@@ -77,6 +77,24 @@ def test_every_route_answers_503_until_the_pipeline_has_migrated(empty_analytics
             "activePatients"] == {"value": 0, "suppressed": False}
 
 
+def test_an_api_newer_than_the_analytics_tables_answers_503_until_the_pipeline_migrates(
+    empty_analytics: tuple[URL, Settings],
+) -> None:
+    """A rolling upgrade: the API reads a column (the heartbeat) that the pipeline's next migration adds."""
+    url, settings = empty_analytics
+    db.migrate(settings, "analytics", url=url, revision="0002_dead_letter_privacy")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        for route in ("summary", "freshness"):
+            response = client.get(f"/analytics/{route}", headers=_headers(settings, Role.ANALYST))
+            assert response.status_code == 503, (route, response.text)
+            assert response.json()["message"] == "analytics tables not migrated yet: is the pipeline running?"
+            assert response.headers["Retry-After"] == "5"
+        db.migrate(settings, "analytics", url=url)
+        for route in ROUTES:
+            response = client.get(f"/analytics/{route}", headers=_headers(settings, Role.ANALYST))
+            assert response.status_code == 200, (route, response.text)
+
+
 def test_other_sql_errors_are_not_disguised_as_not_ready(empty_analytics: tuple[URL, Settings]) -> None:
     """Only a missing table means "wait for the pipeline": a refused privilege stays a 500 (a misconfiguration)."""
     url, settings = empty_analytics

@@ -176,6 +176,25 @@ def test_freshness_reports_the_pipeline(client: TestClient, auth, population: En
                                    "lag": 0, "updatedAt": body["partitions"][0]["updatedAt"]}]
 
 
+def test_the_pipeline_counts_as_running_while_it_beats(  # type: ignore[no-untyped-def]
+    client: TestClient, auth, api_settings: Settings, population: Engine,
+) -> None:
+    """Lag and p99 keep their last values after a pipeline stops; the heartbeat says whether they are current."""
+    def pipeline(path: str) -> dict[str, object]:
+        return client.get(f"/analytics/{path}", headers=auth(Role.ANALYST)).json()["pipeline"]
+
+    assert pipeline("freshness") == {"running": False, "heartbeatAt": None}  # never beat (fed without a pipeline)
+    interval = api_settings.pipeline.heartbeat_s
+    for age_s, expected in ((0.0, True), (3 * interval - 2, True), (3 * interval + 2, False)):
+        with population.begin() as conn:
+            conn.execute(text("UPDATE pipeline_status SET heartbeat_at = now() - make_interval(secs => :age)"),
+                         {"age": age_s})
+        for path in ("freshness", "summary"):
+            state = pipeline(path)
+            assert state["running"] is expected, (path, age_s)
+            assert state["heartbeatAt"] is not None
+
+
 def test_empty_analytics_answer_with_zeros(client: TestClient, auth, analytics: Engine) -> None:  # type: ignore[no-untyped-def]
     body = client.get("/analytics/summary", headers=auth(Role.ANALYST)).json()
     assert body["activePatients"] == {"value": 0, "suppressed": False}
