@@ -11,6 +11,7 @@ import os
 import sys
 from datetime import UTC, date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import streamlit as st
 
@@ -155,6 +156,24 @@ def fmt_date(value: Any) -> str:
         return value.isoformat()
     parsed = parse_dt(value)
     return parsed.strftime("%Y-%m-%d %H:%M UTC") if parsed and "T" in str(value) else str(value)
+
+
+def today_in(timezone: str | None, *, now: datetime | None = None) -> date:
+    """Today's date in the IANA ``timezone`` (the browser's), or in UTC when it is unknown or invalid."""
+    moment = now or datetime.now(UTC)
+    try:
+        return moment.astimezone(ZoneInfo(timezone)).date() if timezone else moment.astimezone(UTC).date()
+    except (ZoneInfoNotFoundError, ValueError):
+        return moment.astimezone(UTC).date()
+
+
+def browser_today() -> date:
+    """The user's today, for date pickers: the server's date is yesterday all morning for a clinic ahead of it.
+
+    The patient service accepts any date some time zone has reached (UTC+14), so the user's own
+    today is always accepted.
+    """
+    return today_in(st.context.timezone)
 
 
 def fmt_ago(value: Any, *, now: datetime | None = None) -> str:

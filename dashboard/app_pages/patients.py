@@ -166,7 +166,7 @@ def _edit(patient: dict[str, Any]) -> None:
         values["city"] = st.text_input("City", value=shown.get("city") or "")
         ui.field_error(errors, "city")
         values["dateOfBirth"] = st.date_input("Date of birth", value=dob, min_value=date(1900, 1, 1),
-                                              max_value=date.today(), format="YYYY-MM-DD")
+                                              max_value=ui.browser_today(), format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
         current = shown.get("gender") or ""
         values["gender"] = st.selectbox("Gender", GENDERS, index=GENDERS.index(current) if current in GENDERS else 0,

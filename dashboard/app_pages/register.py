@@ -67,14 +67,15 @@ with st.form(f"register_{n}", border=True):
     with right:
         city = st.text_input("City", key=_key("city"))
         ui.field_error(errors, "city")
-        dob = st.date_input("Date of birth *", value=None, min_value=date(1900, 1, 1), max_value=date.today(),
+        today = ui.browser_today()
+        dob = st.date_input("Date of birth *", value=None, min_value=date(1900, 1, 1), max_value=today,
                             key=_key("dateOfBirth"), format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
         gender = st.selectbox("Gender", GENDERS, key=_key("gender"),
                               format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
-        registered = st.date_input("Registered on *", value=date.today(), min_value=date(1900, 1, 1),
-                                   max_value=date.today(), key=_key("registeredDate"), format="YYYY-MM-DD")
+        registered = st.date_input("Registered on *", value=today, min_value=date(1900, 1, 1),
+                                   max_value=today, key=_key("registeredDate"), format="YYYY-MM-DD")
         ui.field_error(errors, "registeredDate")
     for reason in ui.other_errors(errors, set(FIELDS)).values():
         st.error(reason, icon=":material/error:")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -45,3 +45,20 @@ def test_fmt_date_and_seconds() -> None:
     assert ui.fmt_date(None) == "—"
     assert ui.fmt_seconds(0.25) == "250 ms"
     assert ui.fmt_seconds(12.34) == "12.3 s"
+
+
+@pytest.mark.parametrize(
+    ("timezone", "expected"),
+    [
+        ("Pacific/Auckland", date(2026, 11, 27)),  # 09:30 on the 27th there, 20:30 on the 26th in UTC
+        ("Europe/Oslo", date(2026, 11, 26)),
+        ("America/Los_Angeles", date(2026, 11, 26)),
+        ("Pacific/Kiritimati", date(2026, 11, 27)),  # UTC+14: the latest date the patient service accepts
+        (None, date(2026, 11, 26)),  # unknown: UTC
+        ("Not/AZone", date(2026, 11, 26)),
+        ("../../etc/passwd", date(2026, 11, 26)),
+    ],
+)
+def test_the_date_pickers_today_is_the_browsers(timezone: str | None, expected: date) -> None:
+    """A clinic ahead of the server could not pick its own today as a registration date all morning."""
+    assert ui.today_in(timezone, now=datetime(2026, 11, 26, 20, 30, tzinfo=UTC)) == expected
