@@ -307,16 +307,24 @@ def lock_pending_billing(session: Session, patient_ids: list[uuid.UUID]) -> Sequ
     ).scalars().all()
 
 
-def billing_attempts(session: Session, patient_ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
-    rows = session.execute(select(Patient.id, Patient.billing_attempts).where(Patient.id.in_(patient_ids)))
-    return {r[0]: int(r[1]) for r in rows}
+#: One statement, so the attempt count it doubles is the one it increments (no read, then write), and
+#: only for patients still PENDING: a retry worker of another replica that opened the account meanwhile
+#: is not undone by a due time on an ACTIVE patient. Mirrors :func:`api.patient.service.backoff`.
+_POSTPONE_BILLING = text("""
+    UPDATE patients
+    SET billing_attempts = billing_attempts + 1,
+        billing_next_attempt_at = CAST(:now AS timestamptz) + make_interval(
+            secs => least(CAST(:max_s AS double precision),
+                          CAST(:initial_s AS double precision) * power(2, least(billing_attempts + 1, 30))))
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND billing_status = :pending
+""")
 
 
-def postpone_billing(session: Session, patient_ids: list[uuid.UUID], *, next_attempt_at: datetime) -> None:
-    session.execute(
-        update(Patient).where(Patient.id.in_(patient_ids))
-        .values(billing_attempts=Patient.billing_attempts + 1, billing_next_attempt_at=next_attempt_at)
-    )
+def postpone_billing(session: Session, patient_ids: list[uuid.UUID], *, now: datetime, initial_s: float,
+                     max_s: float) -> None:
+    """Count a failed billing attempt for each PENDING patient and push its next one back by its own backoff."""
+    session.execute(_POSTPONE_BILLING, {"ids": patient_ids, "now": now, "initial_s": initial_s, "max_s": max_s,
+                                        "pending": BillingStatus.PENDING})
 
 
 # -- outbox -----------------------------------------------------------------------------

@@ -308,14 +308,10 @@ def billing_opened(*, session: Session, accounts: dict[uuid.UUID, tuple[str, str
 
 
 def billing_failed(*, session: Session, patient_ids: list[uuid.UUID], settings: Settings) -> None:
-    """Push these patients' next billing attempt back, each by its own doubling backoff."""
-    now = datetime.now(UTC)
-    # One UPDATE per distinct attempt count (they share a due time), not one per patient.
-    by_attempts: dict[int, list[uuid.UUID]] = {}
-    for patient_id, attempts in patient_repository.billing_attempts(session, patient_ids).items():
-        by_attempts.setdefault(attempts, []).append(patient_id)
-    for attempts, ids in by_attempts.items():
-        patient_repository.postpone_billing(session, ids, next_attempt_at=now + backoff(settings, attempts + 1))
+    """Push these patients' next billing attempt back, each by its own doubling backoff (:func:`backoff`)."""
+    patient_repository.postpone_billing(session, patient_ids, now=datetime.now(UTC),
+                                        initial_s=settings.patient.billing_retry_initial_s,
+                                        max_s=settings.patient.billing_retry_max_s)
     session.commit()
 
 
