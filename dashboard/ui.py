@@ -163,7 +163,7 @@ def today_in(timezone: str | None, *, now: datetime | None = None) -> date:
     moment = now or datetime.now(UTC)
     try:
         return moment.astimezone(ZoneInfo(timezone)).date() if timezone else moment.astimezone(UTC).date()
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory or too long a name
         return moment.astimezone(UTC).date()
 
 

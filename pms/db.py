@@ -124,9 +124,12 @@ def driver_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
 
     An ORM session costs billing ~0.3 ms of CPU per CreateBillingAccount and Core's execution
     machinery ~0.25 ms; this ~0.15 ms (in-process, 2,800 calls each). What they did that matters
-    is kept: the connection comes from the engine's pool and goes back to it, and a connection
-    error (PostgreSQL restarted) drops the whole pool, as SQLAlchemy does on a disconnect, so one
-    call fails rather than one per pooled connection. Autocommit is set for the call and put back.
+    is kept: the connection comes from the engine's pool and goes back to it, and an error that
+    SQLAlchemy's dialect calls a disconnect (PostgreSQL restarted) is handled the way a Core
+    connection handles it: this connection is dropped and every one opened before it is replaced
+    at its next checkout, so one call fails rather than one per pooled connection. Any other error
+    (a statement timeout, a lock timeout, a refused value) leaves the pool alone. Autocommit is set
+    for the call and put back.
     """
     fairy = engine.raw_connection()
     try:
@@ -136,14 +139,16 @@ def driver_connection(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
             conn.autocommit = True  # idle connection: an attribute, no round trip
         try:
             yield conn
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            fairy.invalidate(exc)
-            engine.dispose()  # the other pooled connections went with the server: start afresh
+        except psycopg.Error as exc:
+            if engine.dialect.is_disconnect(exc, conn, None):
+                engine.pool._invalidate(fairy, exc)  # private, but exactly what Connection does on a disconnect
             raise
         finally:
             if not was_autocommit and not conn.closed:
-                with suppress(psycopg.Error):
+                try:
                     conn.autocommit = False
+                except psycopg.Error as exc:  # cannot hand it back as it was: do not hand it back at all
+                    fairy.invalidate(exc)
     finally:
         fairy.close()
 

@@ -129,8 +129,8 @@ class PipelineSettings(BaseModel):
     #: Seconds the consumer may stay outside its group, starved of partitions while events wait, or failing
     #: every offset commit, before the process exits (code 70) to be restarted; a new consumer is tried at half.
     stall_timeout_s: float = 60.0
-    #: Seconds between a running pipeline's heartbeats in pipeline_status; the analytics API reports the
-    #: pipeline as not running after three missed ones (its figures may then be out of date).
+    #: Seconds between a consuming pipeline's heartbeats in pipeline_status (written with each beat); the
+    #: analytics API reports the pipeline as not running after three missed ones (figures may be out of date).
     heartbeat_s: float = Field(default=5.0, gt=0, le=300)
 
 

@@ -288,6 +288,11 @@ def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink
     return thread
 
 
+#: Seconds without a turn of the processing loop after which the pipeline counts as stuck (no heartbeat):
+#: a batch write normally takes well under a second, a catch-up batch of 5,000 events about one.
+LOOP_STALL_S = 30.0
+
+
 def run(settings: Settings) -> None:
     """Run the pipeline until SIGTERM/SIGINT (Quix stops after committing its checkpoint)."""
     faulthandler.enable()  # a crash inside librdkafka leaves a Python stack in the log
@@ -326,11 +331,18 @@ def run(settings: Settings) -> None:
                              starved=starved, nudge=app.request_rejoin)
     ready["watchdog"] = watchdog
     watchdog.start()
-    beat_s = settings.pipeline.heartbeat_s
-    # A loop turn per poll (0.1 s) unless a batch is being written: a write retried while the
-    # database is away stops the beats, and so does a consumer outside its group or starved.
-    heartbeat = Heartbeat(engine, interval_s=beat_s,
-                          alive=lambda: app.turning(within_s=2 * beat_s) and watchdog.healthy())
+
+    def consuming() -> bool:
+        """For the heartbeat: the loop turns (a batch write held for LOOP_STALL_S is stuck), the broker
+        is up (the restart guard has not paused fetching), the consumer is in its group and holds partitions."""
+        guard = app.restart_guard
+        if not app.turning(within_s=LOOP_STALL_S) or (guard is not None and guard.paused) or not watchdog.healthy():
+            return False
+        with app.client_lock:
+            inner = None if app.stopping else consumer._inner_consumer  # Quix keeps it private
+            return inner is not None and bool(inner.assignment())
+
+    heartbeat = Heartbeat(engine, interval_s=settings.pipeline.heartbeat_s, alive=consuming)
     heartbeat.start()
     ready["running"] = True
     started = time.monotonic()
@@ -340,6 +352,6 @@ def run(settings: Settings) -> None:
         app.run()
     finally:
         ready["running"] = False
-        heartbeat.stop()
+        heartbeat.stop()  # waits for a beat in flight: none after the engine is gone
         engine.dispose()
         log.info("pipeline stopped", extra={"fields": {"uptime_s": round(time.monotonic() - started, 1)}})

@@ -1,12 +1,14 @@
-"""The pipeline's heartbeat in ``pipeline_status``: readers can tell a running pipeline from a dead one.
+"""The pipeline's heartbeat in ``pipeline_status``: readers can tell a consuming pipeline from a dead one.
 
 Every other status column moves only when a batch is written. A pipeline that died (or gave up
-after its restarts, or sits outside its consumer group) therefore left its last figures looking
-current: lag 0, a fresh-looking p99, the dashboard's badge green while events piled up in the
-broker. Each pipeline process stamps ``heartbeat_at`` every ``PMS_PIPELINE__HEARTBEAT_S``, also
-while no event arrives, but only while its processing loop turns and its consumer is in its
-group (``alive``): a process that is up but stuck stops beating too. With several processes in
-the group the column holds the latest beat of any of them.
+after its restarts, or sits outside its consumer group, or waits for a broker that is down)
+therefore left its last figures looking current: lag 0, a fresh-looking p99, the dashboard's badge
+green while events piled up. Each pipeline process stamps ``heartbeat_at`` every
+``PMS_PIPELINE__HEARTBEAT_S``, also while no event arrives, but only while ``alive()`` says it is
+consuming (see :func:`stream_processing.app.run`), and the first beat only one interval after the
+start, so a process that crashes soon after each restart does not look alive. The interval goes
+with the beat (``heartbeat_interval_s``): readers judge it by the writer's own setting. With several
+processes the row holds the latest beat of any of them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,14 @@ log = logging.getLogger(__name__)
 MISSED_BEATS = 3
 
 
-def running(heartbeat_at: datetime | None, *, now: datetime, interval_s: float) -> bool:
-    """Whether a pipeline that beat at ``heartbeat_at`` counts as running at ``now``."""
-    return heartbeat_at is not None and now - heartbeat_at <= timedelta(seconds=MISSED_BEATS * interval_s)
+def running(heartbeat_at: datetime | None, *, interval_s: float | None, now: datetime) -> bool:
+    """Whether a pipeline that beat at ``heartbeat_at`` (every ``interval_s``) counts as running at ``now``.
+
+    ``now`` must come from the clock that stamped the beat (the database's ``now()``).
+    """
+    if heartbeat_at is None or interval_s is None:
+        return False
+    return now - heartbeat_at <= timedelta(seconds=MISSED_BEATS * interval_s)
 
 
 class Heartbeat:
@@ -39,33 +45,36 @@ class Heartbeat:
         self._alive = alive
         self._stop = threading.Event()
         self._failing = False
+        self._thread: threading.Thread | None = None
 
     def beat_once(self) -> bool:
         """One beat, if the pipeline is alive; True when it was written."""
         if not self._alive():
             return False
         with self._engine.begin() as conn:
-            conn.execute(text("UPDATE pipeline_status SET heartbeat_at = now() WHERE id = 1"))
+            conn.execute(text("UPDATE pipeline_status SET heartbeat_at = now(), heartbeat_interval_s = :interval"
+                              " WHERE id = 1"), {"interval": self._interval_s})
         return True
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self._run, name="pipeline-heartbeat", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self._run, name="pipeline-heartbeat", daemon=True)
+        self._thread.start()
+        return self._thread
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """No beat after this returns (a beat in flight is waited for)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
-        while True:
+        while not self._stop.wait(self._interval_s):  # the first beat one interval after the start
             try:
                 self.beat_once()
                 if self._failing:
                     log.info("pipeline heartbeat written again")
                     self._failing = False
-            except SQLAlchemyError as exc:  # the database is away: the sink is stuck too, so no beat is right
+            except Exception as exc:  # the database is away (the sink is stuck too, so no beat is right)
                 if not self._failing:
                     log.warning("pipeline heartbeat cannot be written", extra={"fields": {"error": type(exc).__name__}})
                     self._failing = True
-            if self._stop.wait(self._interval_s):
-                return

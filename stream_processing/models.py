@@ -91,8 +91,10 @@ pipeline_status = Table(
     Column("freshness_p50_ms", Double),
     Column("freshness_p99_ms", Double),
     Column("freshness_samples", Integer, nullable=False, server_default="0"),
-    #: Stamped every PMS_PIPELINE__HEARTBEAT_S by a pipeline whose loop turns (stream_processing/heartbeat.py).
+    #: Stamped every PMS_PIPELINE__HEARTBEAT_S by a consuming pipeline (stream_processing/heartbeat.py),
+    #: with that interval, so readers judge the beat by the writer's setting.
     Column("heartbeat_at", DateTime(timezone=True)),
+    Column("heartbeat_interval_s", Double),
 )
 
 pipeline_partitions = Table(

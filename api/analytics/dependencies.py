@@ -23,8 +23,8 @@ class AnalyticsTablesMissing(errors.ServiceUnavailable):
 
     default_message = "analytics tables not created yet: is the pipeline running?"
 
-    def __init__(self, message: str | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(TABLES_MISSING_RETRY_AFTER_S)})
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": str(TABLES_MISSING_RETRY_AFTER_S)})
 
 
 def analytics_session(request: Request) -> Iterator[Session]:
@@ -41,8 +41,6 @@ def analytics_session(request: Request) -> Iterator[Session]:
     except ProgrammingError as exc:
         if isinstance(exc.orig, pg_errors.UndefinedTable):
             raise AnalyticsTablesMissing from exc
-        if isinstance(exc.orig, pg_errors.UndefinedColumn):  # an API newer than the pipeline that migrates
-            raise AnalyticsTablesMissing("analytics tables not migrated yet: is the pipeline running?") from exc
         raise
     finally:
         sessions.close()
@@ -52,14 +50,8 @@ def privacy_threshold(settings: Annotated[Settings, Depends(get_app_settings)]) 
     return settings.analytics.privacy_threshold
 
 
-def heartbeat_interval(settings: Annotated[Settings, Depends(get_app_settings)]) -> float:
-    return settings.pipeline.heartbeat_s
-
-
 #: A request's read-only session (see :func:`analytics_session`).
 SessionDep = Annotated[Session, Depends(analytics_session)]
 #: Analysts, staff and admins may read analytics; the token is verified here, not only at the gateway.
 Reader = Annotated[Principal, require_roles(Role.ANALYST, Role.STAFF, Role.ADMIN)]
 Threshold = Annotated[int, Depends(privacy_threshold)]
-#: Seconds between the pipeline's heartbeats (see stream_processing/heartbeat.py).
-BeatInterval = Annotated[float, Depends(heartbeat_interval)]

@@ -14,7 +14,12 @@ m = analytics_models
 
 
 def status(*, session: Session) -> dict[str, Any] | None:
-    row = session.execute(select(m.pipeline_status).where(m.pipeline_status.c.id == 1)).mappings().first()
+    """The status row, plus ``db_now``: the database's clock, which stamped the pipeline's heartbeat.
+
+    ``s.*``, not the model's columns: an API newer than the tables (the pipeline migrates them when it
+    starts) still answers, without the columns it does not find.
+    """
+    row = session.execute(text("SELECT s.*, now() AS db_now FROM pipeline_status s WHERE s.id = 1")).mappings().first()
     return dict(row) if row else None
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from api.analytics import service as analytics_service
-from api.analytics.dependencies import BeatInterval, Reader, SessionDep, Threshold
+from api.analytics.dependencies import Reader, SessionDep, Threshold
 from api.analytics.schemas import (
     BillingRead,
     DemographicsRead,
@@ -33,10 +33,9 @@ router = APIRouter(prefix="/analytics", tags=["analytics"], responses=ERROR_RESP
 
 
 @router.get("/summary", response_model=SummaryRead)
-def summary(session: SessionDep, principal: Reader, threshold: Threshold, heartbeat_s: BeatInterval) -> SummaryRead:
+def summary(session: SessionDep, principal: Reader, threshold: Threshold) -> SummaryRead:
     """Return active patients, new registrations today / 7 d / 30 d, removals, as-of time, lag, pipeline state."""
-    return analytics_service.summary(session=session, principal=principal, threshold=threshold,
-                                     heartbeat_s=heartbeat_s)
+    return analytics_service.summary(session=session, principal=principal, threshold=threshold)
 
 
 @router.get("/registrations", response_model=RegistrationsRead)
@@ -75,6 +74,6 @@ def billing(session: SessionDep, principal: Reader, threshold: Threshold) -> Bil
 
 
 @router.get("/freshness", response_model=FreshnessRead)
-def freshness(session: SessionDep, principal: Reader, heartbeat_s: BeatInterval) -> FreshnessRead:
+def freshness(session: SessionDep, principal: Reader) -> FreshnessRead:
     """Return event-to-analytics freshness p50/p99, pipeline counters, whether it runs, partition positions."""
-    return analytics_service.freshness(session=session, heartbeat_s=heartbeat_s)
+    return analytics_service.freshness(session=session)

@@ -43,7 +43,7 @@ class PipelineState(Schema):
     keep their last values (a lag of 0 included), so ``running`` is what says they may be stale.
     """
 
-    running: bool = Field(description="A pipeline beat within the last three heartbeat intervals")
+    running: bool = Field(description="A pipeline beat within the last three of its heartbeat intervals")
     heartbeat_at: datetime | None = Field(description="The latest heartbeat of any pipeline process")
 
 
@@ -56,7 +56,8 @@ class SummaryRead(Schema):
     removed_total: Count
     last_event_at: datetime | None
     lag_messages: int | None
-    pipeline: PipelineState
+    pipeline: PipelineState | None = Field(
+        description="Whether a pipeline is consuming; null until the pipeline has migrated the analytics tables")
     suppression: Suppression
 
 
@@ -147,5 +148,6 @@ class FreshnessRead(Schema):
     events_stale: int
     dead_letters: int
     lag_messages: int | None
-    pipeline: PipelineState
+    pipeline: PipelineState | None = Field(
+        description="Whether a pipeline is consuming; null until the pipeline has migrated the analytics tables")
     partitions: list[PartitionRead]

@@ -166,13 +166,17 @@ def age_band(birth_year: int | None, *, reference_year: int) -> str:
     return label
 
 
-def pipeline_state(status: dict[str, Any] | None, *, heartbeat_s: float) -> PipelineState:
-    """Running or not, from the pipelines' heartbeat (stream_processing/heartbeat.py)."""
-    beat = status.get("heartbeat_at") if status else None
-    return PipelineState(running=running(beat, now=datetime.now(UTC), interval_s=heartbeat_s), heartbeat_at=beat)
+def pipeline_state(status: dict[str, Any] | None) -> PipelineState | None:
+    """Running or not, from the pipelines' heartbeat (stream_processing/heartbeat.py); None when the
+    tables predate the heartbeat (the pipeline has not migrated them yet)."""
+    if status is None or "heartbeat_at" not in status:
+        return None
+    beat = status["heartbeat_at"]
+    return PipelineState(running=running(beat, interval_s=status.get("heartbeat_interval_s"), now=status["db_now"]),
+                         heartbeat_at=beat)
 
 
-def summary(*, session: Session, principal: Principal, threshold: int, heartbeat_s: float) -> SummaryRead:
+def summary(*, session: Session, principal: Principal, threshold: int) -> SummaryRead:
     """Active patients, recent registrations and removals, as of the pipeline's last commit."""
     suppression = suppression_for(principal=principal, threshold=threshold)
     status = analytics_repository.status(session=session)
@@ -197,7 +201,7 @@ def summary(*, session: Session, principal: Principal, threshold: int, heartbeat
         removed_total=_single(counts["removed"], suppression),
         last_event_at=status["last_event_at"] if status else None,
         lag_messages=status["lag_messages"] if status else None,
-        pipeline=pipeline_state(status, heartbeat_s=heartbeat_s),
+        pipeline=pipeline_state(status),
         suppression=suppression,
     )
 
@@ -349,7 +353,7 @@ def billing(*, session: Session, principal: Principal, threshold: int) -> Billin
     )
 
 
-def freshness(*, session: Session, heartbeat_s: float) -> FreshnessRead:
+def freshness(*, session: Session) -> FreshnessRead:
     """How fresh analytics are: event -> commit p50/p99, counters, per-partition positions."""
     status = analytics_repository.status(session=session) or {}
     return FreshnessRead(
@@ -364,7 +368,7 @@ def freshness(*, session: Session, heartbeat_s: float) -> FreshnessRead:
         events_stale=status.get("events_stale", 0),
         dead_letters=status.get("dead_letters", 0),
         lag_messages=status.get("lag_messages"),
-        pipeline=pipeline_state(status, heartbeat_s=heartbeat_s),
+        pipeline=pipeline_state(status),
         partitions=[PartitionRead(**{k: v for k, v in p.items() if k != "consumer"})
                     for p in analytics_repository.partitions(session=session)],
     )

@@ -57,6 +57,8 @@ def test_fmt_date_and_seconds() -> None:
         (None, date(2026, 11, 26)),  # unknown: UTC
         ("Not/AZone", date(2026, 11, 26)),
         ("../../etc/passwd", date(2026, 11, 26)),
+        ("America", date(2026, 11, 26)),  # a directory of zones
+        ("x" * 5000, date(2026, 11, 26)),
     ],
 )
 def test_the_date_pickers_today_is_the_browsers(timezone: str | None, expected: date) -> None:

@@ -221,3 +221,20 @@ def test_driver_connection_drops_the_whole_pool_when_the_server_ends_a_connectio
                 assert conn.info.backend_pid not in pids
     finally:
         engine.dispose()
+
+
+def test_driver_connection_keeps_the_pool_after_a_statement_timeout(empty_database: URL) -> None:
+    """A timeout is an OperationalError too, but the connection is fine: dropping the pool would make
+    every worker reconnect exactly when the database is slow."""
+    engine = db.make_engine(empty_database, pool_size=1, max_overflow=0, pre_ping=False)
+    try:
+        with db.driver_connection(engine) as conn:
+            pid = conn.info.backend_pid
+        with pytest.raises(psycopg.errors.QueryCanceled), db.driver_connection(engine) as conn:
+            conn.execute("SET statement_timeout = '50ms'")
+            conn.execute("SELECT pg_sleep(5)")
+        with db.driver_connection(engine) as conn:
+            assert conn.info.backend_pid == pid
+            conn.execute("RESET statement_timeout")
+    finally:
+        engine.dispose()

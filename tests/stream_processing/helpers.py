@@ -144,6 +144,7 @@ def truncate(engine: Engine) -> None:
         conn.execute(text(
             "UPDATE pipeline_status SET events_processed = 0, events_applied = 0, events_stale = 0,"
             " dead_letters = 0, last_event_at = NULL, last_commit_at = NULL, lag_messages = NULL,"
-            " freshness_p50_ms = NULL, freshness_p99_ms = NULL, freshness_samples = 0, heartbeat_at = NULL"
+            " freshness_p50_ms = NULL, freshness_p99_ms = NULL, freshness_samples = 0, heartbeat_at = NULL,"
+            " heartbeat_interval_s = NULL"
             " WHERE id = 1"
         ))

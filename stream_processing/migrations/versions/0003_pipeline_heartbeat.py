@@ -1,9 +1,10 @@
 """pipeline status: the heartbeat of a running pipeline
 
 ``pipeline_status.heartbeat_at`` is stamped every ``PMS_PIPELINE__HEARTBEAT_S`` by each pipeline
-process whose processing loop is turning and whose consumer is in its group, also while no event
-arrives. Every other column only moves when a batch is written, so without it a pipeline that died
-left its last figures (lag 0 included) looking current.
+process that is consuming (its loop turns, it holds partitions, the broker is up), also while no
+event arrives, with that interval in ``heartbeat_interval_s`` so readers judge the beat by the
+writer's own setting. Every other column only moves when a batch is written, so without it a
+pipeline that died left its last figures (lag 0 included) looking current.
 
 Revision ID: 0003_pipeline_heartbeat
 Revises: 0002_dead_letter_privacy
@@ -23,7 +24,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("pipeline_status", sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True))
+    op.add_column("pipeline_status", sa.Column("heartbeat_interval_s", sa.Double(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("pipeline_status", "heartbeat_interval_s")
     op.drop_column("pipeline_status", "heartbeat_at")
