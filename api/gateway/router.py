@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Request, Response
 
 from api.gateway import proxy
@@ -38,32 +40,38 @@ async def _proxy(request: Request, upstream: Upstream, subpath: str) -> Response
     )
 
 
-@router.api_route("/auth/{subpath:path}", methods=list(ALL_METHODS), tags=["auth"], responses=_PROXY_DOC,
-                  response_model=None)
 async def auth_route(subpath: str, request: Request) -> Response:
     """Forward to the auth service with ``/auth`` stripped (user management: ADMIN only)."""
     return await _proxy(request, Upstream.AUTH, subpath)
 
 
-@router.api_route("/api/patients", methods=list(ALL_METHODS), tags=["patients"], responses=_PROXY_DOC,
-                  response_model=None)
 async def patients_root(request: Request) -> Response:
     """Forward to the patient service's ``/patients`` (STAFF and ADMIN)."""
     return await _proxy(request, Upstream.PATIENT, "")
 
 
-@router.api_route("/api/patients/{subpath:path}", methods=list(ALL_METHODS), tags=["patients"],
-                  responses=_PROXY_DOC, response_model=None)
 async def patients_route(subpath: str, request: Request) -> Response:
     """Forward to the patient service's ``/patients/...`` (STAFF and ADMIN)."""
     return await _proxy(request, Upstream.PATIENT, subpath)
 
 
-@router.api_route("/api/analytics/{subpath:path}", methods=list(READ_METHODS), tags=["analytics"],
-                  responses=_PROXY_DOC, response_model=None)
 async def analytics_route(subpath: str, request: Request) -> Response:
     """Forward reads to the analytics API's ``/analytics/...`` (ANALYST, STAFF, ADMIN)."""
     return await _proxy(request, Upstream.ANALYTICS, subpath)
+
+
+def _forward_route(path: str, endpoint: Callable[..., Awaitable[Response]], methods: tuple[str, ...], tag: str) -> None:
+    """One route per method: FastAPI gives every method of a multi-method route the same operationId,
+    and OpenAPI requires them unique (generated clients refuse or overwrite duplicates)."""
+    for method in methods:
+        router.add_api_route(path, endpoint, methods=[method], tags=[tag], responses=_PROXY_DOC, response_model=None,
+                             operation_id=f"{endpoint.__name__}_{method.lower()}")
+
+
+_forward_route("/auth/{subpath:path}", auth_route, ALL_METHODS, "auth")
+_forward_route("/api/patients", patients_root, ALL_METHODS, "patients")
+_forward_route("/api/patients/{subpath:path}", patients_route, ALL_METHODS, "patients")
+_forward_route("/api/analytics/{subpath:path}", analytics_route, READ_METHODS, "analytics")
 
 
 @router.get("/api-docs/{service}", tags=["docs"], response_model=None,

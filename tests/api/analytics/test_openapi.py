@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,18 @@ def test_no_service_documents_422_and_bad_input_is_a_documented_400(module: str,
     error = document["components"]["schemas"]["ErrorBody"]
     assert error["required"] == ["message"] and set(error["properties"]) == {"message", "errors"}
     assert app.openapi() == document  # asked again (served per request): the same document
+
+
+@pytest.mark.parametrize("module", SERVICES)
+def test_every_operation_id_is_unique(module: str, app_settings: Settings) -> None:
+    """OpenAPI requires it, and generated clients name their methods by it. FastAPI gave every method of a
+    multi-method route (the gateway's forwarding routes) one id, with a warning."""
+    app: FastAPI = importlib.import_module(module).create_app(app_settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Duplicate Operation ID ..." is a UserWarning
+        document = app.openapi()
+    ids = [operation["operationId"] for _method, _path, operation in _operations(document)]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
 
 
 def test_the_analytics_400_answer_matches_its_documented_schema(app_settings: Settings) -> None:
