@@ -47,9 +47,8 @@ def environment(settings: Settings) -> dict[str, str]:
     for name in SECRET_VARIABLES:
         env.pop(name, None)
     env["PMS_GATEWAY__URL"] = settings.gateway.base_url
-    if settings.jwt.secret is not None:
-        # Not the JWT key: a key derived from it that can only vouch for a browser's address (pms.forwarding).
-        env[forwarding.KEY_VARIABLE] = forwarding.derive_key(settings.jwt.secret.get_secret_value()).hex()
+    # Not the JWT key: a key derived from it that can only vouch for a browser's address (pms.forwarding).
+    env[forwarding.KEY_VARIABLE] = forwarding.key_for(settings).hex()
     env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
     # Streamlit serves through uvicorn, which by default believes X-Forwarded-For from 127.0.0.1: the address
     # the sign-in page vouches for at the gateway must be the browser's (behind the load balancer: the

@@ -39,7 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy.engine import URL
 
 from pms import process
-from pms.embedded import ANALYST_ROLE, EmbeddedPostgres, libpq_dsn, pg_bin
+from pms.embedded import EmbeddedPostgres, analyst_role, libpq_dsn, pg_bin
 from pms.settings import Mode, Settings, install_secret
 from pms.supervisor import ADMIN_PASSWORD_FILE, ADMIN_SHOWN_MARKER, read_state
 
@@ -275,7 +275,7 @@ def _restore_into_staging(settings: Settings, entry: DumpEntry, source: Path) ->
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(staging), sql.Identifier(owner)))
         # Like the bootstrap: only the roles granted below may connect (an external server has no bootstrap).
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(staging)))
-        analyst = _analyst_role(settings)
+        analyst = analyst_role(settings)
         if entry.database == "analytics" and conn.execute(
                 "SELECT 1 FROM pg_roles WHERE rolname = %s", (analyst,)).fetchone():
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
@@ -299,14 +299,6 @@ def _restore_into_staging(settings: Settings, entry: DumpEntry, source: Path) ->
         with psycopg.connect(libpq_dsn(url), autocommit=True) as conn:
             if conn.execute("SELECT to_regclass('patient_relay_state') IS NOT NULL").fetchone() == (True,):
                 conn.execute("DELETE FROM patient_relay_state")
-
-
-def _analyst_role(settings: Settings) -> str:
-    """The read-only role's name: the one in PMS_ANALYST_DATABASE_URL when set (an external server may
-    name it otherwise), else the embedded one."""
-    if settings.analyst_database_url is None:
-        return ANALYST_ROLE
-    return settings.analyst_url().username or ANALYST_ROLE
 
 
 def _swap_in(settings: Settings, databases: list[str]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 
 from pms import process
 from pms.settings import SERVICE_DATABASES, Settings, read_or_create_secret
@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 SUPERUSER = "postgres"
 APP_ROLE = "pms"
 ANALYST_ROLE = "pms_analyst"
+#: Seconds to wait for killed orphan backends to be gone before a server start (see _end_orphaned_backends).
+ORPHAN_WAIT_S = 10.0
+
+
+def analyst_role(settings: Settings | None) -> str:
+    """The read-only role's name: the user of ``PMS_ANALYST_DATABASE_URL`` when set (an external server may
+    name it otherwise), else the embedded one. Unlike ``settings.analyst_url()`` it creates no password file."""
+    url = settings.analyst_database_url if settings is not None else None
+    if url is not None:
+        name = make_url(url.get_secret_value()).username
+        if name:
+            return str(name)
+    return ANALYST_ROLE
+
+
 #: Extensions each service database needs (all ship with the embedded server).
 EXTENSIONS: dict[str, tuple[str, ...]] = {
     "auth": ("citext",),
@@ -254,8 +269,8 @@ class EmbeddedPostgres:
             log.info("initialised a new PostgreSQL cluster in %s", self.pgdata)
         return self.proc
 
-    def _end_orphaned_backends(self, *, timeout: float = 10.0) -> int:
-        """SIGKILL backends of this cluster that outlived their server; return how many.
+    def _end_orphaned_backends(self) -> None:
+        """SIGKILL backends of this cluster that outlived their server (and wait for them to go).
 
         Each backend runs in its own session, so neither the process-group kill nor the parent-death
         signal reaches it, and one busy in a long query (an analyst's, say) only notices its server
@@ -271,12 +286,12 @@ class EmbeddedPostgres:
         try:
             server_pid = abs(int(pid_file.read_text().split()[0]))  # negative: a single-user `postgres --single`
         except (OSError, ValueError, IndexError):
-            return 0
+            return
         cluster = str(self.pgdata.resolve())
         if psutil.pid_exists(server_pid):
             try:
                 if psutil.Process(server_pid).cwd() == cluster:
-                    return 0  # the server itself is still there
+                    return  # the server itself is still there
             except psutil.Error:
                 pass
         orphans = []
@@ -291,10 +306,9 @@ class EmbeddedPostgres:
                 proc.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(orphans, timeout=timeout)
+        psutil.wait_procs(orphans, timeout=ORPHAN_WAIT_S)
         if orphans:
             log.warning("ended %d backend(s) left running by a server that died", len(orphans))
-        return len(orphans)
 
     def is_ready(self) -> bool:
         try:

@@ -17,6 +17,10 @@ import hashlib
 import hmac
 import ipaddress
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pms.settings import Settings
 
 #: Header carrying the browser's address, and the one carrying ``<unix time>.<hex HMAC>`` over it.
 ADDRESS_HEADER = "X-PMS-Client-Address"
@@ -32,6 +36,15 @@ _CONTEXT = b"pms: dashboard client address v1"
 def derive_key(jwt_secret: str) -> bytes:
     """The forwarding key of a JWT key: usable to vouch for addresses, useless for signing tokens."""
     return hmac.new(jwt_secret.encode(), _CONTEXT, hashlib.sha256).digest()
+
+
+def key_for(settings: Settings) -> bytes:
+    """The forwarding key of the deployment's JWT key, which validated settings always hold
+    (generated in embedded mode, required otherwise: ``Settings._secrets_present``)."""
+    secret = settings.jwt.secret
+    if secret is None:
+        raise RuntimeError("JWT secret missing")
+    return derive_key(secret.get_secret_value())
 
 
 def _mac(key: bytes, stamp: int, address: str) -> str:

@@ -187,6 +187,11 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+def log_size(path: Path) -> int:
+    """Where this run's lines of an appended log start: its size now (0 before its first line)."""
+    return path.stat().st_size if path.exists() else 0
+
+
 def tail(path: Path, lines: int = LOG_TAIL_LINES, *, since: int = 0) -> str:
     """The last ``lines`` lines of a log file written after byte ``since`` (reads only the end)."""
     try:
@@ -434,7 +439,7 @@ class Supervisor:
         from pms.embedded import PortInUseError
 
         # The log is appended across runs: a tail shown later starts at this run's first line.
-        self._server_log_offsets[name] = server.log_path.stat().st_size if server.log_path.exists() else 0
+        self._server_log_offsets[name] = log_size(server.log_path)
         with self.console.status(f"starting {name} ..."):
             try:
                 proc = server.start()
@@ -535,7 +540,7 @@ class Supervisor:
 
     def _spawn(self, child: Child, now: float) -> None:
         self._rotate(child.log_path)  # logs are appended across runs: start below the limit
-        child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
+        child.log_offset = log_size(child.log_path)
         child.proc = process.spawn(self.command(child.spec), log_path=child.log_path, env=self._env)
         child.state = State.STARTING
         child.spawned_at = now

@@ -70,8 +70,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):  # the first beat one interval after the start
             try:
-                self.beat_once()
-                if self._failing:
+                if self.beat_once() and self._failing:
                     log.info("pipeline heartbeat written again")
                     self._failing = False
             except Exception as exc:  # the database is away (the sink is stuck too, so no beat is right)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -47,6 +48,11 @@ class PipelineState(Schema):
     heartbeat_at: datetime | None = Field(description="The latest heartbeat of any pipeline process")
 
 
+#: ``pipeline`` in the summary and freshness answers.
+PipelineField = Annotated[PipelineState | None, Field(
+    description="Whether a pipeline is consuming; null until the pipeline has migrated the analytics tables")]
+
+
 class SummaryRead(Schema):
     as_of: datetime
     active_patients: Count
@@ -56,8 +62,7 @@ class SummaryRead(Schema):
     removed_total: Count
     last_event_at: datetime | None
     lag_messages: int | None
-    pipeline: PipelineState | None = Field(
-        description="Whether a pipeline is consuming; null until the pipeline has migrated the analytics tables")
+    pipeline: PipelineField
     suppression: Suppression
 
 
@@ -148,6 +153,5 @@ class FreshnessRead(Schema):
     events_stale: int
     dead_letters: int
     lag_messages: int | None
-    pipeline: PipelineState | None = Field(
-        description="Whether a pipeline is consuming; null until the pipeline has migrated the analytics tables")
+    pipeline: PipelineField
     partitions: list[PartitionRead]

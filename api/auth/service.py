@@ -75,6 +75,26 @@ def _check_not_locked(*, session: Session, settings: Settings, keys: Sequence[st
         raise TooManyRequests("Too many failed logins; try again later", retry_after=math.ceil(max(waits)))
 
 
+def _guard(*, session: Session, settings: Settings, keys: Sequence[str]) -> tuple[datetime, timedelta]:
+    """Lock ``keys`` and refuse when any of them is over its limit; returns (now, window) for the outcome.
+
+    Parallel guesses at one account (or from one address) are checked one after another, so a burst
+    of concurrent attempts cannot slip past the limit before failures are recorded.
+    """
+    now = datetime.now(UTC)
+    window = timedelta(seconds=settings.auth.failed_login_window_s)
+    auth_repository.lock_keys(session, keys=keys)
+    _check_not_locked(session=session, settings=settings, keys=keys, now=now, window=window)
+    return now, window
+
+
+def _record_failure(*, session: Session, keys: Sequence[str], now: datetime, window: timedelta) -> None:
+    """Count one failure against every key (dropping those that left the window) and commit."""
+    auth_repository.delete_failures(session, keys=keys, before=now - window)
+    auth_repository.add_failures(session, keys=keys, at=now)
+    session.commit()
+
+
 def login(*, session: Session, settings: Settings, data: LoginRequest, client_address: str) -> TokenResponse:
     """Exchange an email and password for a signed token.
 
@@ -84,20 +104,13 @@ def login(*, session: Session, settings: Settings, data: LoginRequest, client_ad
         Unauthorized: any bad pair, with the same message and the same argon2 cost whether the
             user exists, the password is wrong or the user is inactive.
     """
-    now = datetime.now(UTC)
-    window = timedelta(seconds=settings.auth.failed_login_window_s)
     account_key = _account_key(session, settings, data.email)
     keys = [account_key, _address_key(client_address)]
-    # Parallel guesses at one account (or from one address) are checked one after another,
-    # so a burst of concurrent attempts cannot slip past the limit before failures are recorded.
-    auth_repository.lock_keys(session, keys=keys)
-    _check_not_locked(session=session, settings=settings, keys=keys, now=now, window=window)
+    now, window = _guard(session=session, settings=settings, keys=keys)
     user = auth_repository.get_user_by_email(session, data.email.strip())
     password_ok = verify_password(user.password_hash if user else None, data.password)
     if user is None or not password_ok or not user.active:
-        auth_repository.delete_failures(session, keys=keys, before=now - window)
-        auth_repository.add_failures(session, keys=keys, at=now)
-        session.commit()
+        _record_failure(session=session, keys=keys, now=now, window=window)
         log.info("login failed", extra={"fields": {"event": "login_failed"}})
         raise Unauthorized(LOGIN_FAILED)
     if needs_rehash(user.password_hash):
@@ -176,15 +189,10 @@ def change_password(*, session: Session, settings: Settings, user: User, data: P
         TooManyRequests: the account is locked by failed logins or failed checks here.
         BadRequest: the current password is wrong, or the new one equals it.
     """
-    now = datetime.now(UTC)
-    window = timedelta(seconds=settings.auth.failed_login_window_s)
     keys = [_account_key(session, settings, user.email)]
-    auth_repository.lock_keys(session, keys=keys)
-    _check_not_locked(session=session, settings=settings, keys=keys, now=now, window=window)
+    now, window = _guard(session=session, settings=settings, keys=keys)
     if not verify_password(user.password_hash, data.current_password):
-        auth_repository.delete_failures(session, keys=keys, before=now - window)
-        auth_repository.add_failures(session, keys=keys, at=now)
-        session.commit()
+        _record_failure(session=session, keys=keys, now=now, window=window)
         log.info("password change refused", extra={"fields": {"event": "password_check_failed",
                                                                "user_id": str(user.id)}})
         raise BadRequest("Current password is wrong", errors={"currentPassword": "Does not match"})

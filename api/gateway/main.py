@@ -90,8 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         max_body_bytes=gateway.max_body_bytes,
     )
     app.state.rate_limiter = RateLimiter(gateway.rate_limit_per_minute)
-    if settings.jwt.secret is not None:  # the dashboard's signed client addresses (pms.forwarding)
-        app.state.forwarding_key = forwarding.derive_key(settings.jwt.secret.get_secret_value())
+    app.state.forwarding_key = forwarding.key_for(settings)  # the dashboard's signed client addresses
     app.state.upstream_errors = proxy.upstream_error_counter(app.state.metrics_registry)
     app.include_router(router)
     app.add_middleware(SecurityHeaders)  # type: ignore[arg-type]

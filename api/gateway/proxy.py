@@ -104,9 +104,9 @@ def client_address(request: Request) -> str:
     state = request.state
     if getattr(state, "client_address", None) is None:
         peer = request.client.host if request.client else "unknown"
-        key: bytes | None = getattr(request.app.state, "forwarding_key", None)
-        vouched = forwarding.verified_address(key, request.headers.get(forwarding.ADDRESS_HEADER),
-                                              request.headers.get(forwarding.SIGNATURE_HEADER)) if key else None
+        vouched = forwarding.verified_address(request.app.state.forwarding_key,
+                                              request.headers.get(forwarding.ADDRESS_HEADER),
+                                              request.headers.get(forwarding.SIGNATURE_HEADER))
         state.client_address = vouched or peer
     return str(state.client_address)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import streamlit as st
@@ -97,7 +97,7 @@ st.divider()
 
 reg_col, controls = st.columns([3, 1])
 with controls:
-    today = datetime.now(UTC).date()  # the analytics API counts UTC days
+    today = ui.today_in(None)  # UTC: the analytics API counts UTC days
     period = st.date_input("Date range", value=(today - timedelta(days=90), today), max_value=today,
                            key="analytics_range", format="YYYY-MM-DD")
     granularity = st.segmented_control("Granularity", GRANULARITIES, default="week", key="analytics_gran") or "week"

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import context, op
-from sqlalchemy.engine import make_url
 
 revision: str = "0002_dead_letter_privacy"
 down_revision: str | None = "0001_analytics_tables"
@@ -31,18 +30,11 @@ READABLE = ("id", "topic", "partition", "kafka_offset", "reason", "raw_digest", 
 
 
 def _analyst_role() -> str:
-    """The analyst role's name: the user of ``PMS_ANALYST_DATABASE_URL`` in the settings ``pms.db.migrate``
-    hands to Alembic, else the embedded role (what ``settings.analyst_url()`` would use, without creating
-    its password file as a side effect)."""
-    from pms.embedded import ANALYST_ROLE
+    """The analyst role's name, from the settings ``pms.db.migrate`` hands to Alembic (see
+    :func:`pms.embedded.analyst_role`)."""
+    from pms.embedded import analyst_role
 
-    settings = context.config.attributes.get("settings")
-    url = getattr(settings, "analyst_database_url", None)
-    if url is not None:
-        name = make_url(url.get_secret_value()).username
-        if name:
-            return str(name)
-    return ANALYST_ROLE
+    return analyst_role(context.config.attributes.get("settings"))
 
 
 def _quote(name: str) -> str:
