@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 
 from api.patient import demo as patient_demo
 from api.patient.billing_sync import BillingGateway, BillingRetryWorker
+from api.patient.outbox_wake import wake_after_commit
 from api.patient.relay import OutboxRelay
 from api.patient.router import router
 from pms import db
@@ -59,11 +60,13 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             if background:
                 relay = OutboxRelay(settings, engine, factory)
                 app.state.relay = relay
+                app.state.outbox_written = relay.wake
                 workers = [relay, BillingRetryWorker(settings, factory, app.state.billing)]
                 for worker in workers:
                     worker.start()
             yield
         finally:
+            app.state.outbox_written = _no_relay
             for worker in reversed(workers):
                 worker.stop()
             await app.state.billing.aclose()
@@ -84,9 +87,16 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     app.state.engine = engine
     app.state.session_factory = factory
     app.state.create_pool = create_pool
+    # Commits that wrote outbox rows wake this process's relay (none without background threads).
+    app.state.outbox_written = _no_relay
+    wake_after_commit(factory, lambda: app.state.outbox_written())
     app.state.billing = BillingGateway(settings)
     app.include_router(router)
     return app
+
+
+def _no_relay() -> None:
+    """No relay runs in this process: its commits wait for another process's relay to poll."""
 
 
 def _backlog_gauges(app: FastAPI, engine: Engine) -> None:

@@ -5,12 +5,15 @@ is publish order. The producer is idempotent (no duplicates from its own retries
 keyed by patient id (one patient's events stay in one partition, in version order). A
 broker that is down only delays events; they stay unsent in the outbox until it answers.
 
-The relay wakes when a transaction that wrote outbox rows commits: an insert trigger
-(migration ``0002_outbox_notify``) NOTIFYs channel ``patient_outbox``, which the leader
-LISTENs on with its advisory-lock connection. The poll interval stays as the fallback: a
-lost notification costs at most one poll, and a LISTEN connection that breaks loses the
-lock with it, so the relay reconnects (or, while PostgreSQL is down, retries) and reads
-the outbox again before it waits for the next notification.
+The relay wakes when a transaction that wrote outbox rows commits: the writer calls
+:meth:`OutboxRelay.wake` of its own process's relay after the commit (:mod:`api.patient.outbox_wake`).
+The leader waits on that and, for writes in other processes, on NOTIFYs of channel
+``patient_outbox`` on its advisory-lock connection; a relay that does not lead passes each
+burst of its process's wake-ups on as one such NOTIFY, in a transaction of its own (a NOTIFY in
+the writing transaction would serialize every commit, see :mod:`api.patient.outbox_wake`). The
+poll interval stays as the fallback: a lost wake-up costs at most one poll, and a LISTEN
+connection that breaks loses the lock with it, so the relay reconnects (or, while PostgreSQL is
+down, retries) and reads the outbox again before it waits for the next wake-up.
 
 The embedded broker forgets topics when it restarts. The relay stores a high watermark per
 partition in ``patient_relay_state``; a topic that is missing, or whose watermarks went
@@ -29,6 +32,8 @@ the stored watermark means the topic was reset under the relay: republish at onc
 from __future__ import annotations
 
 import logging
+import select
+import socket
 import threading
 import time
 import zlib
@@ -55,9 +60,9 @@ RESET_CHECK_INTERVAL_S = 1.0
 LEADERSHIP_RETRY_S = 1.0
 #: Longest wait for one batch's delivery reports before the batch is retried.
 FLUSH_TIMEOUT_S = 20.0
-#: The channel the outbox insert trigger notifies (migration 0002_outbox_notify).
+#: The channel the leader LISTENs on, for wake-ups from relays in other processes.
 NOTIFY_CHANNEL = "patient_outbox"
-#: After a notification, wait this long before reading the outbox, so one round (a read, a
+#: After a wake-up, wait this long before reading the outbox, so one round (a read, a
 #: produce + flush and a mark statement: ~1 ms of the patient process's CPU) takes the
 #: events of several creates instead of one; adds at most this much to the relay's lag.
 NOTIFY_LINGER_S = 0.02
@@ -125,8 +130,15 @@ class OutboxRelay:
         self._again = False
         self.published = 0
         self.resets = 0
-        #: Wake-ups by a notification (rather than by the poll interval running out).
+        #: Wake-ups by a NOTIFY from another process's relay, and by a commit in this process.
         self.notified = 0
+        self.woken = 0
+        #: Wake-ups passed on to the leader (this relay did not lead).
+        self.passed_on = 0
+        # wake() writes a byte here; the relay thread waits on the other end (and its LISTEN socket).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,10 +146,30 @@ class OutboxRelay:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self.wake()  # out of its wait now, not at the end of a slice
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._close_clients()
         self._release_leadership()
+        self._wake_w.close()
+        self._wake_r.close()
+
+    def wake(self) -> None:
+        """Outbox rows were committed: publish them now rather than at the next poll.
+
+        For any thread, after the commit; never blocks. A full socket buffer means wake-ups are
+        pending already, and a closed one a stopped relay: both are nothing to do.
+        """
+        with suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _take_wakes(self) -> bool:
+        """Empty the wake-up socket; True if it held any."""
+        taken = False
+        with suppress(OSError):  # BlockingIOError: empty
+            while self._wake_r.recv(4096):
+                taken = True
+        return taken
 
     def _run(self) -> None:
         failing = False
@@ -161,16 +193,20 @@ class OutboxRelay:
                 self._again = False
                 continue  # a full batch (more are probably waiting), or the outbox was marked unsent
             if self._lock_conn is not None:
-                # Leader and listening: whatever was committed after this round's read notifies.
-                if self._wait_for_notification(self.poll_interval):
+                # Leader and listening: whatever is committed after this round's read wakes it.
+                if self._wait_for_wake(self.poll_interval):
                     self._stop.wait(NOTIFY_LINGER_S)
+                # Before the next read: a commit after this point wakes the next wait, one before
+                # it is in the read.
+                self._take_wakes()
             else:
                 # Not the leader: another relay leads, or the backend that held the lock for us is still
-                # going away (pg_terminate_backend is asynchronous). Ask again soon, not a whole poll later.
-                self._stop.wait(min(self.poll_interval, LEADERSHIP_RETRY_S))
+                # going away (pg_terminate_backend is asynchronous). Ask again soon, not a whole poll later,
+                # and meanwhile hand this process's commits on to the leader.
+                self._pass_wakes_on(min(self.poll_interval, LEADERSHIP_RETRY_S))
 
-    def _wait_for_notification(self, timeout: float) -> bool:
-        """Wait until an outbox insert commits (True) or ``timeout`` passes (False).
+    def _wait_for_wake(self, timeout: float) -> bool:
+        """Wait until outbox rows are committed here or elsewhere (True) or ``timeout`` passes (False).
 
         A broken LISTEN connection gives up leadership (the server released the lock with
         it) and returns at once, so the next round reconnects and reads what it missed.
@@ -185,18 +221,48 @@ class OutboxRelay:
             if not isinstance(listener, psycopg.Connection):
                 raise TypeError(f"LISTEN needs a psycopg connection, not {type(listener).__name__}")
             while not self._stop.is_set():
+                # Also those psycopg took in with an earlier statement's answer: they are off the socket.
+                # list(), not any(): take every queued notification, so each one costs at most one round.
+                if list(listener.notifies(timeout=0, stop_after=1)):
+                    self.notified += 1
+                    return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                # list(), not any(): take every queued notification, so each one costs at most one round.
-                if list(listener.notifies(timeout=min(remaining, WAIT_SLICE_S), stop_after=1)):
-                    self.notified += 1
+                ready, _, _ = select.select([self._wake_r, listener.fileno()], [], [], min(remaining, WAIT_SLICE_S))
+                if self._wake_r in ready:
+                    self.woken += 1
                     return True
         except Exception as exc:
             log.warning("outbox relay lost its LISTEN connection; reconnecting",
                         extra={"fields": {"error": type(exc).__name__}})
             self._release_leadership()
         return False
+
+    def _pass_wakes_on(self, timeout: float) -> None:
+        """For ``timeout`` seconds, pass this process's wake-ups on to the leading relay (not this one).
+
+        One NOTIFY per burst (after the linger), in a transaction of its own whose commit does not
+        wait for the disk: a lost notification costs the leader's poll, never an event.
+        """
+        deadline = time.monotonic() + timeout
+        while not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready, _, _ = select.select([self._wake_r], [], [], min(remaining, WAIT_SLICE_S))
+            if not ready or self._stop.is_set():
+                continue
+            self._stop.wait(NOTIFY_LINGER_S)
+            self._take_wakes()
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text("SET LOCAL synchronous_commit TO off"))
+                    conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+                    conn.commit()
+                self.passed_on += 1
+            except Exception as exc:  # database trouble: the leader's poll (or its own restart) finds the rows
+                log.debug("outbox relay could not pass a wake-up on", extra={"fields": {"error": type(exc).__name__}})
 
     # -- one round ------------------------------------------------------------------------
     def run_once(self) -> int:

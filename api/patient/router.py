@@ -80,7 +80,7 @@ async def create_patient(
     state = request.app.state
     created = await patient_service.create(
         pool=state.create_pool, data=data, actor=user.sub, request_id=request_id,
-        billing=state.billing, settings=state.settings,
+        billing=state.billing, settings=state.settings, outbox_written=state.outbox_written,
     )
     patient = created.patient
     body = PatientCreated.model_validate(patient)  # possibleDuplicates: its default, set below

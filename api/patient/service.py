@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from api.patient import events as patient_events
 from api.patient import repository as patient_repository
 from api.patient.models import EMAIL_INDEX, AuditEntry, BillingStatus, Patient
+from api.patient.outbox_wake import mark_outbox_written
 from api.patient.schemas import DuplicateCandidate, PatientCreate, PatientUpdate, normalize_phone
 from pms.errors import BadRequest, Conflict, NotFound
 from pms.settings import Settings
@@ -102,6 +103,7 @@ async def create(
     request_id: str | None = None,
     billing: BillingGateway | None = None,
     settings: Settings | None = None,
+    outbox_written: Callable[[], None] | None = None,
 ) -> Registration:
     """Register a patient, open its billing account if billing answers in time, and queue its event.
 
@@ -150,6 +152,8 @@ async def create(
         async with pool.connection() as conn:
             patient.mrn = await patient_repository.insert_created(conn, patient, outbox=outbox, actor=actor,
                                                                   fields=provided, request_id=request_id)
+        if outbox_written is not None:
+            outbox_written()  # committed (autocommit): the relay may publish it now
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name == EMAIL_INDEX:
             raise EMAIL_TAKEN from None
@@ -367,6 +371,7 @@ def create_many(*, session: Session, items: Sequence[PatientCreate], actor: str)
         fields = [api for field, api in EDITABLE_FIELDS.items() if getattr(patient, field) is not None]
         audit_rows.append((patient_id, actor, "create", fields, 1, now))
     patient_repository.copy_rows(session, "patient_outbox", patient_repository.OUTBOX_COPY_COLUMNS, outbox)
+    mark_outbox_written(session)  # COPY: the ORM does not see these rows
     patient_repository.copy_rows(session, "patient_audit", patient_repository.AUDIT_COPY_COLUMNS, audit_rows)
     session.commit()
     return len(inserted)

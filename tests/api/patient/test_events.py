@@ -1,11 +1,13 @@
 """Outbox + relay on a real broker: order, no lost events, broker outage, topic loss, crash,
-wake-up by NOTIFY (and polling when a notification is lost), a killed LISTEN connection."""
+wake-up by a commit (passed on by a relay that does not lead; polling for other writers), a
+killed LISTEN connection."""
 
 from __future__ import annotations
 
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,12 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from sqlalchemy import text
 
+from api.patient import outbox_wake
 from api.patient import relay as patient_relay
 from api.patient import replay as patient_replay
+from api.patient.models import OutboxEvent
 from api.patient.relay import LEADER_LOCK_ID
 from pms import db, process
 from pms.contracts import patient_events_pb2
@@ -48,16 +53,6 @@ def _sql(settings: Settings, query: str, params: Any = None) -> list[tuple[Any, 
 def _sql_command(settings: Settings, statement: str) -> None:
     with psycopg.connect(libpq_dsn(settings.database_url_for("patients")), autocommit=True) as conn:
         conn.execute(statement)
-
-
-def _insert_outbox_rows(conn: psycopg.Connection[Any], count: int) -> list[uuid.UUID]:
-    """Insert ``count`` outbox rows, one statement each, uncommitted; return their event ids."""
-    event_ids = [uuid.uuid4() for _ in range(count)]
-    for event_id in event_ids:
-        conn.execute(
-            "INSERT INTO patient_outbox (event_id, patient_id, version, event_type, payload, occurred_at) "
-            "VALUES (%s, %s, 1, 'PATIENT_CREATED', %s, now())", (event_id, uuid.uuid4(), b"x"))
-    return event_ids
 
 
 def _unsent(settings: Settings, patient_ids: list[str]) -> int:
@@ -204,7 +199,7 @@ def test_crash_between_commit_and_publish_still_publishes(broker_settings: Setti
 def test_a_commit_wakes_the_relay_long_before_its_poll_and_a_killed_listen_connection_recovers(
     broker_settings: Settings, tmp_path: Path
 ) -> None:
-    # Polling once a minute: an event within 15 s can only have been woken by the notification.
+    # Polling once a minute: an event within 15 s can only have come from the create's wake-up.
     lazy = _with_poll(broker_settings, 60.0)
     svc = start_patient(lazy, tmp_path, name="lazy")
     try:
@@ -228,41 +223,88 @@ def test_a_commit_wakes_the_relay_long_before_its_poll_and_a_killed_listen_conne
         svc.stop()
 
 
-def test_events_still_arrive_by_polling_when_no_notification_comes(
+def test_rows_written_by_another_process_arrive_by_polling(
     running: tuple[ServiceProcess, Api], broker_settings: Settings
 ) -> None:
     _svc, api = running
     with api.client() as client:
         warm = client.post("/patients", json=new_patient_body()).json()
         read_events(broker_settings, until=has_versions({warm["id"]: 1}))
-        # No trigger, no notification: only the poll (50 ms here) can find these.
-        _sql_command(broker_settings, "ALTER TABLE patient_outbox DISABLE TRIGGER patient_outbox_notify")
-        try:
-            silent = [client.post("/patients", json=new_patient_body()).json() for _ in range(3)]
-        finally:
-            _sql_command(broker_settings, "ALTER TABLE patient_outbox ENABLE TRIGGER patient_outbox_notify")
-    expected = {p["id"]: 1 for p in [warm, *silent]}
-    events = read_events(broker_settings, until=has_versions(expected), timeout=30)
-    _assert_once_in_order(events, expected)
+    # Written here, not by the service: nothing wakes its relay, only the poll (50 ms here) finds them.
+    markers = [uuid.uuid4() for _ in range(3)]
+    try:
+        _insert_events(broker_settings, markers, version=1)
+        events = read_events(broker_settings, until=has_versions({str(m): 1 for m in markers}), timeout=30)
+        _assert_once_in_order(events, {str(m): 1 for m in markers})
+    finally:
+        _delete_outbox_rows(broker_settings, markers)
 
 
-def test_the_outbox_trigger_notifies_once_per_transaction_and_only_on_commit(broker_settings: Settings) -> None:
-    # No relay runs here; the committed stand-in rows are deleted again before any could see them.
-    dsn = libpq_dsn(broker_settings.database_url_for("patients"))
-    with psycopg.connect(dsn, autocommit=True) as listener, psycopg.connect(dsn) as writer:
-        listener.execute("LISTEN patient_outbox")
-        _insert_outbox_rows(writer, 2)
-        writer.rollback()
-        assert list(listener.notifies(timeout=0.3)) == []  # rolled back: nothing to wake for
-        event_ids = _insert_outbox_rows(writer, 2)  # two statements, one transaction
-        try:
-            writer.commit()
-            got = list(listener.notifies(timeout=5, stop_after=1))
-            got += list(listener.notifies(timeout=0.3))
-        finally:
-            writer.execute("DELETE FROM patient_outbox WHERE event_id = ANY(%s)", (event_ids,))
-            writer.commit()
-        assert [(n.channel, n.payload) for n in got] == [("patient_outbox", "")]
+def test_a_relay_that_does_not_lead_passes_its_wake_ups_on_to_the_leader(broker_settings: Settings) -> None:
+    # Two relays polling once a minute: an event within 15 s can only have come from the wake-up,
+    # which reached the leader as a NOTIFY from the other one.
+    settings = _with_poll(broker_settings, 60.0)
+    db.migrate(settings, "patients")
+    engine = db.make_engine(settings.database_url_for("patients"), pool_size=2, max_overflow=0)
+    leader = patient_relay.OutboxRelay(settings, engine, db.session_factory(engine))
+    other = patient_relay.OutboxRelay(settings, engine, db.session_factory(engine))
+    markers = [uuid.uuid4() for _ in range(3)]
+    try:
+        leader.start()
+        process.wait_until(lambda: _leader_pid(settings) is not None, timeout=30, message="a relay to lead")
+        other.start()
+        _insert_events(settings, markers, version=1)
+        other.wake()
+        events = read_events(settings, until=has_versions({str(m): 1 for m in markers}), timeout=15)
+        _assert_once_in_order(events, {str(m): 1 for m in markers})
+        assert other.passed_on >= 1 and leader.notified >= 1
+        assert other.published == 0 and leader.published >= len(markers)
+    finally:
+        other.stop()
+        leader.stop()
+        engine.dispose()
+        _delete_outbox_rows(settings, markers)
+
+
+def test_only_a_committed_transaction_that_wrote_outbox_rows_wakes_the_relay(broker_settings: Settings) -> None:
+    db.migrate(broker_settings, "patients")
+    engine = db.make_engine(broker_settings.database_url_for("patients"), pool_size=1, max_overflow=0)
+    factory = db.session_factory(engine)
+    wakes: list[int] = []
+    outbox_wake.wake_after_commit(factory, lambda: wakes.append(1))
+    markers = [uuid.uuid4() for _ in range(2)]
+
+    def stand_in(patient_id: uuid.UUID) -> OutboxEvent:
+        return OutboxEvent(event_id=uuid.uuid4(), patient_id=patient_id, version=1, event_type="PATIENT_UPDATED",
+                           payload=b"x", occurred_at=datetime.now(UTC))
+
+    try:
+        with factory() as session:
+            session.add(stand_in(markers[0]))
+            session.flush()
+            session.rollback()
+            assert wakes == []  # rolled back: nothing to publish
+            session.execute(text("SELECT 1"))
+            session.commit()
+            assert wakes == []  # committed, but wrote no outbox row
+            session.add_all([stand_in(markers[0]), stand_in(markers[1])])
+            session.flush()
+            assert wakes == []  # flushed, not yet committed
+            session.commit()
+            assert wakes == [1]  # one wake-up per transaction, after its commit
+            outbox_wake.mark_outbox_written(session)  # as COPY does: rows the ORM never saw
+            session.execute(text("SELECT 1"))
+            session.commit()
+            assert wakes == [1, 1]
+    finally:
+        engine.dispose()
+        _delete_outbox_rows(broker_settings, markers)
+
+
+def _delete_outbox_rows(settings: Settings, patient_ids: list[uuid.UUID]) -> None:
+    """Stand-in rows for patients that exist nowhere else: keep them out of every later test's outbox."""
+    _sql_command(settings, "DELETE FROM patient_outbox WHERE patient_id IN ("
+                 + ", ".join(f"'{m}'" for m in patient_ids) + ")")
 
 
 def _insert_events(settings: Settings, patient_ids: list[uuid.UUID], *, version: int) -> None:
@@ -320,6 +362,4 @@ def test_a_topic_recreated_between_two_checks_is_seen_in_the_delivery_reports(
     finally:
         relay.stop()
         engine.dispose()
-        # These patients exist nowhere else: keep them out of every later test's outbox.
-        _sql_command(settings, "DELETE FROM patient_outbox WHERE patient_id IN ("
-                     + ", ".join(f"'{m}'" for m in markers) + ")")
+        _delete_outbox_rows(settings, markers)
