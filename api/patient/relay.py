@@ -130,7 +130,7 @@ class OutboxRelay:
         self._again = False
         self.published = 0
         self.resets = 0
-        #: Wake-ups by a NOTIFY from another process's relay, and by a commit in this process.
+        #: Wake-ups by a NOTIFY (another process's relay passing its commits on), and by a commit here.
         self.notified = 0
         self.woken = 0
         #: Wake-ups passed on to the leader (this relay did not lead).
@@ -151,8 +151,9 @@ class OutboxRelay:
             self._thread.join(timeout)
         self._close_clients()
         self._release_leadership()
-        self._wake_w.close()
-        self._wake_r.close()
+        if not self._thread.is_alive():  # a thread stuck past the timeout may still select on it
+            self._wake_w.close()
+            self._wake_r.close()
 
     def wake(self) -> None:
         """Outbox rows were committed: publish them now rather than at the next poll.
@@ -163,13 +164,11 @@ class OutboxRelay:
         with suppress(OSError):
             self._wake_w.send(b"\0")
 
-    def _take_wakes(self) -> bool:
-        """Empty the wake-up socket; True if it held any."""
-        taken = False
+    def _take_wakes(self) -> None:
+        """Empty the wake-up socket."""
         with suppress(OSError):  # BlockingIOError: empty
             while self._wake_r.recv(4096):
-                taken = True
-        return taken
+                pass
 
     def _run(self) -> None:
         failing = False
