@@ -62,6 +62,8 @@ class Principal:
     exp: int = 0
     #: Issue time with sub-second precision, so a revocation at 10.4 s spares a token issued at 10.7 s.
     iat: float = 0.0
+    #: Not valid before this time (the later of ``nbf`` and ``iat``), checked again on a remembered token.
+    not_before: float = 0.0
 
 
 def internal_audience(settings: Settings) -> str:
@@ -103,15 +105,19 @@ def decode_token(settings: Settings, token: str, *, audience: str | None = None)
     A token that verified once is remembered (:func:`_verified`, keyed by the key, audience,
     issuer and algorithm as well as the token), and only its expiry is checked again: PyJWT's
     decode was a fifth of the gateway's CPU per forwarded request and ~8% of the patient
-    service's (py-spy), for a token every request of a session repeats. Everything else a
-    verification decides cannot change for the same bytes under the same key: the signature,
-    the claims, and ``nbf``/``iat``, which were already in the past and stay there. A token that
-    fails is not remembered, so a bad token costs a full verification every time.
+    service's (py-spy), for a token every request of a session repeats. The signature and the
+    claims cannot change for the same bytes under the same key; the times are checked again
+    against the clock as PyJWT checks them (a clock set back must not make a token issued "in
+    the future" acceptable). A token that fails is not remembered, so a bad token costs a full
+    verification every time.
     """
     principal = _verified(_key(settings), settings.jwt.algorithm, audience or settings.jwt.audience,
                           settings.jwt.issuer, token)
-    if principal.exp <= _now() - LEEWAY_S:  # PyJWT's own rule (integer exp)
+    now = _now()
+    if principal.exp <= now - LEEWAY_S:  # PyJWT's own rule (integer exp)
         raise Unauthorized("Token expired")
+    if principal.not_before > now + LEEWAY_S:  # PyJWT: ImmatureSignatureError, answered "Invalid token"
+        raise Unauthorized("Invalid token")
     return principal
 
 
@@ -139,10 +145,11 @@ def _verified(key: str, algorithm: str, audience: str, issuer: str, token: str) 
     try:
         role = Role(claims["role"])
         issued_at = float(claims["iat"])
+        not_before = max(issued_at, float(claims.get("nbf", issued_at)))
     except (TypeError, ValueError) as exc:
         raise Unauthorized("Invalid token") from exc
     return Principal(sub=str(claims["sub"]), role=role, jti=str(claims["jti"]), exp=int(claims["exp"]),
-                     iat=issued_at)
+                     iat=issued_at, not_before=not_before)
 
 
 def _key(settings: Settings) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 import jwt
 import jwt.warnings
@@ -125,6 +125,40 @@ def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(security, "_now", lambda: principal.exp + security.LEEWAY_S)
     with pytest.raises(Unauthorized, match="Token expired"):
         decode_token(SETTINGS, token)
+
+
+def test_a_remembered_token_is_refused_while_the_clock_is_before_its_issue_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock set back must not let the memory accept what PyJWT would call not yet valid."""
+    from pms import security
+
+    token = encode_token(SETTINGS, sub="a@b.example", role=Role.STAFF, ttl_s=3600)
+    principal = decode_token(SETTINGS, token)  # remembered now
+    assert principal.not_before == pytest.approx(principal.iat, abs=1)  # nbf is whole seconds, iat is not
+    monkeypatch.setattr(security, "_now", lambda: principal.not_before - security.LEEWAY_S)
+    assert decode_token(SETTINGS, token) == principal  # inside the leeway, as PyJWT allows
+    monkeypatch.setattr(security, "_now", lambda: principal.not_before - security.LEEWAY_S - 1)
+    with pytest.raises(Unauthorized, match="Invalid token"):
+        decode_token(SETTINGS, token)
+    security._verified.cache_clear()  # PyJWT itself, with its clock at those times: the same answers
+    _set_clocks(monkeypatch, principal.not_before - security.LEEWAY_S - 1)
+    with pytest.raises(Unauthorized, match="Invalid token"):
+        decode_token(SETTINGS, token)
+    _set_clocks(monkeypatch, principal.not_before - security.LEEWAY_S)
+    assert decode_token(SETTINGS, token) == principal
+
+
+def _set_clocks(monkeypatch: pytest.MonkeyPatch, at: float) -> None:
+    """Both clocks a verification reads, PyJWT's and the token memory's, at ``at``."""
+    from pms import security
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+            return datetime.fromtimestamp(at, tz)
+
+    monkeypatch.setattr(jwt.api_jwt, "datetime", Frozen)
+    monkeypatch.setattr(security, "_now", lambda: at)
 
 
 def test_a_remembered_token_is_checked_against_the_verifiers_own_settings() -> None:
