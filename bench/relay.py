@@ -80,6 +80,7 @@ def run(settings: Settings, report: Report) -> None:
         partitions = consumer.list_topics(topic, timeout=5).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
         stop = threading.Event()
+        warmed = threading.Event()
 
         def consume() -> None:
             while not stop.is_set():
@@ -89,6 +90,7 @@ def run(settings: Settings, report: Report) -> None:
                 now = time.time()
                 event = patient_events_pb2.PatientEvent.FromString(message.value())
                 if event.name == WARM_UP_NAME:
+                    warmed.set()
                     continue
                 _kind, produced_ms = message.timestamp()
                 occurred = datetime.fromisoformat(event.occurred_at).timestamp()
@@ -123,6 +125,8 @@ def run(settings: Settings, report: Report) -> None:
                     "address": "0 Relay Road", "dateOfBirth": "1970-01-01", "registeredDate": "2024-01-01"})
             if response.status_code != 201:
                 raise RuntimeError(f"the patient service refused the warm-up create: HTTP {response.status_code}")
+            # Its whole way, so that nothing of the start-up (the relay's first produce) is in the load's figures.
+            process.wait_until(warmed.is_set, timeout=30, interval=0.05, message="the warm-up event on the broker")
             seconds = paced(create, rate=RATE, total=total)
             if errors == total:
                 raise RuntimeError(f"every create failed (HTTP {sorted(statuses)}): nothing to measure")

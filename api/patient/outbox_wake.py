@@ -37,11 +37,14 @@ def wake_after_commit(factory: sessionmaker[Session], wake: Callable[[], None]) 
         if any(isinstance(obj, OutboxEvent) for obj in session.new):
             session.info[_WRITTEN] = True
 
+    # Both also fire for a savepoint (its RELEASE, its rollback); only the outer transaction decides:
+    # a released savepoint is not committed yet, and rows flushed before a rolled-back savepoint stay.
     @event.listens_for(factory, "after_commit")
     def _committed(session: Session) -> None:
-        if session.info.pop(_WRITTEN, False):
+        if not session.in_nested_transaction() and session.info.pop(_WRITTEN, False):
             wake()
 
     @event.listens_for(factory, "after_rollback")
     def _rolled_back(session: Session) -> None:
-        session.info.pop(_WRITTEN, None)
+        if not session.in_nested_transaction():
+            session.info.pop(_WRITTEN, None)

@@ -32,7 +32,7 @@ the stored watermark means the topic was reset under the relay: republish at onc
 from __future__ import annotations
 
 import logging
-import select
+import selectors
 import socket
 import threading
 import time
@@ -68,6 +68,19 @@ NOTIFY_CHANNEL = "patient_outbox"
 NOTIFY_LINGER_S = 0.02
 #: Longest single wait for a notification, so a stop never waits out a long poll interval.
 WAIT_SLICE_S = 0.5
+
+
+def _readable(fds: list[int], timeout: float) -> set[int]:
+    """Which of ``fds`` become readable within ``timeout`` seconds.
+
+    A selector (epoll here), not ``select.select``: that refuses descriptors above 1023, which a busy
+    service can hand its LISTEN connection, and the relay would then lose and retake leadership in
+    a tight loop.
+    """
+    with selectors.DefaultSelector() as selector:
+        for fd in fds:
+            selector.register(fd, selectors.EVENT_READ)
+        return {key.fd for key, _ in selector.select(timeout)}
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -228,8 +241,8 @@ class OutboxRelay:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                ready, _, _ = select.select([self._wake_r, listener.fileno()], [], [], min(remaining, WAIT_SLICE_S))
-                if self._wake_r in ready:
+                if self._wake_r.fileno() in _readable([self._wake_r.fileno(), listener.fileno()],
+                                                      min(remaining, WAIT_SLICE_S)):
                     self.woken += 1
                     return True
         except Exception as exc:
@@ -249,8 +262,7 @@ class OutboxRelay:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            ready, _, _ = select.select([self._wake_r], [], [], min(remaining, WAIT_SLICE_S))
-            if not ready or self._stop.is_set():
+            if not _readable([self._wake_r.fileno()], min(remaining, WAIT_SLICE_S)) or self._stop.is_set():
                 continue
             self._stop.wait(NOTIFY_LINGER_S)
             self._take_wakes()
@@ -407,6 +419,9 @@ class OutboxRelay:
             return False
         self._lock_conn = conn
         self._last_check = 0.0  # a new leader checks the topic (and loads the stored watermarks) first
+        # Started now, while nothing waits: an idempotent producer's first send waits for its producer id
+        # (~0.5 s on Tansu, 1 s on a busy box), which would otherwise be added to the first events' lag.
+        self._get_producer()
         log.info("outbox relay is the leader", extra={"fields": {"topic": self.topic}})
         return True
 

@@ -152,8 +152,8 @@ async def create(
         async with pool.connection() as conn:
             patient.mrn = await patient_repository.insert_created(conn, patient, outbox=outbox, actor=actor,
                                                                   fields=provided, request_id=request_id)
-        if outbox_written is not None:
-            outbox_written()  # committed (autocommit): the relay may publish it now
+            if outbox_written is not None:
+                outbox_written()  # committed (autocommit): the relay may publish it now
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name == EMAIL_INDEX:
             raise EMAIL_TAKEN from None
