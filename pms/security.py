@@ -145,7 +145,8 @@ def _verified(key: str, algorithm: str, audience: str, issuer: str, token: str) 
     try:
         role = Role(claims["role"])
         issued_at = float(claims["iat"])
-        not_before = max(issued_at, float(claims.get("nbf", issued_at)))
+        # PyJWT's rule: whole seconds (int(iat), int(nbf)), whatever fraction the claims carry.
+        not_before = float(max(int(claims["iat"]), int(claims.get("nbf", claims["iat"]))))
     except (TypeError, ValueError) as exc:
         raise Unauthorized("Invalid token") from exc
     return Principal(sub=str(claims["sub"]), role=role, jti=str(claims["jti"]), exp=int(claims["exp"]),

@@ -32,7 +32,7 @@ the stored watermark means the topic was reset under the relay: republish at onc
 from __future__ import annotations
 
 import logging
-import selectors
+import select
 import socket
 import threading
 import time
@@ -71,16 +71,16 @@ WAIT_SLICE_S = 0.5
 
 
 def _readable(fds: list[int], timeout: float) -> set[int]:
-    """Which of ``fds`` become readable within ``timeout`` seconds.
+    """Which of ``fds`` become readable (or hung up) within ``timeout`` seconds.
 
-    A selector (epoll here), not ``select.select``: that refuses descriptors above 1023, which a busy
-    service can hand its LISTEN connection, and the relay would then lose and retake leadership in
-    a tight loop.
+    ``poll``, not ``select.select``, which refuses descriptors above 1023 (a busy service can hand
+    one to its LISTEN connection, and the relay then lost and retook leadership in a tight loop),
+    and not a selector, which needs a descriptor of its own per wait (none left: the thread died).
     """
-    with selectors.DefaultSelector() as selector:
-        for fd in fds:
-            selector.register(fd, selectors.EVENT_READ)
-        return {key.fd for key, _ in selector.select(timeout)}
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _events in poller.poll(timeout * 1000)}
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:

@@ -146,6 +146,16 @@ def test_a_remembered_token_is_refused_while_the_clock_is_before_its_issue_time(
         decode_token(SETTINGS, token)
     _set_clocks(monkeypatch, principal.not_before - security.LEEWAY_S)
     assert decode_token(SETTINGS, token) == principal
+    # Whole seconds, as PyJWT counts them: an issue time of x.9 is "not before x", for both.
+    for fraction in (0.1, 0.9):
+        issued = float(int(time.time()) + 100) + fraction
+        fractional = jwt.encode(_claims(iat=issued, nbf=int(issued), exp=int(issued) + 3600,
+                                        jti=f"fraction-{fraction}"), SECRET,
+                                algorithm="HS256")
+        _set_clocks(monkeypatch, int(issued) - security.LEEWAY_S)
+        security._verified.cache_clear()
+        first = decode_token(SETTINGS, fractional)  # PyJWT accepts it at this clock ...
+        assert decode_token(SETTINGS, fractional) == first  # ... and so does the memory
 
 
 def _set_clocks(monkeypatch: pytest.MonkeyPatch, at: float) -> None:
