@@ -39,7 +39,7 @@ _preload_charting()
 
 auth = ui.current_session()
 if auth is not None and auth.expired:
-    ui.sign_out(ui.SESSION_EXPIRED_NOTE)
+    ui.sign_out(ui.SESSION_EXPIRED_NOTE, keep_draft=True)
     auth = None
 
 login = st.Page("app_pages/login.py", title="Sign in", icon=":material/login:", url_path="login")
@@ -61,6 +61,8 @@ else:
     if auth.role == ui.ADMIN:
         sections["Administration"] = [users]
     page = st.navigation(sections)
+    if st.session_state.get(ui.DRAFT_RESTORED_KEY) and page.title != register.title:
+        st.switch_page(register)  # back to the form the expired session interrupted
 
 with st.sidebar:
     st.markdown("### :material/local_hospital: Patient Management")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -36,6 +37,21 @@ PATIENT_ROLES = frozenset({ADMIN, STAFF})
 ANALYTICS_ROLES = frozenset({ADMIN, STAFF, ANALYST})
 
 SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
+
+#: The Register page's form (its ``reg_<n>_<field>`` widgets and the form's number): what a user had
+#: submitted there when the session expired is kept, and given back only to that user's next sign-in.
+DRAFT_PREFIXES = ("reg_", "register_form_n")
+DRAFT_KEY = "expired_draft"
+#: Set when a kept draft was given back: the app opens the Register page, which says so.
+DRAFT_RESTORED_KEY = "draft_restored"
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """Form input kept across a session expiry, for ``owner`` only (it is patient data)."""
+
+    owner: str
+    values: dict[str, Any]
 
 
 def gateway_url() -> str:
@@ -72,16 +88,28 @@ def sign_in(auth: AuthSession) -> None:
     # The typed password must not outlive the sign-in.
     for key in (NOTE_KEY, "login_password"):
         st.session_state.pop(key, None)
+    draft = st.session_state.pop(DRAFT_KEY, None)
+    if isinstance(draft, Draft) and draft.owner == auth.email.lower() and auth.role in PATIENT_ROLES:
+        for key, value in draft.values.items():
+            st.session_state[key] = value
+        st.session_state[DRAFT_RESTORED_KEY] = True
+    # Anyone else signing in on this browser never sees it: it is dropped above.
 
 
-def sign_out(note: str | None = None, *, revoke: bool = False) -> None:
+def sign_out(note: str | None = None, *, revoke: bool = False, keep_draft: bool = False) -> None:
     """Forget the token and everything derived from it in this session.
 
     ``revoke`` (the Sign out button) also gives the token up at auth first, so a copy of it
     cannot be used any more; if the gateway cannot be reached the local sign-out still happens
-    and the token simply expires.
+    and the token simply expires. ``keep_draft`` (an expired session, not a sign-out) keeps what
+    the user had submitted in the Register form, for the same user's next sign-in (:func:`sign_in`).
     """
     auth = current_session()
+    draft = None
+    if keep_draft and auth is not None:
+        values = {key: value for key, value in st.session_state.items()
+                  if isinstance(key, str) and key.startswith(DRAFT_PREFIXES)}
+        draft = Draft(owner=auth.email.lower(), values=values) if values else None
     if revoke and auth is not None and not auth.expired:
         try:
             GatewayClient(gateway_url(), auth.token).logout()
@@ -92,11 +120,13 @@ def sign_out(note: str | None = None, *, revoke: bool = False) -> None:
             del st.session_state[key]
     if note:
         st.session_state[NOTE_KEY] = note
+    if draft is not None:
+        st.session_state[DRAFT_KEY] = draft
 
 
 def expire_session() -> None:
-    """Send the user back to login with a note (token expired or revoked)."""
-    sign_out(SESSION_EXPIRED_NOTE)
+    """Send the user back to login with a note (token expired or revoked), keeping their form draft."""
+    sign_out(SESSION_EXPIRED_NOTE, keep_draft=True)
     st.rerun()
 
 

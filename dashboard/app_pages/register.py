@@ -44,6 +44,9 @@ def _saved_anyway(data: dict[str, object]) -> dict[str, object] | None:
                  and p.get("name") == data["name"] and p.get("dateOfBirth") == data.get("dateOfBirth")), None)
 
 
+if st.session_state.pop(ui.DRAFT_RESTORED_KEY, False):
+    st.info("Your session expired before this patient was registered. What you had entered is back: "
+            "check it and register again.", icon=":material/restore:")
 if errors:
     st.error(f"{st.session_state.get('register_message') or 'Not registered'}: please correct the fields below.",
              icon=":material/error:")
@@ -74,7 +77,10 @@ with st.form(f"register_{n}", border=True):
         gender = st.selectbox("Gender", GENDERS, key=_key("gender"),
                               format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
-        registered = st.date_input("Registered on *", value=today, min_value=date(1900, 1, 1),
+        # No default over a value given back after an expired session (Streamlit would warn of both).
+        registered = st.date_input("Registered on *",
+                                   value=None if _key("registeredDate") in st.session_state else today,
+                                   min_value=date(1900, 1, 1),
                                    max_value=today, key=_key("registeredDate"), format="YYYY-MM-DD")
         ui.field_error(errors, "registeredDate")
     for reason in ui.other_errors(errors, set(FIELDS)).values():

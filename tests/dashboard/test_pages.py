@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import httpx
 import pytest
+from streamlit.testing.v1 import AppTest
 
 from dashboard.client import AuthSession, GatewayClient
 from pms import process
@@ -221,6 +222,67 @@ def test_register_success_shows_mrn_and_billing_and_clears_the_form(stub: StubGa
     assert any(patient["mrn"] in t and "ACTIVE" in t for t in success), success
     assert at.session_state["register_form_n"] == 1
     assert at.text_input(key="reg_1_name").value == ""
+
+
+def _expire(at: AppTest, stub: StubGateway, how: str) -> None:
+    """End the signed-in session: locally (its expiry passed) or at the server (the token is refused)."""
+    auth = at.session_state["auth"]
+    if how == "locally":
+        at.session_state["auth"] = AuthSession(token=auth.token, role=auth.role, email=auth.email,
+                                               expires_at=time.time() - 1)
+    else:
+        at.session_state["auth"] = AuthSession(token=stub.token(auth.role, ttl_s=-60), role=auth.role,
+                                               email=auth.email, expires_at=time.time() + 600)
+
+
+@pytest.mark.parametrize("how", ["locally", "at the server"])
+def test_a_registration_cut_short_by_an_expired_session_is_given_back_after_signing_in(
+        stub: StubGateway, how: str) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Ada Lovelace", email="ada@example.com", address="12 St James Sq", city="London",
+                   dateOfBirth=date(1965, 12, 10), gender="female")
+    _expire(at, stub, how)
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    assert "auth" not in at.session_state and not stub.state.patients
+    assert any("session has expired" in t for t in texts(at.info))
+    assert not [k for k in at.session_state if str(k).startswith("reg_")]  # nothing of it while signed out
+
+    login(at, "staff@pms.local")
+    assert not at.exception
+    assert at.title[0].value.endswith("Register patient")  # straight back to the interrupted form
+    assert any("What you had entered is back" in t for t in texts(at.info))
+    assert at.text_input(key="reg_0_name").value == "Ada Lovelace"
+    assert at.text_input(key="reg_0_city").value == "London"
+    assert at.date_input(key="reg_0_dateOfBirth").value == date(1965, 12, 10)
+    assert at.selectbox(key="reg_0_gender").value == "female"
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    [patient] = stub.state.patients.values()
+    assert (patient["name"], patient["email"], patient["dateOfBirth"]) == ("Ada Lovelace", "ada@example.com",
+                                                                          "1965-12-10")
+    at.run()
+    assert not any("What you had entered is back" in t for t in texts(at.info))  # said once
+
+
+def test_an_expired_sessions_draft_is_never_shown_to_someone_else(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Ada Lovelace", email="ada@example.com", address="12 St James Sq")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    login(at, "admin@pms.local")  # another member of staff on the same browser
+    assert not at.exception
+    assert at.title[0].value.endswith("Patients")
+    assert "expired_draft" not in at.session_state
+    at.switch_page("app_pages/register.py").run()
+    assert at.text_input(key="reg_0_name").value == ""
+    assert not any("What you had entered is back" in t for t in texts(at.info))
+    # Signing out on purpose keeps nothing either, for anyone.
+    _fill_register(at, name="Grace Hopper")
+    at.button(key="sign_out").click().run()
+    assert not [k for k in at.session_state if str(k).startswith(("reg_", "expired_draft"))]
 
 
 def test_register_duplicate_email_is_shown_on_the_email_field(stub: StubGateway) -> None:
