@@ -38,9 +38,9 @@ ANALYTICS_ROLES = frozenset({ADMIN, STAFF, ANALYST})
 
 SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
 
-#: The Register page's form (its ``reg_<n>_<field>`` widgets and the form's number): what a user had
-#: submitted there when the session expired is kept, and given back only to that user's next sign-in.
-DRAFT_PREFIXES = ("reg_", "register_form_n")
+#: The Register page's form number (a new, empty form after each registration) and its widgets' keys.
+REGISTER_FORM_N_KEY = "register_form_n"
+#: What a user had typed in the Register form when the session expired, kept for that user's next sign-in.
 DRAFT_KEY = "expired_draft"
 #: Set when a kept draft was given back: the app opens the Register page, which says so.
 DRAFT_RESTORED_KEY = "draft_restored"
@@ -78,6 +78,27 @@ def forwarding_key() -> bytes | None:
         return None
 
 
+def register_field_key(n: int, field: str) -> str:
+    """The session-state key of field ``field`` of the ``n``-th Register form of this session."""
+    return f"reg_{n}_{field}"
+
+
+def _register_draft() -> dict[str, Any]:
+    """The current Register form's entries, if something was typed in it (else nothing to keep).
+
+    Only text counts as typed: the dates and the gender have defaults, and a form left untouched
+    (or the fresh one after a registration) is not an interrupted registration.
+    """
+    n = st.session_state.get(REGISTER_FORM_N_KEY)
+    if not isinstance(n, int):
+        return {}
+    prefix = register_field_key(n, "")
+    values = {key: value for key, value in st.session_state.items() if isinstance(key, str) and key.startswith(prefix)}
+    if not any(isinstance(value, str) and value.strip() for value in values.values()):
+        return {}
+    return {REGISTER_FORM_N_KEY: n, **values}
+
+
 def current_session() -> AuthSession | None:
     auth = st.session_state.get(AUTH_KEY)
     return auth if isinstance(auth, AuthSession) else None
@@ -106,10 +127,8 @@ def sign_out(note: str | None = None, *, revoke: bool = False, keep_draft: bool 
     """
     auth = current_session()
     draft = None
-    if keep_draft and auth is not None:
-        values = {key: value for key, value in st.session_state.items()
-                  if isinstance(key, str) and key.startswith(DRAFT_PREFIXES)}
-        draft = Draft(owner=auth.email.lower(), values=values) if values else None
+    if keep_draft and auth is not None and (values := _register_draft()):
+        draft = Draft(owner=auth.email.lower(), values=values)
     if revoke and auth is not None and not auth.expired:
         try:
             GatewayClient(gateway_url(), auth.token).logout()

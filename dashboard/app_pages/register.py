@@ -12,7 +12,7 @@ from dashboard.client import Conflict, Created, GatewayError, GatewayUnavailable
 FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender", "registeredDate")
 GENDERS = ("", "female", "male", "other", "unknown")
 RESULT_KEY = "register_result"
-FORM_N_KEY = "register_form_n"
+FORM_N_KEY = ui.REGISTER_FORM_N_KEY
 
 ui.require_session()
 st.title(":material/person_add: Register patient")
@@ -23,7 +23,7 @@ errors: dict[str, str] = st.session_state.get("register_errors", {})
 
 
 def _key(name: str) -> str:
-    return f"reg_{n}_{name}"
+    return ui.register_field_key(n, name)
 
 
 def _saved_anyway(data: dict[str, object]) -> dict[str, object] | None:

@@ -285,6 +285,27 @@ def test_an_expired_sessions_draft_is_never_shown_to_someone_else(stub: StubGate
     assert not [k for k in at.session_state if str(k).startswith(("reg_", "expired_draft"))]
 
 
+@pytest.mark.parametrize("where", ["another page", "an untouched form", "the result of a registration"])
+def test_an_expiry_with_nothing_typed_in_the_register_form_gives_nothing_back(stub: StubGateway,
+                                                                                where: str) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    if where == "the result of a registration":
+        _fill_register(at, name="Ada Lovelace", email="ada@example.com", address="12 St James Sq",
+                       dateOfBirth=date(1965, 12, 10))
+        at.form_submit_button[0].click().run()
+        assert len(stub.state.patients) == 1 and at.session_state["register_form_n"] == 1
+    elif where == "another page":
+        at.switch_page("app_pages/patients.py").run()
+    _expire(at, stub, "locally")
+    at.run()
+    assert "auth" not in at.session_state and "expired_draft" not in at.session_state
+    login(at, "staff@pms.local")
+    assert not at.exception
+    assert at.title[0].value.endswith("Patients")  # no detour to a form there is nothing to give back from
+    assert not any("What you had entered is back" in t for t in texts(at.info))
+
+
 def test_register_duplicate_email_is_shown_on_the_email_field(stub: StubGateway) -> None:
     _seed(stub, 1)
     at = signed_in_app(stub, "STAFF").run()
