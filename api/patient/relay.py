@@ -164,7 +164,7 @@ class OutboxRelay:
             self._thread.join(timeout)
         self._close_clients()
         self._release_leadership()
-        if not self._thread.is_alive():  # a thread stuck past the timeout may still select on it
+        if not self._thread.is_alive():  # a thread stuck past the timeout may still wait on them
             self._wake_w.close()
             self._wake_r.close()
 
