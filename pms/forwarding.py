@@ -39,12 +39,8 @@ def derive_key(jwt_secret: str) -> bytes:
 
 
 def key_for(settings: Settings) -> bytes:
-    """The forwarding key of the deployment's JWT key, which validated settings always hold
-    (generated in embedded mode, required otherwise: ``Settings._secrets_present``)."""
-    secret = settings.jwt.secret
-    if secret is None:
-        raise RuntimeError("JWT secret missing")
-    return derive_key(secret.get_secret_value())
+    """The forwarding key of the deployment's JWT key."""
+    return derive_key(settings.jwt.key())
 
 
 def _mac(key: bytes, stamp: int, address: str) -> str:

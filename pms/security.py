@@ -90,7 +90,7 @@ def encode_token(settings: Settings, *, sub: str, role: Role | str, ttl_s: int |
         "aud": audience or settings.jwt.audience,
         "jti": uuid.uuid4().hex,
     }
-    return jwt.encode(claims, _key(settings), algorithm=settings.jwt.algorithm)
+    return jwt.encode(claims, settings.jwt.key(), algorithm=settings.jwt.algorithm)
 
 
 #: Seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat``.
@@ -111,7 +111,7 @@ def decode_token(settings: Settings, token: str, *, audience: str | None = None)
     the future" acceptable). A token that fails is not remembered, so a bad token costs a full
     verification every time.
     """
-    principal = _verified(_key(settings), settings.jwt.algorithm, audience or settings.jwt.audience,
+    principal = _verified(settings.jwt.key(), settings.jwt.algorithm, audience or settings.jwt.audience,
                           settings.jwt.issuer, token)
     now = _now()
     if principal.exp <= now - LEEWAY_S:  # PyJWT's own rule (integer exp)
@@ -151,12 +151,6 @@ def _verified(key: str, algorithm: str, audience: str, issuer: str, token: str) 
         raise Unauthorized("Invalid token") from exc
     return Principal(sub=str(claims["sub"]), role=role, jti=str(claims["jti"]), exp=int(claims["exp"]),
                      iat=issued_at, not_before=not_before)
-
-
-def _key(settings: Settings) -> str:
-    if settings.jwt.secret is None:  # settings validation makes this unreachable
-        raise RuntimeError("JWT secret missing")
-    return settings.jwt.secret.get_secret_value()
 
 
 def bearer_token(request: Request) -> str:

@@ -160,6 +160,13 @@ class JWTSettings(BaseModel):
     issuer: str = "pms-auth"
     #: ``aud`` claim the auth service signs and every verifier requires.
     audience: str = "pms"
+
+    def key(self) -> str:
+        """The signing key, which validated settings always hold (generated in embedded mode,
+        required otherwise: ``Settings._secrets_present``)."""
+        if self.secret is None:
+            raise RuntimeError("JWT secret missing")
+        return self.secret.get_secret_value()
     #: Seconds between fetches of auth's token revocation list (logout, deactivation, role/password
     #: change) by every verifier: the gateway, the patient and the analytics services.
     revocation_refresh_s: float = 2.0

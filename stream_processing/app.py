@@ -290,9 +290,6 @@ def _serve_status(settings: Settings, ready: dict[str, Any], sink: AnalyticsSink
 
 #: Seconds without a turn of the processing loop after which the pipeline counts as stuck (no heartbeat):
 #: a batch write normally takes well under a second, a catch-up batch of 5,000 events about one.
-LOOP_STALL_S = 30.0
-
-
 def run(settings: Settings) -> None:
     """Run the pipeline until SIGTERM/SIGINT (Quix stops after committing its checkpoint)."""
     faulthandler.enable()  # a crash inside librdkafka leaves a Python stack in the log
@@ -333,10 +330,12 @@ def run(settings: Settings) -> None:
     watchdog.start()
 
     def consuming() -> bool:
-        """For the heartbeat: the loop turns (a batch write held for LOOP_STALL_S is stuck), the broker
-        is up (the restart guard has not paused fetching), the consumer is in its group and holds partitions."""
+        """For the heartbeat: the loop turns (a batch write held for half the stall budget is stuck, the
+        watchdog's own measure), the broker is up (the restart guard has not paused fetching), the
+        consumer is in its group and holds partitions."""
         guard = app.restart_guard
-        if not app.turning(within_s=LOOP_STALL_S) or (guard is not None and guard.paused) or not watchdog.healthy():
+        if (not app.turning(within_s=settings.pipeline.stall_timeout_s / 2)
+                or (guard is not None and guard.paused) or not watchdog.healthy()):
             return False
         with app.client_lock:
             inner = None if app.stopping else consumer._inner_consumer  # Quix keeps it private

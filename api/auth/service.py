@@ -45,9 +45,8 @@ REVOCATION_MARGIN_S = 60
 def _account_key(session: Session, settings: Settings, email: str) -> str:
     """Failure-counter key of an account: a keyed digest (the table holds no raw addresses) of the email
     folded as the database folds it, so every spelling that finds the account shares its counter."""
-    assert settings.jwt.secret is not None
     folded = auth_repository.fold_email(session, email)
-    digest = hmac.new(settings.jwt.secret.get_secret_value().encode(), folded.encode(), hashlib.sha256)
+    digest = hmac.new(settings.jwt.key().encode(), folded.encode(), hashlib.sha256)
     return "acct:" + digest.hexdigest()
 
 

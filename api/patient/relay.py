@@ -50,6 +50,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.patient import repository as patient_repository
+from pms import db
 from pms.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ def ensure_topic(admin: AdminClient, settings: Settings, *, timeout: float = 5.0
     return True
 
 
+#: A relay that does not lead wakes the leader: the commit of this NOTIFY need not wait for the disk
+#: (``set_config(..., true)`` lasts for the statement's own transaction).
+_PASS_ON = f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{NOTIFY_CHANNEL}', '')"
+
 #: pg advisory lock held by the one relay that publishes (one per patients database).
 LEADER_LOCK_ID = 7_310_100 + zlib.crc32(b"outbox") % 1_000_000
 
@@ -143,9 +148,8 @@ class OutboxRelay:
         self._again = False
         self.published = 0
         self.resets = 0
-        #: Wake-ups by a NOTIFY (another process's relay passing its commits on), and by a commit here.
+        #: Wake-ups by a NOTIFY (another process's relay passing its commits on).
         self.notified = 0
-        self.woken = 0
         #: Wake-ups passed on to the leader (this relay did not lead).
         self.passed_on = 0
         # wake() writes a byte here; the relay thread waits on the other end (and its LISTEN socket).
@@ -243,7 +247,6 @@ class OutboxRelay:
                     return False
                 if self._wake_r.fileno() in _readable([self._wake_r.fileno(), listener.fileno()],
                                                       min(remaining, WAIT_SLICE_S)):
-                    self.woken += 1
                     return True
         except Exception as exc:
             log.warning("outbox relay lost its LISTEN connection; reconnecting",
@@ -267,10 +270,8 @@ class OutboxRelay:
             self._stop.wait(NOTIFY_LINGER_S)
             self._take_wakes()
             try:
-                with self.engine.connect() as conn:
-                    conn.execute(text("SET LOCAL synchronous_commit TO off"))
-                    conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
-                    conn.commit()
+                with db.driver_connection(self.engine) as conn:  # one statement, its own transaction
+                    conn.execute(_PASS_ON)
                 self.passed_on += 1
             except Exception as exc:  # database trouble: the leader's poll (or its own restart) finds the rows
                 log.debug("outbox relay could not pass a wake-up on", extra={"fields": {"error": type(exc).__name__}})

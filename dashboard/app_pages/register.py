@@ -12,13 +12,12 @@ from dashboard.client import Conflict, Created, GatewayError, GatewayUnavailable
 FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender", "registeredDate")
 GENDERS = ("", "female", "male", "other", "unknown")
 RESULT_KEY = "register_result"
-FORM_N_KEY = ui.REGISTER_FORM_N_KEY
 
 ui.require_session()
 st.title(":material/person_add: Register patient")
 st.caption("Fields marked * are required. The server checks every field; its reasons appear next to them.")
 
-n = st.session_state.setdefault(FORM_N_KEY, 0)
+n = st.session_state.setdefault(ui.REGISTER_FORM_N_KEY, 0)
 errors: dict[str, str] = st.session_state.get("register_errors", {})
 
 
@@ -128,7 +127,7 @@ if submitted:
         st.session_state.pop("register_confirmed", None)
         st.session_state.pop("register_errors", None)
         st.session_state.pop("register_message", None)
-        st.session_state[FORM_N_KEY] = n + 1  # a fresh, empty form for the next patient
+        st.session_state[ui.REGISTER_FORM_N_KEY] = n + 1  # a fresh, empty form for the next patient
     st.rerun()
 
 result = st.session_state.get(RESULT_KEY)
