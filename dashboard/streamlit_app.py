@@ -61,8 +61,10 @@ else:
     if auth.role == ui.ADMIN:
         sections["Administration"] = [users]
     page = st.navigation(sections)
-    if st.session_state.get(ui.DRAFT_RESTORED_KEY) and page.title != register.title:
-        st.switch_page(register)  # back to the form the expired session interrupted
+    # Once, after a sign-in that gave a draft back: to the form the expired session interrupted.
+    back_to = {ui.REGISTER_PAGE: register, ui.PATIENTS_PAGE: patients}.get(st.session_state.pop(ui.DRAFT_OPEN_KEY, ""))
+    if back_to is not None and page.title != back_to.title:
+        st.switch_page(back_to)
 
 with st.sidebar:
     st.markdown("### :material/local_hospital: Patient Management")

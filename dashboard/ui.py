@@ -40,18 +40,37 @@ SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
 
 #: The Register page's form number (a new, empty form after each registration) and its widgets' keys.
 REGISTER_FORM_N_KEY = "register_form_n"
-#: What a user had typed in the Register form when the session expired, kept for that user's next sign-in.
+#: The patient open on the Patients page (its id).
+PATIENT_ID_KEY = "patient_id"
+#: The record the Patients page's Edit form edits: (patient id, version opened, the record as opened).
+EDIT_BASE_KEY = "edit_base"
+#: The patient whose Edit tab opens first: an edit given back after an expired session (see :class:`Draft`).
+EDIT_REOPEN_KEY = "edit_reopen"
+#: The gender choices of the patient forms ("" = not stated).
+GENDERS = ("", "female", "male", "other", "unknown")
+#: Fields of the Edit form (API names), each a widget keyed by :func:`edit_field_key`.
+EDIT_FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender")
+#: What a user had submitted in a form when the session expired, kept for that user's next sign-in.
 DRAFT_KEY = "expired_draft"
-#: Set when a kept draft was given back: the app opens the Register page, which says so.
+#: The pages whose kept draft was given back (``register``, ``patients``): each says so once
+#: (:func:`draft_restored`).
 DRAFT_RESTORED_KEY = "draft_restored"
+#: The page the app opens once after such a sign-in (the registration first, if both were interrupted).
+DRAFT_OPEN_KEY = "draft_open"
+REGISTER_PAGE, PATIENTS_PAGE = "register", "patients"
 
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """Form input kept across a session expiry, for ``owner`` only (it is patient data)."""
+    """Form input kept across a session expiry, for ``owner`` only (it is patient data).
+
+    ``values`` are session-state entries (widget keys and what they need around them) put back as
+    they were; ``pages`` are the pages they belong to.
+    """
 
     owner: str
     values: dict[str, Any]
+    pages: frozenset[str]
 
 
 def gateway_url() -> str:
@@ -99,6 +118,47 @@ def _register_draft() -> dict[str, Any]:
     return {REGISTER_FORM_N_KEY: n, **values}
 
 
+def edit_field_key(patient_id: str, version: object, field: str) -> str:
+    """The session-state key of field ``field`` of the Edit form of ``patient_id`` at ``version``."""
+    return f"edit_{patient_id}_v{version}_{field}"
+
+
+def edit_shown_value(shown: dict[str, Any], field: str) -> Any:
+    """What the Edit form shows for ``field`` of the record as opened (its widget's starting value)."""
+    if field == "dateOfBirth":
+        return date.fromisoformat(shown["dateOfBirth"]) if shown.get("dateOfBirth") else None
+    value = shown.get(field) or ""
+    return value if field != "gender" or value in GENDERS else ""
+
+
+def _edit_draft() -> dict[str, Any]:
+    """The Edit form's submitted entries, if they change the record as opened (else nothing to keep)."""
+    base = st.session_state.get(EDIT_BASE_KEY)
+    if not (isinstance(base, tuple) and len(base) == 3):
+        return {}
+    patient_id, version, shown = base
+    values = {key: st.session_state[key] for field in EDIT_FIELDS
+              if (key := edit_field_key(patient_id, version, field)) in st.session_state}
+    changed = [field for field in EDIT_FIELDS if (key := edit_field_key(patient_id, version, field)) in values
+               and _stripped(values[key]) != edit_shown_value(shown, field)]
+    if not changed:
+        return {}
+    return {PATIENT_ID_KEY: patient_id, EDIT_BASE_KEY: base, EDIT_REOPEN_KEY: patient_id, **values}
+
+
+def _stripped(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def draft_restored(page: str) -> bool:
+    """Whether a draft of ``page`` was just given back (True once: the page says so, then forgets)."""
+    pages = st.session_state.get(DRAFT_RESTORED_KEY)
+    if not pages or page not in pages:
+        return False
+    st.session_state[DRAFT_RESTORED_KEY] = pages - {page}
+    return True
+
+
 def current_session() -> AuthSession | None:
     auth = st.session_state.get(AUTH_KEY)
     return auth if isinstance(auth, AuthSession) else None
@@ -113,7 +173,8 @@ def sign_in(auth: AuthSession) -> None:
     if isinstance(draft, Draft) and draft.owner == auth.email.lower() and auth.role in PATIENT_ROLES:
         for key, value in draft.values.items():
             st.session_state[key] = value
-        st.session_state[DRAFT_RESTORED_KEY] = True
+        st.session_state[DRAFT_RESTORED_KEY] = draft.pages
+        st.session_state[DRAFT_OPEN_KEY] = REGISTER_PAGE if REGISTER_PAGE in draft.pages else PATIENTS_PAGE
     # Anyone else signing in on this browser never sees it: it is dropped above.
 
 
@@ -123,12 +184,16 @@ def sign_out(note: str | None = None, *, revoke: bool = False, keep_draft: bool 
     ``revoke`` (the Sign out button) also gives the token up at auth first, so a copy of it
     cannot be used any more; if the gateway cannot be reached the local sign-out still happens
     and the token simply expires. ``keep_draft`` (an expired session, not a sign-out) keeps what
-    the user had submitted in the Register form, for the same user's next sign-in (:func:`sign_in`).
+    the user had submitted in the Register form or a patient's Edit form, for the same user's next
+    sign-in (:func:`sign_in`).
     """
     auth = current_session()
     draft = None
-    if keep_draft and auth is not None and (values := _register_draft()):
-        draft = Draft(owner=auth.email.lower(), values=values)
+    if keep_draft and auth is not None:
+        registering, editing = _register_draft(), _edit_draft()
+        pages = frozenset(page for page, kept in ((REGISTER_PAGE, registering), (PATIENTS_PAGE, editing)) if kept)
+        if pages:
+            draft = Draft(owner=auth.email.lower(), values={**registering, **editing}, pages=pages)
     if revoke and auth is not None and not auth.expired:
         try:
             GatewayClient(gateway_url(), auth.token).logout()

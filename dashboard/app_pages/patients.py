@@ -12,8 +12,6 @@ from dashboard import ui
 from dashboard.client import Conflict, GatewayClient, InvalidInput, NotFound, cached_patients, forget_patients
 
 PAGE_SIZES = (10, 25, 50, 100)
-EDITABLE = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender")
-GENDERS = ("", "female", "male", "other", "unknown")
 
 auth = ui.require_session()
 st.title(":material/groups: Patients")
@@ -68,12 +66,15 @@ else:
     labels = {str(p["id"]): f"{p.get('mrn') or '—'} · {p.get('name') or 'unnamed'}" for p in result.items}
     selected = st.selectbox("Open a record", [None, *ids], key="patients_open",
                             format_func=lambda i: "Choose a patient…" if i is None else labels.get(i, i))
-    if selected and selected != st.session_state.get("patient_id"):
-        for key in ("confirm_delete", "edit_errors", "edit_conflict", "edit_base"):
+    if selected and selected != st.session_state.get(ui.PATIENT_ID_KEY):
+        for key in ("confirm_delete", "edit_errors", "edit_conflict", ui.EDIT_BASE_KEY, ui.EDIT_REOPEN_KEY):
             st.session_state.pop(key, None)
-        st.session_state["patient_id"] = selected
+        st.session_state[ui.PATIENT_ID_KEY] = selected
 
-patient_id = st.session_state.get("patient_id")
+patient_id = st.session_state.get(ui.PATIENT_ID_KEY)
+if patient_id and ui.draft_restored(ui.PATIENTS_PAGE):
+    st.info("Your session expired before your changes to this record were saved. They are back in its "
+            "Edit tab: check them and save again.", icon=":material/restore:")
 
 
 def _show_detail(patient: dict[str, Any]) -> None:
@@ -81,7 +82,9 @@ def _show_detail(patient: dict[str, Any]) -> None:
     st.caption(f"{patient.get('mrn') or 'No MRN'} · version {patient.get('version', '—')} · "
                f"updated {ui.fmt_date(patient.get('updatedAt'))}")
     tabs = ["Overview", "Edit"] + (["Audit trail"] if auth.role == ui.ADMIN else []) + ["FHIR"]
-    tab = dict(zip(tabs, st.tabs(tabs), strict=True))
+    # An edit given back after an expired session opens on its tab (until it is saved or left).
+    reopen = "Edit" if st.session_state.get(ui.EDIT_REOPEN_KEY) == patient["id"] else None
+    tab = dict(zip(tabs, st.tabs(tabs, default=reopen, key="patient_tabs"), strict=True))
     with tab["Overview"]:
         _overview(patient)
     with tab["Edit"]:
@@ -128,7 +131,7 @@ def _overview(patient: dict[str, Any]) -> None:
     if yes.button("Yes, delete", type="primary", icon=":material/delete_forever:", key="delete_confirm"):
         ui.client().delete_patient(str(patient["id"]))
         forget_patients()
-        for key in ("patient_id", "confirm_delete", "patients_open", "edit_base"):
+        for key in (ui.PATIENT_ID_KEY, "confirm_delete", "patients_open", ui.EDIT_BASE_KEY, ui.EDIT_REOPEN_KEY):
             st.session_state.pop(key, None)
         st.toast("Patient deleted.", icon=":material/delete:")
         st.rerun()
@@ -145,34 +148,39 @@ def _edit(patient: dict[str, Any]) -> None:
     # The form edits the version the user opened, not whatever the last rerun fetched: otherwise
     # a colleague's save would silently swap the form (and drop this user's typing) instead of
     # answering this user's save with a 409 that we can explain.
-    base = st.session_state.get("edit_base")
+    base = st.session_state.get(ui.EDIT_BASE_KEY)
     if not base or base[0] != patient["id"]:
         base = (patient["id"], patient.get("version"), dict(patient))
-        st.session_state["edit_base"] = base
+        st.session_state[ui.EDIT_BASE_KEY] = base
     _, version, shown = base
-    key = f"edit_{patient['id']}_{version}"
-    dob = date.fromisoformat(shown["dateOfBirth"]) if shown.get("dateOfBirth") else None
-    with st.form(key, border=False):
-        values: dict[str, Any] = {
-            "name": st.text_input("Full name", value=shown.get("name") or "", max_chars=100),
-        }
+
+    def key(field: str) -> str:
+        """The field's widget key, holding the record's value until the user changes it (or an edit
+        given back after an expired session): set here, not as ``value=``, which Streamlit would
+        refuse next to a value already in session state."""
+        name = ui.edit_field_key(patient["id"], version, field)
+        if name not in st.session_state:
+            st.session_state[name] = ui.edit_shown_value(shown, field)
+        return name
+
+    with st.form(f"edit_{patient['id']}_{version}", border=False):
+        values: dict[str, Any] = {"name": st.text_input("Full name", key=key("name"), max_chars=100)}
         ui.field_error(errors, "name")
-        values["email"] = st.text_input("E-mail", value=shown.get("email") or "")
+        values["email"] = st.text_input("E-mail", key=key("email"))
         ui.field_error(errors, "email")
-        values["phone"] = st.text_input("Phone", value=shown.get("phone") or "")
+        values["phone"] = st.text_input("Phone", key=key("phone"))
         ui.field_error(errors, "phone")
-        values["address"] = st.text_input("Street address", value=shown.get("address") or "")
+        values["address"] = st.text_input("Street address", key=key("address"))
         ui.field_error(errors, "address")
-        values["city"] = st.text_input("City", value=shown.get("city") or "")
+        values["city"] = st.text_input("City", key=key("city"))
         ui.field_error(errors, "city")
-        values["dateOfBirth"] = st.date_input("Date of birth", value=dob, min_value=date(1900, 1, 1),
+        values["dateOfBirth"] = st.date_input("Date of birth", key=key("dateOfBirth"), min_value=date(1900, 1, 1),
                                               max_value=ui.browser_today(), format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
-        current = shown.get("gender") or ""
-        values["gender"] = st.selectbox("Gender", GENDERS, index=GENDERS.index(current) if current in GENDERS else 0,
+        values["gender"] = st.selectbox("Gender", ui.GENDERS, key=key("gender"),
                                         format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
-        for reason in ui.other_errors(errors, set(EDITABLE)).values():
+        for reason in ui.other_errors(errors, set(ui.EDIT_FIELDS)).values():
             st.error(reason, icon=":material/error:")
         saved = st.form_submit_button("Save changes", type="primary", icon=":material/save:")
     if not saved:
@@ -194,11 +202,13 @@ def _edit(patient: dict[str, Any]) -> None:
                 "It has been reloaded with their changes; make your edit again. "
                 f"Server: {exc.message}"
             )
-            st.session_state.pop("edit_base", None)
+            st.session_state.pop(ui.EDIT_BASE_KEY, None)
+            st.session_state.pop(ui.EDIT_REOPEN_KEY, None)
     except InvalidInput as exc:
         st.session_state["edit_errors"] = exc.errors or {"form": exc.message}
     else:
-        st.session_state.pop("edit_base", None)
+        st.session_state.pop(ui.EDIT_BASE_KEY, None)
+        st.session_state.pop(ui.EDIT_REOPEN_KEY, None)
         forget_patients()
         st.toast("Changes saved.", icon=":material/check_circle:")
     st.rerun()
@@ -222,6 +232,6 @@ if patient_id:
     try:
         _show_detail(ui.client().get_patient(str(patient_id)))
     except NotFound:
-        st.session_state.pop("patient_id", None)
+        st.session_state.pop(ui.PATIENT_ID_KEY, None)
         ui.empty_state("This patient no longer exists.", "It may have been deleted by a colleague.",
                        icon=":material/person_off:")

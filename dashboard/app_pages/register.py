@@ -10,7 +10,6 @@ from dashboard import ui
 from dashboard.client import Conflict, Created, GatewayError, GatewayUnavailable, InvalidInput, forget_patients
 
 FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender", "registeredDate")
-GENDERS = ("", "female", "male", "other", "unknown")
 RESULT_KEY = "register_result"
 
 ui.require_session()
@@ -43,7 +42,7 @@ def _saved_anyway(data: dict[str, object]) -> dict[str, object] | None:
                  and p.get("name") == data["name"] and p.get("dateOfBirth") == data.get("dateOfBirth")), None)
 
 
-if st.session_state.pop(ui.DRAFT_RESTORED_KEY, False):
+if ui.draft_restored(ui.REGISTER_PAGE):
     st.info("Your session expired before this patient was registered. What you had entered is back: "
             "check it and register again.", icon=":material/restore:")
 if errors:
@@ -73,7 +72,7 @@ with st.form(f"register_{n}", border=True):
         dob = st.date_input("Date of birth *", value=None, min_value=date(1900, 1, 1), max_value=today,
                             key=_key("dateOfBirth"), format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
-        gender = st.selectbox("Gender", GENDERS, key=_key("gender"),
+        gender = st.selectbox("Gender", ui.GENDERS, key=_key("gender"),
                               format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
         # No default over a value given back after an expired session (Streamlit would warn of both).

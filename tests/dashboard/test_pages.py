@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import httpx
@@ -453,6 +454,100 @@ def test_edit_shows_field_errors(stub: StubGateway) -> None:
     at.run()
     assert "Not a valid email address" in texts(at.error)
     assert stub.state.patients[pid]["version"] == 1
+
+
+def _edit_key(pid: str, field: str, version: int = 1) -> str:
+    return f"edit_{pid}_v{version}_{field}"
+
+
+def _first_tab(at: AppTest) -> str:
+    """The tab the browser opens on (the record's tab container's default); verified in Chromium by hand."""
+    def blocks(node: object) -> Iterator[object]:
+        yield node
+        for child in getattr(node, "children", {}).values():
+            yield from blocks(child)
+
+    [container] = [b for b in blocks(at._tree) if getattr(b, "type", None) == "tab_container"]
+    return [t.label for t in at.tabs][container.proto.tab_container.default_tab_index]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", ["locally", "at the server"])
+def test_an_edit_cut_short_by_an_expired_session_is_given_back_after_signing_in(stub: StubGateway,
+                                                                                 how: str) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    at.text_input(key=_edit_key(pid, "city")).input("York")
+    at.date_input(key=_edit_key(pid, "dateOfBirth")).set_value(date(1971, 2, 3))
+    at.selectbox(key=_edit_key(pid, "gender")).set_value("other")
+    _expire(at, stub, how)
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    assert "auth" not in at.session_state and stub.state.patients[pid]["version"] == 1
+    assert any("session has expired" in t for t in texts(at.info))
+    assert not [k for k in at.session_state if str(k).startswith(("edit_", "patient_id"))]  # none while signed out
+
+    login(at, "staff@pms.local")
+    assert not at.exception
+    assert at.title[0].value.endswith("Patients")
+    assert any("changes to this record were saved. They are back" in t for t in texts(at.info))
+    assert _first_tab(at) == "Edit"
+    assert at.text_input(key=_edit_key(pid, "city")).value == "York"
+    assert at.text_input(key=_edit_key(pid, "name")).value == "Patient 000"  # untouched fields as they were
+    assert at.date_input(key=_edit_key(pid, "dateOfBirth")).value == date(1971, 2, 3)
+    assert at.selectbox(key=_edit_key(pid, "gender")).value == "other"
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    saved = stub.state.patients[pid]
+    assert (saved["city"], saved["dateOfBirth"], saved["gender"], saved["version"]) == ("York", "1971-02-03",
+                                                                                        "other", 2)
+    assert "edit_reopen" not in at.session_state
+    at.run()
+    assert _first_tab(at) == "Overview"  # a record opened from now on starts on its overview
+    assert not any("They are back" in t for t in texts(at.info))  # said once
+
+
+def test_an_edit_given_back_still_meets_a_colleagues_save(stub: StubGateway) -> None:
+    """The kept edit is of the version the user opened: a save by someone else meanwhile is a 409, not lost."""
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    at.text_input(key=_edit_key(pid, "city")).input("York")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    c = GatewayClient(stub.url, stub.token("ADMIN"))
+    c.update_patient(pid, {**{k: stub.state.patients[pid][k] for k in ("name", "email", "address", "dateOfBirth")},
+                           "city": "Hull"}, version=1)
+    login(at, "staff@pms.local")
+    assert at.text_input(key=_edit_key(pid, "city")).value == "York"
+    at.form_submit_button[0].click().run()
+    assert any("Someone else changed this record" in t for t in texts(at.warning))
+    assert stub.state.patients[pid]["city"] == "Hull"
+    assert at.text_input(key=_edit_key(pid, "city", version=2)).value == "Hull"
+
+
+def test_an_unchanged_edit_or_another_user_gets_nothing_back(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()  # "Save changes" with nothing changed
+    assert "auth" not in at.session_state and "expired_draft" not in at.session_state
+    login(at, "staff@pms.local")
+    assert not any("They are back" in t for t in texts(at.info))
+    assert "patient_id" not in at.session_state
+
+    at.selectbox(key="patients_open").select(pid).run()
+    assert _first_tab(at) == "Overview"
+    at.text_input(key=_edit_key(pid, "city")).input("York")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    assert "expired_draft" in at.session_state
+    login(at, "admin@pms.local")  # another member of staff on the same browser
+    assert not at.exception
+    assert "expired_draft" not in at.session_state and "patient_id" not in at.session_state
+    assert not [k for k in at.session_state if str(k).startswith("edit_")]
+    assert not any("They are back" in t for t in texts(at.info))
 
 
 def test_delete_needs_confirmation(stub: StubGateway) -> None:
