@@ -189,6 +189,19 @@ def test_indexed_duplicate_lookup_equals_the_full_scan(bulk_settings: Settings, 
         session.commit()
 
 
+@pytest.mark.parametrize(("matches", "active", "rows", "ranked"), [
+    (138, 100_000, 50, True),        # a surname at 100k: the walk would read ~36,000 patients
+    (4_669, 1_000_000, 50, True),    # a surname at 1M: ~10,700 for the walk, 4,669 to sort
+    (10_546, 100_000, 50, False),    # 'son' at 100k: the walk finds a page after ~470
+    (9_000, 30_000, 50, False),      # a common term in a small clinic
+    (2_000, 100_000, 5_050, True),   # the same term on a deep page: the walk would read it all
+    (0, 0, 50, True),
+])
+def test_ranking_is_chosen_where_it_reads_fewer_patients_than_the_walk(matches: int, active: int, rows: int,
+                                                                          ranked: bool) -> None:
+    assert patient_repository.rank_matches(matches=matches, active=active, rows=rows) is ranked
+
+
 @contextmanager
 def _statements(session: Session) -> Iterator[list[str]]:
     """The SQL the session sends inside the block."""
@@ -205,8 +218,8 @@ def _statements(session: Session) -> Iterator[list[str]]:
 
 
 def test_a_search_with_few_matches_ranks_them_all_and_pages_like_the_plain_query(
-        seeded: int, session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ranked form (few matches) gives the plain form's pages; many matches keep the plain form;
+        seeded: int, session: Session) -> None:
+    """The ranked form gives the plain form's pages; where walking is cheaper the plain form stays;
     a page past the end is not queried at all."""
     term = "son"  # common in Faker names: enough matches for several pages
     condition = patient_repository.search_condition(term, phone=None)
@@ -220,10 +233,11 @@ def test_a_search_with_few_matches_ranks_them_all_and_pages_like_the_plain_query
         assert rows and [p.id for p in rows] == [p.id for p in plain]
         assert len(sent) == 2 and "AS MATERIALIZED" in sent[1], sent
 
-    monkeypatch.setattr(patient_repository, "RANK_MATCHES_UP_TO", total - 1)
+    # One row of a common term: the walk reads ~active/total patients, fewer than the matches.
+    plain = session.execute(patient_repository.page_statement(condition, limit=1, offset=0)).scalars().all()
     with _statements(session) as sent:
-        rows, _ = patient_repository.search(session, q=term, phone=None, limit=50, offset=0)
-    assert len(rows) == 50 and "MATERIALIZED" not in sent[1]
+        rows, _ = patient_repository.search(session, q=term, phone=None, limit=1, offset=0)
+    assert [p.id for p in rows] == [p.id for p in plain] and "MATERIALIZED" not in sent[1], sent
 
     with _statements(session) as sent:
         rows, counted = patient_repository.search(session, q=term, phone=None, limit=50, offset=total)
