@@ -123,6 +123,11 @@ def edit_field_key(patient_id: str, version: object, field: str) -> str:
     return f"edit_{patient_id}_v{version}_{field}"
 
 
+def is_edit_field_key(key: object, patient_id: str) -> bool:
+    """Whether ``key`` is one of :func:`edit_field_key`'s keys for ``patient_id`` (any version)."""
+    return isinstance(key, str) and key.startswith(f"edit_{patient_id}_v")
+
+
 def edit_shown_value(shown: dict[str, Any], field: str) -> Any:
     """What the Edit form shows for ``field`` of the record as opened (its widget's starting value)."""
     if field == "dateOfBirth":
@@ -132,16 +137,18 @@ def edit_shown_value(shown: dict[str, Any], field: str) -> Any:
 
 
 def _edit_draft() -> dict[str, Any]:
-    """The Edit form's submitted entries, if they change the record as opened (else nothing to keep)."""
+    """The open record's Edit form as last submitted, if that changes the record as opened (else nothing
+    to keep). An edit without a version is not kept: saved later without ``If-Match``, it would
+    overwrite a colleague's changes with the values it was opened with."""
     base = st.session_state.get(EDIT_BASE_KEY)
     if not (isinstance(base, tuple) and len(base) == 3):
         return {}
     patient_id, version, shown = base
-    values = {key: st.session_state[key] for field in EDIT_FIELDS
-              if (key := edit_field_key(patient_id, version, field)) in st.session_state}
-    changed = [field for field in EDIT_FIELDS if (key := edit_field_key(patient_id, version, field)) in values
-               and _stripped(values[key]) != edit_shown_value(shown, field)]
-    if not changed:
+    if version is None or patient_id != st.session_state.get(PATIENT_ID_KEY):
+        return {}
+    keys = {field: edit_field_key(patient_id, version, field) for field in EDIT_FIELDS}
+    values = {key: st.session_state[key] for key in keys.values() if key in st.session_state}
+    if all(_stripped(values[key]) == edit_shown_value(shown, field) for field, key in keys.items() if key in values):
         return {}
     return {PATIENT_ID_KEY: patient_id, EDIT_BASE_KEY: base, EDIT_REOPEN_KEY: patient_id, **values}
 

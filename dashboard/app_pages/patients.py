@@ -13,6 +13,17 @@ from dashboard.client import Conflict, GatewayClient, InvalidInput, NotFound, ca
 
 PAGE_SIZES = (10, 25, 50, 100)
 
+
+def _close_record() -> None:
+    """Forget the open record and all that belongs to it: its edit (kept or typed), errors, confirmation."""
+    patient_id = st.session_state.pop(ui.PATIENT_ID_KEY, None)
+    for key in ("confirm_delete", "edit_errors", "edit_conflict", ui.EDIT_BASE_KEY, ui.EDIT_REOPEN_KEY):
+        st.session_state.pop(key, None)
+    if patient_id:
+        for key in [k for k in st.session_state if ui.is_edit_field_key(k, str(patient_id))]:
+            del st.session_state[key]
+
+
 auth = ui.require_session()
 st.title(":material/groups: Patients")
 
@@ -67,14 +78,10 @@ else:
     selected = st.selectbox("Open a record", [None, *ids], key="patients_open",
                             format_func=lambda i: "Choose a patient…" if i is None else labels.get(i, i))
     if selected and selected != st.session_state.get(ui.PATIENT_ID_KEY):
-        for key in ("confirm_delete", "edit_errors", "edit_conflict", ui.EDIT_BASE_KEY, ui.EDIT_REOPEN_KEY):
-            st.session_state.pop(key, None)
+        _close_record()
         st.session_state[ui.PATIENT_ID_KEY] = selected
 
 patient_id = st.session_state.get(ui.PATIENT_ID_KEY)
-if patient_id and ui.draft_restored(ui.PATIENTS_PAGE):
-    st.info("Your session expired before your changes to this record were saved. They are back in its "
-            "Edit tab: check them and save again.", icon=":material/restore:")
 
 
 def _show_detail(patient: dict[str, Any]) -> None:
@@ -84,7 +91,9 @@ def _show_detail(patient: dict[str, Any]) -> None:
     tabs = ["Overview", "Edit"] + (["Audit trail"] if auth.role == ui.ADMIN else []) + ["FHIR"]
     # An edit given back after an expired session opens on its tab (until it is saved or left).
     reopen = "Edit" if st.session_state.get(ui.EDIT_REOPEN_KEY) == patient["id"] else None
-    tab = dict(zip(tabs, st.tabs(tabs, default=reopen, key="patient_tabs"), strict=True))
+    # Keyed per record: the browser takes ``default`` when the tabs first appear, so each record
+    # opens on its own default instead of on the tab the previous record was left on.
+    tab = dict(zip(tabs, st.tabs(tabs, default=reopen, key=f"patient_tabs_{patient['id']}"), strict=True))
     with tab["Overview"]:
         _overview(patient)
     with tab["Edit"]:
@@ -131,8 +140,8 @@ def _overview(patient: dict[str, Any]) -> None:
     if yes.button("Yes, delete", type="primary", icon=":material/delete_forever:", key="delete_confirm"):
         ui.client().delete_patient(str(patient["id"]))
         forget_patients()
-        for key in (ui.PATIENT_ID_KEY, "confirm_delete", "patients_open", ui.EDIT_BASE_KEY, ui.EDIT_REOPEN_KEY):
-            st.session_state.pop(key, None)
+        _close_record()
+        st.session_state.pop("patients_open", None)
         st.toast("Patient deleted.", icon=":material/delete:")
         st.rerun()
     if no.button("Cancel", key="delete_cancel"):
@@ -230,8 +239,15 @@ def _audit(patient: dict[str, Any]) -> None:
 if patient_id:
     st.divider()
     try:
-        _show_detail(ui.client().get_patient(str(patient_id)))
+        opened = ui.client().get_patient(str(patient_id))
     except NotFound:
-        st.session_state.pop(ui.PATIENT_ID_KEY, None)
-        ui.empty_state("This patient no longer exists.", "It may have been deleted by a colleague.",
+        given_back = ui.draft_restored(ui.PATIENTS_PAGE)
+        _close_record()
+        ui.empty_state("This patient no longer exists.", "It may have been deleted by a colleague."
+                       + (" The changes kept from your expired session could not be saved." if given_back else ""),
                        icon=":material/person_off:")
+    else:
+        if ui.draft_restored(ui.PATIENTS_PAGE):
+            st.info("Your session expired before your changes to this record were saved. They are back in its "
+                    "Edit tab: check them and save again.", icon=":material/restore:")
+        _show_detail(opened)

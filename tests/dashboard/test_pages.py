@@ -461,7 +461,8 @@ def _edit_key(pid: str, field: str, version: int = 1) -> str:
 
 
 def _first_tab(at: AppTest) -> str:
-    """The tab the browser opens on (the record's tab container's default); verified in Chromium by hand."""
+    """The tab the record's tab container tells the browser to open on (its ``default``). The browser
+    takes it when the container first appears; that the Edit tab really opens was checked in Chromium."""
     def blocks(node: object) -> Iterator[object]:
         yield node
         for child in getattr(node, "children", {}).values():
@@ -524,6 +525,41 @@ def test_an_edit_given_back_still_meets_a_colleagues_save(stub: StubGateway) -> 
     assert any("Someone else changed this record" in t for t in texts(at.warning))
     assert stub.state.patients[pid]["city"] == "Hull"
     assert at.text_input(key=_edit_key(pid, "city", version=2)).value == "Hull"
+
+
+def test_an_edit_given_back_for_a_patient_deleted_meanwhile_is_dropped_and_said_so(stub: StubGateway) -> None:
+    [pid] = _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    at.text_input(key=_edit_key(pid, "city")).input("York")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    GatewayClient(stub.url, stub.token("ADMIN")).delete_patient(pid)
+    login(at, "staff@pms.local")
+    assert not at.exception
+    assert not any("They are back" in t for t in texts(at.info))
+    assert any("no longer exists" in t and "could not be saved" in t for t in texts(at.markdown) + texts(at.caption)
+               + texts(at.info))
+    assert not [k for k in at.session_state if str(k).startswith(("edit_", "patient_id"))]
+    _expire(at, stub, "locally")
+    at.run()
+    assert "expired_draft" not in at.session_state  # nothing left to keep again
+
+
+def test_choosing_another_record_after_an_edit_was_given_back_opens_it_on_its_overview(stub: StubGateway) -> None:
+    first, second = _seed(stub, 2)
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(first).run()
+    at.text_input(key=_edit_key(first, "city")).input("York")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    login(at, "staff@pms.local")
+    assert _first_tab(at) == "Edit"
+    at.selectbox(key="patients_open").select(second).run()
+    assert not at.exception
+    assert _first_tab(at) == "Overview"
+    assert not [k for k in at.session_state if str(k).startswith((f"edit_{first}", "edit_reopen"))]
+    assert stub.state.patients[first]["version"] == 1  # the given-back edit was left, not saved
 
 
 def test_an_unchanged_edit_or_another_user_gets_nothing_back(stub: StubGateway) -> None:
