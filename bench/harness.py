@@ -151,8 +151,9 @@ def run_load(op: Callable[[int], bool], *, total: int, concurrency: int) -> Load
 
 
 def post_load(url: str, bodies: Sequence[Any], *, headers: dict[str, str], concurrency: int,
-              expect: int = 201) -> LoadResult:
-    """POST each of ``bodies`` once as JSON with ``concurrency`` in flight; success = status ``expect``.
+              expect: int = 201, timeout_s: float = 60.0) -> LoadResult:
+    """POST each of ``bodies`` once as JSON with ``concurrency`` in flight; success = status ``expect``
+    within ``timeout_s``.
 
     One asyncio loop with aiohttp (C parser, keep-alive pool of ``concurrency`` connections), not
     :func:`run_load`'s threads with an httpx client each: the load generator shares the two cores
@@ -170,7 +171,7 @@ def post_load(url: str, bodies: Sequence[Any], *, headers: dict[str, str], concu
         pending = iter(bodies)
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(connector=connector, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=60)) as session:
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
             async def worker() -> None:
                 nonlocal errors

@@ -44,6 +44,8 @@ ROUNDS_AT_16 = 3
 EXISTING = 2_000
 #: Processes whose CPU per create the bench reports at 16 in flight (children of this process).
 CPU_SERVICES = ("patient", "billing", "gateway")
+#: Seconds a create may take before it counts as an error (either client).
+TIMEOUT_S = 30.0
 #: The report's name for this process's own CPU while it sends the creates.
 LOAD_GENERATOR = "load generator"
 
@@ -98,15 +100,21 @@ def _load(url: str, bodies: list[dict[str, Any]], headers: dict[str, str], concu
     the httpx client in a thread per request in flight that this bench used until 2026-11-26 (for comparison:
     it costs the shared cores ~2 ms per request and held the bare endpoint to its speed)."""
     if os.environ.get("PMS_BENCH_WRITE_CLIENT", "asyncio") != "threads":
-        return post_load(url, bodies, headers=headers, concurrency=concurrency)
+        return post_load(url, bodies, headers=headers, concurrency=concurrency, timeout_s=TIMEOUT_S)
     local = threading.local()
+    clients: list[httpx.Client] = []
 
     def create(i: int) -> bool:
         if not hasattr(local, "client"):
-            local.client = httpx.Client(timeout=30, headers=headers)
+            local.client = httpx.Client(timeout=TIMEOUT_S, headers=headers)
+            clients.append(local.client)
         return local.client.post(url, json=bodies[i]).status_code == 201
 
-    return run_load(create, total=len(bodies), concurrency=concurrency)
+    try:
+        return run_load(create, total=len(bodies), concurrency=concurrency)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def _own_cpu() -> float:
