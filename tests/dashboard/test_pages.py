@@ -472,6 +472,17 @@ def _first_tab(at: AppTest) -> str:
     return [t.label for t in at.tabs][container.proto.tab_container.default_tab_index]  # type: ignore[attr-defined]
 
 
+def _edit_city_then_expire(stub: StubGateway, pid: str) -> AppTest:
+    """Signed in as STAFF, open ``pid``, change its city to York and press Save after the session expired."""
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    at.text_input(key=_edit_key(pid, "city")).input("York")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    assert "auth" not in at.session_state
+    return at
+
+
 @pytest.mark.parametrize("how", ["locally", "at the server"])
 def test_an_edit_cut_short_by_an_expired_session_is_given_back_after_signing_in(stub: StubGateway,
                                                                                  how: str) -> None:
@@ -511,11 +522,7 @@ def test_an_edit_cut_short_by_an_expired_session_is_given_back_after_signing_in(
 def test_an_edit_given_back_still_meets_a_colleagues_save(stub: StubGateway) -> None:
     """The kept edit is of the version the user opened: a save by someone else meanwhile is a 409, not lost."""
     [pid] = _seed(stub, 1)
-    at = signed_in_app(stub, "STAFF").run()
-    at.selectbox(key="patients_open").select(pid).run()
-    at.text_input(key=_edit_key(pid, "city")).input("York")
-    _expire(at, stub, "locally")
-    at.form_submit_button[0].click().run()
+    at = _edit_city_then_expire(stub, pid)
     c = GatewayClient(stub.url, stub.token("ADMIN"))
     c.update_patient(pid, {**{k: stub.state.patients[pid][k] for k in ("name", "email", "address", "dateOfBirth")},
                            "city": "Hull"}, version=1)
@@ -529,11 +536,7 @@ def test_an_edit_given_back_still_meets_a_colleagues_save(stub: StubGateway) -> 
 
 def test_an_edit_given_back_for_a_patient_deleted_meanwhile_is_dropped_and_said_so(stub: StubGateway) -> None:
     [pid] = _seed(stub, 1)
-    at = signed_in_app(stub, "STAFF").run()
-    at.selectbox(key="patients_open").select(pid).run()
-    at.text_input(key=_edit_key(pid, "city")).input("York")
-    _expire(at, stub, "locally")
-    at.form_submit_button[0].click().run()
+    at = _edit_city_then_expire(stub, pid)
     GatewayClient(stub.url, stub.token("ADMIN")).delete_patient(pid)
     login(at, "staff@pms.local")
     assert not at.exception
@@ -548,11 +551,7 @@ def test_an_edit_given_back_for_a_patient_deleted_meanwhile_is_dropped_and_said_
 
 def test_choosing_another_record_after_an_edit_was_given_back_opens_it_on_its_overview(stub: StubGateway) -> None:
     first, second = _seed(stub, 2)
-    at = signed_in_app(stub, "STAFF").run()
-    at.selectbox(key="patients_open").select(first).run()
-    at.text_input(key=_edit_key(first, "city")).input("York")
-    _expire(at, stub, "locally")
-    at.form_submit_button[0].click().run()
+    at = _edit_city_then_expire(stub, first)
     login(at, "staff@pms.local")
     assert _first_tab(at) == "Edit"
     at.selectbox(key="patients_open").select(second).run()
