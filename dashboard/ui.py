@@ -18,6 +18,7 @@ import streamlit as st
 
 from dashboard.client import (
     AuthSession,
+    Created,
     GatewayClient,
     GatewayError,
     GatewayUnavailable,
@@ -40,6 +41,9 @@ SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
 
 #: The Register page's form number (a new, empty form after each registration) and its widgets' keys.
 REGISTER_FORM_N_KEY = "register_form_n"
+#: The Register page's last registration (a :class:`Created`), and whether its possible duplicates were accepted.
+REGISTER_RESULT_KEY = "register_result"
+REGISTER_CONFIRMED_KEY = "register_confirmed"
 #: The patient open on the Patients page (its id).
 PATIENT_ID_KEY = "patient_id"
 #: The record the Patients page's Edit form edits: (patient id, version opened, the record as opened).
@@ -118,6 +122,15 @@ def _register_draft() -> dict[str, Any]:
     return {REGISTER_FORM_N_KEY: n, **values}
 
 
+def _undecided_duplicate() -> dict[str, Any]:
+    """A registration whose possible duplicates were neither kept nor discarded yet (the record exists:
+    without this the user would never be asked again, and a duplicate would stay unnoticed)."""
+    result = st.session_state.get(REGISTER_RESULT_KEY)
+    if isinstance(result, Created) and result.possible_duplicates and not st.session_state.get(REGISTER_CONFIRMED_KEY):
+        return {REGISTER_RESULT_KEY: result}
+    return {}
+
+
 def edit_field_key(patient_id: str, version: object, field: str) -> str:
     """The session-state key of field ``field`` of the Edit form of ``patient_id`` at ``version``."""
     return f"edit_{patient_id}_v{version}_{field}"
@@ -191,13 +204,13 @@ def sign_out(note: str | None = None, *, revoke: bool = False, keep_draft: bool 
     ``revoke`` (the Sign out button) also gives the token up at auth first, so a copy of it
     cannot be used any more; if the gateway cannot be reached the local sign-out still happens
     and the token simply expires. ``keep_draft`` (an expired session, not a sign-out) keeps what
-    the user had submitted in the Register form or a patient's Edit form, for the same user's next
-    sign-in (:func:`sign_in`).
+    the user had submitted in the Register form or a patient's Edit form, and a registration whose
+    possible duplicates are still to be decided, for the same user's next sign-in (:func:`sign_in`).
     """
     auth = current_session()
     draft = None
     if keep_draft and auth is not None:
-        registering, editing = _register_draft(), _edit_draft()
+        registering, editing = {**_register_draft(), **_undecided_duplicate()}, _edit_draft()
         pages = frozenset(page for page, kept in ((REGISTER_PAGE, registering), (PATIENTS_PAGE, editing)) if kept)
         if pages:
             draft = Draft(owner=auth.email.lower(), values={**registering, **editing}, pages=pages)

@@ -7,10 +7,17 @@ from datetime import date
 import streamlit as st
 
 from dashboard import ui
-from dashboard.client import Conflict, Created, GatewayError, GatewayUnavailable, InvalidInput, forget_patients
+from dashboard.client import (
+    Conflict,
+    Created,
+    GatewayError,
+    GatewayUnavailable,
+    InvalidInput,
+    NotFound,
+    forget_patients,
+)
 
 FIELDS = ("name", "email", "phone", "address", "city", "dateOfBirth", "gender", "registeredDate")
-RESULT_KEY = "register_result"
 
 ui.require_session()
 st.title(":material/person_add: Register patient")
@@ -43,8 +50,12 @@ def _saved_anyway(data: dict[str, object]) -> dict[str, object] | None:
 
 
 if ui.draft_restored(ui.REGISTER_PAGE):
-    st.info("Your session expired before this patient was registered. What you had entered is back: "
-            "check it and register again.", icon=":material/restore:")
+    if _key("name") in st.session_state:
+        st.info("Your session expired before this patient was registered. What you had entered is back: "
+                "check it and register again.", icon=":material/restore:")
+    if st.session_state.get(ui.REGISTER_RESULT_KEY) is not None:
+        st.info("Your session expired before you decided about the possible duplicate below. The new record "
+                "is registered: keep it or discard it.", icon=":material/restore:")
 if errors:
     st.error(f"{st.session_state.get('register_message') or 'Not registered'}: please correct the fields below.",
              icon=":material/error:")
@@ -122,17 +133,17 @@ if submitted:
         st.session_state["register_message"] = exc.message
     if created is not None:
         forget_patients()
-        st.session_state[RESULT_KEY] = created
-        st.session_state.pop("register_confirmed", None)
+        st.session_state[ui.REGISTER_RESULT_KEY] = created
+        st.session_state.pop(ui.REGISTER_CONFIRMED_KEY, None)
         st.session_state.pop("register_errors", None)
         st.session_state.pop("register_message", None)
         st.session_state[ui.REGISTER_FORM_N_KEY] = n + 1  # a fresh, empty form for the next patient
     st.rerun()
 
-result = st.session_state.get(RESULT_KEY)
+result = st.session_state.get(ui.REGISTER_RESULT_KEY)
 if isinstance(result, Created):
     patient = result.patient
-    if result.possible_duplicates and not st.session_state.get("register_confirmed"):
+    if result.possible_duplicates and not st.session_state.get(ui.REGISTER_CONFIRMED_KEY):
         with st.container(border=True):
             st.warning(
                 f"**Possible duplicate.** {len(result.possible_duplicates)} existing record(s) look like the "
@@ -149,13 +160,17 @@ if isinstance(result, Created):
             )
             keep, discard = st.columns(2)
             if keep.button("Keep the new record", type="primary", icon=":material/check:", key="dup_keep"):
-                st.session_state["register_confirmed"] = True
+                st.session_state[ui.REGISTER_CONFIRMED_KEY] = True
                 st.rerun()
             if discard.button("Discard it (it is a duplicate)", icon=":material/delete:", key="dup_discard"):
-                ui.client().delete_patient(str(patient["id"]))
+                try:
+                    ui.client().delete_patient(str(patient["id"]))
+                    note = "The new record was discarded."
+                except NotFound:  # a colleague deleted it first (e.g. while this session had expired)
+                    note = "The new record had already been deleted."
                 forget_patients()
-                st.session_state.pop(RESULT_KEY, None)
-                st.toast("The new record was discarded.", icon=":material/delete:")
+                st.session_state.pop(ui.REGISTER_RESULT_KEY, None)
+                st.toast(note, icon=":material/delete:")
                 st.rerun()
     else:
         billing = patient.get("billingStatus") or "PENDING"
@@ -167,6 +182,6 @@ if isinstance(result, Created):
         if billing == "PENDING":
             st.caption("Billing is opening the account in the background; the status turns ACTIVE by itself.")
         if st.button("Dismiss", key="register_dismiss"):
-            st.session_state.pop(RESULT_KEY, None)
-            st.session_state.pop("register_confirmed", None)
+            st.session_state.pop(ui.REGISTER_RESULT_KEY, None)
+            st.session_state.pop(ui.REGISTER_CONFIRMED_KEY, None)
             st.rerun()

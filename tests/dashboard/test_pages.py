@@ -388,6 +388,65 @@ def test_possible_duplicate_can_be_kept(stub: StubGateway) -> None:
     assert sum(1 for p in stub.state.patients.values() if not p.get("_deleted")) == 2
 
 
+@pytest.mark.parametrize("how", ["locally", "at the server"])
+def test_a_duplicate_decision_cut_short_by_an_expired_session_is_asked_again(stub: StubGateway, how: str) -> None:
+    _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="patient 000", email="other@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    at.form_submit_button[0].click().run()
+    assert any("Possible duplicate" in t for t in texts(at.warning))
+    _expire(at, stub, how)
+    at.button(key="dup_discard").click().run()
+    assert not at.exception and "auth" not in at.session_state
+    assert sum(1 for p in stub.state.patients.values() if not p.get("_deleted")) == 2  # not discarded
+
+    login(at, "staff@pms.local")
+    assert not at.exception
+    assert at.title[0].value.endswith("Register patient")
+    assert any("before you decided about the possible duplicate" in t for t in texts(at.info))
+    assert not any("What you had entered is back" in t for t in texts(at.info))
+    assert any("Possible duplicate" in t for t in texts(at.warning))
+    at.button(key="dup_discard").click().run()
+    assert not at.exception
+    assert sum(1 for p in stub.state.patients.values() if not p.get("_deleted")) == 1
+
+
+def test_a_decided_duplicate_or_another_user_gets_no_review_back(stub: StubGateway) -> None:
+    _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Patient 000", email="keep@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    at.form_submit_button[0].click().run()
+    at.button(key="dup_keep").click().run()
+    _expire(at, stub, "locally")
+    at.run()
+    assert "expired_draft" not in at.session_state  # kept already: nothing left to decide
+
+    login(at, "staff@pms.local")
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="patient 000", email="third@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    at.form_submit_button[0].click().run()
+    _expire(at, stub, "locally")
+    at.run()
+    login(at, "admin@pms.local")
+    assert at.title[0].value.endswith("Patients")
+    assert "register_result" not in at.session_state
+
+
+def test_discarding_a_duplicate_someone_already_deleted_says_so(stub: StubGateway) -> None:
+    _seed(stub, 1)
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="patient 000", email="other@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    at.form_submit_button[0].click().run()
+    GatewayClient(stub.url, stub.token("ADMIN")).delete_patient(at.session_state["register_result"].patient["id"])
+    at.button(key="dup_discard").click().run()
+    assert not at.exception and not at.error
+    assert "register_result" not in at.session_state
+    assert any("had already been deleted" in t for t in texts(at.toast))
+
+
 # --- patients --------------------------------------------------------------------------------
 
 
