@@ -16,6 +16,7 @@ from datetime import date
 from typing import Any
 
 import httpx
+import jwt
 import streamlit as st
 
 from pms import forwarding
@@ -139,6 +140,21 @@ def error_from_response(response: httpx.Response) -> GatewayError:
 # --- values ---------------------------------------------------------------------------------
 
 
+def _subject(token: str) -> str | None:
+    """The account the token was issued to (its ``sub``: the e-mail as auth stores it).
+
+    Read, not verified: the token came straight from the login answer, and every service verifies it
+    on each call. The dashboard uses it to name the user and to give an expired session's draft back
+    to the same account only; the typed e-mail lower-cased by Python can differ from the stored one
+    (auth matches with PostgreSQL's ``lower()``), and then the owner would lose the draft.
+    """
+    try:
+        subject = jwt.decode(token, options={"verify_signature": False}).get("sub")
+    except jwt.PyJWTError:
+        return None
+    return subject if isinstance(subject, str) and subject else None
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSession:
     """A signed-in user as the dashboard keeps it (in ``st.session_state`` only)."""
@@ -251,10 +267,11 @@ class GatewayClient:
         body = self._json(self._request("POST", "/auth/login", json={"email": email, "password": password},
                                         headers=vouch, auth=False))
         expires_in = int(body.get("expiresIn") or 3600)
+        token = str(body["token"])
         return AuthSession(
-            token=str(body["token"]),
+            token=token,
             role=str(body.get("role") or "STAFF").upper(),
-            email=email.strip().lower(),
+            email=_subject(token) or email.strip().lower(),
             expires_at=time.time() + expires_in,
         )
 

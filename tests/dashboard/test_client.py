@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import jwt
 import pytest
 
 from dashboard import client as gw
@@ -16,6 +17,20 @@ def test_login_returns_session_with_role_and_expiry(stub: StubGateway) -> None:
     assert auth.email == "admin@pms.local"
     assert not auth.expired
     assert gw.GatewayClient(stub.url, auth.token).me()["role"] == "ADMIN"
+
+
+@pytest.mark.parametrize(("token", "email"), [
+    # The account as auth stores it, whatever the user typed (Python's lower() of "İ" is not PostgreSQL's).
+    (jwt.encode({"sub": "\u0130rem@example.org", "role": "STAFF"}, "k" * 32), "\u0130rem@example.org"),
+    ("not-a-jwt", "İrem@example.org".lower()),  # unreadable: the typed e-mail, lower-cased
+    (jwt.encode({"role": "STAFF"}, "k" * 32), "İrem@example.org".lower()),  # no subject
+])
+def test_the_session_names_the_account_the_token_was_issued_to(token: str, email: str) -> None:
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"token": token, "expiresIn": 60, "role": "STAFF"})
+
+    client = gw.GatewayClient("http://gw.test", transport=httpx.MockTransport(answer))
+    assert client.login(email=" İrem@example.org ", password="p").email == email
 
 
 def test_login_on_behalf_of_a_browser_sends_the_signed_address() -> None:
