@@ -51,6 +51,7 @@ analytics = st.Page("app_pages/analytics.py", title="Analytics", icon=":material
 users = st.Page("app_pages/users.py", title="Users", icon=":material/admin_panel_settings:", url_path="users")
 
 if auth is None:
+    ui.drop_stale_draft()
     page = st.navigation([login], position="hidden")
 else:
     sections: dict[str, list[st.Page]] = {}

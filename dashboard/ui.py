@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -75,6 +76,22 @@ class Draft:
     owner: str
     values: dict[str, Any]
     pages: frozenset[str]
+    kept_at: float
+
+    @property
+    def stale(self) -> bool:
+        """Older than ``PMS_DASHBOARD__DRAFT_MAX_AGE_S``: dropped, never given back."""
+        from pms.settings import get_settings
+
+        return time.time() - self.kept_at > get_settings().dashboard.draft_max_age_s
+
+
+def drop_stale_draft() -> None:
+    """Forget a kept draft nobody came back for in time (the app calls this on every run while signed
+    out, so before any sign-in)."""
+    draft = st.session_state.get(DRAFT_KEY)
+    if isinstance(draft, Draft) and draft.stale:
+        del st.session_state[DRAFT_KEY]
 
 
 def gateway_url() -> str:
@@ -190,6 +207,7 @@ def sign_in(auth: AuthSession) -> None:
     for key in (NOTE_KEY, "login_password"):
         st.session_state.pop(key, None)
     draft = st.session_state.pop(DRAFT_KEY, None)
+    # A stale draft is gone already: every signed-out run drops it first (drop_stale_draft).
     if isinstance(draft, Draft) and draft.owner == auth.email.lower() and auth.role in PATIENT_ROLES:
         for key, value in draft.values.items():
             st.session_state[key] = value
@@ -213,7 +231,8 @@ def sign_out(note: str | None = None, *, revoke: bool = False, keep_draft: bool 
         registering, editing = {**_register_draft(), **_undecided_duplicate()}, _edit_draft()
         pages = frozenset(page for page, kept in ((REGISTER_PAGE, registering), (PATIENTS_PAGE, editing)) if kept)
         if pages:
-            draft = Draft(owner=auth.email.lower(), values={**registering, **editing}, pages=pages)
+            draft = Draft(owner=auth.email.lower(), values={**registering, **editing}, pages=pages,
+                          kept_at=time.time())
     if revoke and auth is not None and not auth.expired:
         try:
             GatewayClient(gateway_url(), auth.token).logout()

@@ -109,6 +109,9 @@ class BillingSettings(BaseModel):
 
 class DashboardSettings(HttpService):
     port: int = 8501
+    #: Seconds a form kept from an expired session waits for its user to sign in again on that browser; an older
+    #: one is dropped at the page's next run and never given back (it is patient data in the dashboard's memory).
+    draft_max_age_s: float = Field(default=8 * 3600, gt=0)
 
 
 class PipelineSettings(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -12,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.client import AuthSession, GatewayClient
 from pms import process
+from pms.settings import get_settings
 from tests.dashboard.conftest import login, new_app, signed_in_app, texts
 from tests.dashboard.stub_gateway import PASSWORD, StubGateway
 
@@ -284,6 +286,30 @@ def test_an_expired_sessions_draft_is_never_shown_to_someone_else(stub: StubGate
     _fill_register(at, name="Grace Hopper")
     at.button(key="sign_out").click().run()
     assert not [k for k in at.session_state if str(k).startswith(("reg_", "expired_draft"))]
+
+
+def test_a_draft_nobody_came_back_for_in_time_is_dropped(stub: StubGateway,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Ada Lovelace", email="ada@example.com", address="12 St James Sq")
+    _expire(at, stub, "locally")
+    at.form_submit_button[0].click().run()
+    draft = at.session_state["expired_draft"]
+    at.session_state["expired_draft"] = dataclasses.replace(draft, kept_at=draft.kept_at - 3601)
+    at.run()  # signed out, within the hour
+    assert "expired_draft" in at.session_state
+    monkeypatch.setenv("PMS_DASHBOARD__DRAFT_MAX_AGE_S", "3600")
+    get_settings.cache_clear()
+    try:
+        at.run()  # the login page, idle: the stale draft goes
+        assert "expired_draft" not in at.session_state
+        at.session_state["expired_draft"] = dataclasses.replace(draft, kept_at=draft.kept_at - 3601)
+        login(at, "staff@pms.local")  # nor is one given back at sign-in
+        assert at.title[0].value.endswith("Patients")
+        assert not [k for k in at.session_state if str(k).startswith(("reg_", "expired_draft"))]
+    finally:
+        get_settings.cache_clear()
 
 
 @pytest.mark.parametrize("where", ["another page", "an untouched form", "the result of a registration"])
