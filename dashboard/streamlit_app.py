@@ -70,7 +70,7 @@ else:
 with st.sidebar:
     st.markdown("### :material/local_hospital: Patient Management")
     if auth is not None:
-        st.caption(f"Signed in as **{auth.email}**")
+        st.caption(f"Signed in as **{ui.md_text(auth.email)}**")
         st.badge(auth.role.title(), icon=":material/badge:", color="blue")
         if st.button("Sign out", icon=":material/logout:", key="sign_out", width="stretch"):
             ui.sign_out("You have signed out.", revoke=True)

@@ -8,6 +8,7 @@ sent back to the login page with a note instead of a stack trace.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -92,6 +93,27 @@ def drop_stale_draft() -> None:
     draft = st.session_state.get(DRAFT_KEY)
     if isinstance(draft, Draft) and draft.stale:
         del st.session_state[DRAFT_KEY]
+
+
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&])")
+#: ``http:``, ``www.``: GFM links these even with their punctuation escaped.
+_LINK_START = re.compile(r"(?i)\b(https?|ftp|www|mailto)(?=[:.])")
+#: ``:material/home:``, ``:red[...]``: Streamlit's icons and colours, also matched through escapes.
+_DIRECTIVE_START = re.compile(r"(?i):(?=[a-z0-9_/-]+[:\[])")
+_WORD_JOINER = "\u2060"
+
+
+def md_text(value: object) -> str:
+    """``value`` (patient or user data, a server's message) as literal text inside Streamlit Markdown.
+
+    Stored text is data, not formatting: a name such as ``[verify](https://evil.example)`` or
+    ``![x](http://host/pixel.png)`` rendered a link, or fetched an image from the staff member's
+    browser. Markdown punctuation is backslash-escaped; links GFM finds without punctuation and
+    Streamlit's ``:icon:``/``:color[]`` are broken with an invisible word joiner. An e-mail address
+    stays a ``mailto:`` link, which is what it is.
+    """
+    text = _DIRECTIVE_START.sub(":" + _WORD_JOINER, _LINK_START.sub("\\1" + _WORD_JOINER, str(value)))
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", text)
 
 
 def gateway_url() -> str:
@@ -320,6 +342,13 @@ def today_in(timezone: str | None, *, now: datetime | None = None) -> date:
         return moment.astimezone(UTC).date()
 
 
+#: Bounds of every date field: as wide as the browser's calendar handles. A typed date outside a field's
+#: bounds is not refused but replaced, without a word, by the last valid one (a future birth date saved
+#: the one typed before), and a stored date outside them stops the page; the server checks dates and its
+#: reason appears under the field.
+DATE_BOUNDS: dict[str, date] = {"min_value": date(1000, 1, 1), "max_value": date(9999, 12, 31)}
+
+
 def browser_today() -> date:
     """The user's today, for date pickers: the server's date is yesterday all morning for a clinic ahead of it.
 
@@ -355,7 +384,7 @@ def field_error(errors: dict[str, str], *names: str) -> None:
     """Show the server's reason for a field right under that field."""
     for name in names:
         if name in errors:
-            st.error(errors[name], icon=":material/error:")
+            st.error(md_text(errors[name]), icon=":material/error:")
             return
 
 
@@ -373,7 +402,7 @@ def error_banner(exc: GatewayError, where: Any = st) -> None:
     that re-runs on its own timer outside the app's handling). Sign-in expiry is not shown here: callers
     send the user back to sign in instead."""
     if isinstance(exc, GatewayUnavailable):
-        where.error(f"**The platform is not reachable right now.** {exc.message} "
+        where.error(f"**The platform is not reachable right now.** {md_text(exc.message)} "
                     "Your work on this page is kept; try again in a moment.", icon=":material/cloud_off:")
     elif isinstance(exc, PermissionDenied):
         # The UI hides what a role may not do; this is the server refusing anyway (a role changed mid-session).
@@ -383,4 +412,4 @@ def error_banner(exc: GatewayError, where: Any = st) -> None:
         where.error("**The server could not complete this request.** Try again, and tell your administrator "
                     "if it keeps happening.", icon=":material/error:")
     else:
-        where.error(f"**The request failed.** {exc.message}", icon=":material/error:")
+        where.error(f"**The request failed.** {md_text(exc.message)}", icon=":material/error:")

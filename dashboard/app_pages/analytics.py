@@ -50,7 +50,7 @@ def kpis() -> None:
     except NotAuthenticated:
         ui.expire_session()
     except GatewayUnavailable as exc:
-        st.warning(f"**Live figures paused.** {exc.message} They come back by themselves.",
+        st.warning(f"**Live figures paused.** {ui.md_text(exc.message)} They come back by themselves.",
                    icon=":material/cloud_off:")
     except GatewayError as exc:
         # Anything else (a 500, a 403 after a role change, a 429) would surface as Streamlit's own
@@ -98,7 +98,7 @@ st.divider()
 reg_col, controls = st.columns([3, 1])
 with controls:
     today = ui.today_in(None)  # UTC: the analytics API counts UTC days
-    period = st.date_input("Date range", value=(today - timedelta(days=90), today), max_value=today,
+    period = st.date_input("Date range", value=(today - timedelta(days=90), today), **ui.DATE_BOUNDS,
                            key="analytics_range", format="YYYY-MM-DD")
     granularity = st.segmented_control("Granularity", GRANULARITIES, default="week", key="analytics_gran") or "week"
 with reg_col:
@@ -110,7 +110,7 @@ with reg_col:
     except InvalidInput as exc:
         # E.g. a range the picker allows but the API refuses at this granularity (over 3,700 buckets):
         # say why, and keep the rest of the page.
-        reasons = "; ".join(exc.errors.values()) or exc.message
+        reasons = ui.md_text("; ".join(exc.errors.values()) or exc.message)
         st.warning(f"**This range cannot be shown.** {reasons}. Choose a shorter range or a coarser granularity.",
                    icon=":material/date_range:")
     if body is not None:

@@ -37,7 +37,7 @@ with middle:
                 wait = f" Try again in {exc.retry_after} s." if exc.retry_after else " Try again later."
                 st.error(f"Too many sign-in attempts.{wait}", icon=":material/timer:")
             except InvalidInput as exc:
-                st.error(exc.errors.get("email") or exc.message, icon=":material/error:")
+                st.error(ui.md_text(exc.errors.get("email") or exc.message), icon=":material/error:")
             else:
                 ui.sign_in(auth)
                 st.rerun()

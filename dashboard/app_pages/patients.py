@@ -85,7 +85,7 @@ patient_id = st.session_state.get(ui.PATIENT_ID_KEY)
 
 
 def _show_detail(patient: dict[str, Any]) -> None:
-    st.subheader(f":material/person: {patient.get('name', '')}")
+    st.subheader(f":material/person: {ui.md_text(patient.get('name', ''))}")
     st.caption(f"{patient.get('mrn') or 'No MRN'} · version {patient.get('version', '—')} · "
                f"updated {ui.fmt_date(patient.get('updatedAt'))}")
     tabs = ["Overview", "Edit"] + (["Audit trail"] if auth.role == ui.ADMIN else []) + ["FHIR"]
@@ -123,12 +123,15 @@ def _fhir(patient_id: str) -> None:
 
 def _overview(patient: dict[str, Any]) -> None:
     left, right = st.columns(2)
-    left.markdown(f"**E-mail** {patient.get('email') or '—'}  \n**Phone** {patient.get('phone') or '—'}  \n"
-                  f"**Address** {patient.get('address') or '—'}  \n**City** {patient.get('city') or '—'}")
-    right.markdown(f"**Date of birth** {patient.get('dateOfBirth') or '—'}  \n"
-                   f"**Gender** {(patient.get('gender') or '—').title()}  \n"
-                   f"**Registered** {patient.get('registeredDate') or '—'}  \n"
-                   f"**Billing** {patient.get('billingStatus') or '—'} {patient.get('billingAccountId') or ''}")
+    shown = {key: ui.md_text(patient.get(key) or "—") for key in (
+        "email", "phone", "address", "city", "dateOfBirth", "registeredDate", "billingStatus")}
+    shown["gender"] = ui.md_text((patient.get("gender") or "—").title())
+    shown["billingAccountId"] = ui.md_text(patient.get("billingAccountId") or "")
+    left.markdown(f"**E-mail** {shown['email']}  \n**Phone** {shown['phone']}  \n"
+                  f"**Address** {shown['address']}  \n**City** {shown['city']}")
+    right.markdown(f"**Date of birth** {shown['dateOfBirth']}  \n"
+                   f"**Gender** {shown['gender']}  \n**Registered** {shown['registeredDate']}  \n"
+                   f"**Billing** {shown['billingStatus']} {shown['billingAccountId']}")
     if not st.session_state.get("confirm_delete"):
         if st.button("Delete patient", icon=":material/delete:", key="delete_patient"):
             st.session_state["confirm_delete"] = True
@@ -183,8 +186,8 @@ def _edit(patient: dict[str, Any]) -> None:
         ui.field_error(errors, "address")
         values["city"] = st.text_input("City", key=key("city"))
         ui.field_error(errors, "city")
-        values["dateOfBirth"] = st.date_input("Date of birth", key=key("dateOfBirth"), min_value=date(1900, 1, 1),
-                                              max_value=ui.browser_today(), format="YYYY-MM-DD")
+        values["dateOfBirth"] = st.date_input("Date of birth", key=key("dateOfBirth"), **ui.DATE_BOUNDS,
+                                              format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
         values["gender"] = st.selectbox("Gender", ui.GENDERS, key=key("gender"),
                                         format_func=lambda g: g.title() if g else "Not stated")
@@ -209,7 +212,7 @@ def _edit(patient: dict[str, Any]) -> None:
             st.session_state["edit_conflict"] = (
                 f"Someone else changed this record after you opened it (you edited version {version}). "
                 "It has been reloaded with their changes; make your edit again. "
-                f"Server: {exc.message}"
+                f"Server: {ui.md_text(exc.message)}"
             )
             st.session_state.pop(ui.EDIT_BASE_KEY, None)
             st.session_state.pop(ui.EDIT_REOPEN_KEY, None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import date
-
 import streamlit as st
 
 from dashboard import ui
@@ -57,12 +55,13 @@ if ui.draft_restored(ui.REGISTER_PAGE):
         st.info("Your session expired before you decided about the possible duplicate below. The new record "
                 "is registered: keep it or discard it.", icon=":material/restore:")
 if errors:
-    st.error(f"{st.session_state.get('register_message') or 'Not registered'}: please correct the fields below.",
+    st.error(f"{ui.md_text(st.session_state.get('register_message') or 'Not registered')}: please correct the "
+             "fields below.",
              icon=":material/error:")
 unconfirmed = st.session_state.get("register_unconfirmed")
 if unconfirmed:
-    st.warning(f"**The registration was not confirmed.** {unconfirmed} It may have been saved all the same: "
-               "search for this e-mail on the Patients page before you register again.",
+    st.warning(f"**The registration was not confirmed.** {ui.md_text(unconfirmed)} It may have been saved all "
+               "the same: search for this e-mail on the Patients page before you register again.",
                icon=":material/help:")
 
 with st.form(f"register_{n}", border=True):
@@ -80,8 +79,8 @@ with st.form(f"register_{n}", border=True):
         city = st.text_input("City", key=_key("city"))
         ui.field_error(errors, "city")
         today = ui.browser_today()
-        dob = st.date_input("Date of birth *", value=None, min_value=date(1900, 1, 1), max_value=today,
-                            key=_key("dateOfBirth"), format="YYYY-MM-DD")
+        dob = st.date_input("Date of birth *", value=None, **ui.DATE_BOUNDS, key=_key("dateOfBirth"),
+                            format="YYYY-MM-DD")
         ui.field_error(errors, "dateOfBirth")
         gender = st.selectbox("Gender", ui.GENDERS, key=_key("gender"),
                               format_func=lambda g: g.title() if g else "Not stated")
@@ -89,8 +88,7 @@ with st.form(f"register_{n}", border=True):
         # No default over a value given back after an expired session (Streamlit would warn of both).
         registered = st.date_input("Registered on *",
                                    value=None if _key("registeredDate") in st.session_state else today,
-                                   min_value=date(1900, 1, 1),
-                                   max_value=today, key=_key("registeredDate"), format="YYYY-MM-DD")
+                                   **ui.DATE_BOUNDS, key=_key("registeredDate"), format="YYYY-MM-DD")
         ui.field_error(errors, "registeredDate")
     for reason in ui.other_errors(errors, set(FIELDS)).values():
         st.error(reason, icon=":material/error:")
@@ -175,8 +173,8 @@ if isinstance(result, Created):
     else:
         billing = patient.get("billingStatus") or "PENDING"
         st.success(
-            f"**{patient.get('name', 'Patient')}** registered. MRN **{patient.get('mrn', '—')}** · "
-            f"billing **{billing}**",
+            f"**{ui.md_text(patient.get('name', 'Patient'))}** registered. "
+            f"MRN **{ui.md_text(patient.get('mrn', '—'))}** · billing **{ui.md_text(billing)}**",
             icon=":material/check_circle:",
         )
         if billing == "PENDING":

@@ -194,6 +194,29 @@ def _fill_register(at, **values: object) -> None:  # type: ignore[no-untyped-def
             else widget.set_value(value)
 
 
+def test_a_future_birth_date_is_refused_not_replaced_by_the_one_typed_before(stub: StubGateway) -> None:
+    """A date outside a field's bounds used to be swapped silently for the last valid one and saved."""
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Futura Check", email="futura@example.com", address="1 Road", dateOfBirth=date(1975, 2, 3))
+    _fill_register(at, dateOfBirth=date.today() + timedelta(days=3 * 365))
+    at.form_submit_button[0].click().run()
+    assert not at.exception
+    assert "Must not be in the future" in texts(at.error)
+    assert not stub.state.patients
+
+
+def test_a_record_born_after_the_viewers_today_opens_and_edits(stub: StubGateway) -> None:
+    """The API accepts any date some time zone has reached; a newborn registered ahead of the viewer's
+    time zone stopped the whole page (its date was above the field's maximum)."""
+    [pid] = _seed(stub, 1)
+    stub.state.patients[pid]["dateOfBirth"] = (date.today() + timedelta(days=1)).isoformat()
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    assert not at.exception
+    assert at.date_input(key=_edit_key(pid, "dateOfBirth")).value == date.today() + timedelta(days=1)
+
+
 def test_register_shows_each_server_reason_under_its_field(stub: StubGateway) -> None:
     at = signed_in_app(stub, "STAFF").run()
     at.switch_page("app_pages/register.py").run()
@@ -668,6 +691,20 @@ def test_an_unchanged_edit_or_another_user_gets_nothing_back(stub: StubGateway) 
     assert "expired_draft" not in at.session_state and "patient_id" not in at.session_state
     assert not [k for k in at.session_state if str(k).startswith("edit_")]
     assert not any("They are back" in t for t in texts(at.info))
+
+
+def test_a_record_is_shown_as_text_never_as_markdown(stub: StubGateway) -> None:
+    """Found by exploratory testing: a name rendered a link, an address made the browser fetch an image."""
+    pid = GatewayClient(stub.url, stub.token("STAFF")).create_patient(_patient(
+        1, name="Eve [verify](https://evil.example)", address="![p](http://127.0.0.1:9/t.png) :red[Call]",
+        city="$x^2$ City")).patient["id"]
+    at = signed_in_app(stub, "STAFF").run()
+    at.selectbox(key="patients_open").select(pid).run()
+    assert not at.exception
+    shown = " ".join(texts(at.subheader) + texts(at.markdown))
+    for markup in ("](https://", "![p](", ":red[", "$x^2$"):
+        assert markup not in shown, shown
+    assert "Eve \\[verify\\]" in shown
 
 
 def test_delete_needs_confirmation(stub: StubGateway) -> None:

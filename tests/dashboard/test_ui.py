@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -64,3 +65,19 @@ def test_fmt_date_and_seconds() -> None:
 def test_the_date_pickers_today_is_the_browsers(timezone: str | None, expected: date) -> None:
     """A clinic ahead of the server could not pick its own today as a registration date all morning."""
     assert ui.today_in(timezone, now=datetime(2026, 11, 26, 20, 30, tzinfo=UTC)) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "Eve [verify](https://evil.example)", "![p](http://127.0.0.1:9/t.png)", "**Bold** _it_ `code` ~~s~~",
+    ":red[Call 555]", ":material/home:", "$x^2$ City", "<b>hi</b> &amp;", "# Heading", "1. list", "- item",
+    "www.evil.com", "O'Brien-Smith Jr.", "a\\b",
+])
+def test_stored_text_is_shown_literally_in_markdown(text: str) -> None:
+    """Checked against what Chromium rendered for these (scratch run, session 8): no link, image,
+    colour, icon, formula or HTML, only the text. Here: every Markdown character is escaped and each
+    link or directive start is broken, and removing both gives the text back."""
+    shown = ui.md_text(text)
+    for start in ("http:", "https:", "www.", ":material/", ":red["):
+        assert start not in shown
+    assert not re.search(r"(?<!\\)[*_`\[\]()!<>$#~|]", shown), shown
+    assert re.sub(r"\\(.)", r"\1", shown).replace("\u2060", "") == text
