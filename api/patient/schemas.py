@@ -8,6 +8,7 @@ typo never silently drops data.
 from __future__ import annotations
 
 import re
+import unicodedata
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -78,9 +79,11 @@ class _PatientFields(_Camel):
     @field_validator("name", "address", "city")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
+        """Refuse control characters; store the composed (NFC) form, so "Renée" typed with a combining
+        accent is the same text as "Renée" typed with é: found by the same search, and a duplicate."""
         if value is not None and _CONTROL.search(value):
             raise ValueError("Must not contain control characters")
-        return value
+        return unicodedata.normalize("NFC", value) if value is not None else None
 
     @field_validator("email")
     @classmethod

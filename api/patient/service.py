@@ -6,6 +6,7 @@ one transaction, so an event exists exactly for the changes that were committed.
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def get_or_raise(*, session: Session, patient_id: str | uuid.UUID, for_update: b
 
 def search(*, session: Session, q: str | None, limit: int, offset: int) -> tuple[Sequence[Patient], int]:
     """Return one page of active patients matching ``q`` (name, email, MRN or phone) and the total."""
-    term = (q or "").strip() or None
+    term = unicodedata.normalize("NFC", (q or "").strip()) or None  # as names are stored (schemas)
     if term and any(ord(ch) < 32 or ord(ch) == 127 for ch in term):
         # PostgreSQL text cannot hold NUL; no name, email, MRN or phone holds control characters.
         raise BadRequest("Validation failed", errors={"q": "Must not contain control characters"})

@@ -78,6 +78,16 @@ def test_seed_tutorial_crud_round_trip(staff: httpx.Client) -> None:
     assert staff.post("/patients", json=new_patient_body(email=body["email"])).status_code == 201
 
 
+def test_a_name_typed_with_combining_accents_is_stored_composed_and_found_either_way(
+        staff: httpx.Client, patient_factory: Any) -> None:
+    token = uuid.uuid4().hex[:8]
+    composed, decomposed = f"Ren\u00e9e Dupr\u00e9 {token}", f"Rene\u0301e Dupre\u0301 {token}"
+    made = patient_factory(name=decomposed, address="1 Rue de l\u2019E\u0301glise", city="Mont\u0072e\u0301al")
+    assert made["name"] == composed and made["city"] == "Montr\u00e9al" and "\u00c9glise" in made["address"]
+    for q in (f"Ren\u00e9e Dupr\u00e9 {token}", f"Rene\u0301e Dupre\u0301 {token}"):
+        assert [p["id"] for p in staff.get("/patients", params={"q": q}).json()] == [made["id"]], ascii(q)
+
+
 def test_search_pagination_and_total(staff: httpx.Client, patient_factory: Any) -> None:
     token = uuid.uuid4().hex[:8]
     made = [patient_factory(name=f"Zed {token} {i:02d}") for i in range(7)]
