@@ -122,8 +122,11 @@ def backup(settings: Settings, *, to: Path | None = None) -> Path:
     target = (to or settings.data_dir / "backups" / stamp).resolve()
     if target.exists() and any(target.iterdir()):
         raise BackupError(f"{target} is not empty; choose a new folder with --to")
-    target.mkdir(parents=True, exist_ok=True, mode=0o700)
-    target.chmod(0o700)
+    try:
+        target.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target.chmod(0o700)
+    except OSError as exc:
+        raise BackupError(f"cannot create {target}: {exc.strerror or exc}") from None
     try:
         manifest = _write_dumps(settings, target)
     except BaseException:
@@ -190,6 +193,8 @@ def _fsync(path: Path) -> None:
 
 def verify(source: Path) -> list[DumpEntry]:
     """Check a backup folder is complete and undamaged; raise :class:`BackupError` otherwise."""
+    if not source.is_dir():
+        raise BackupError(f"{source} does not exist or is not a folder")
     manifest_path = source / MANIFEST
     if not manifest_path.is_file():
         raise BackupError(f"{source} has no {MANIFEST}: not a finished pms backup")

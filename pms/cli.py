@@ -61,17 +61,29 @@ def status() -> None:
 @app.command()
 def serve(name: Annotated[str, typer.Argument(help="Service name from the registry.")]) -> None:
     """Run one service in the foreground (what `pms up` and the containers run)."""
+    from pms.registry import by_name
     from pms.serve import serve as run_service
 
+    try:
+        by_name(name)
+    except KeyError as exc:
+        console.print(f"[red]error:[/] {exc.args[0]}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
     run_service(name, _settings_or_exit())
 
 
 @app.command()
-def migrate(database: Annotated[str | None, typer.Argument(help="auth|patients|billing|analytics")] = None) -> None:
+def migrate(database: Annotated[str | None, typer.Argument(
+        help="auth|patients|billing|analytics (or the service name: patient)")] = None) -> None:
     """Apply Alembic migrations to one service database, or to all of them."""
     from pms import db
     from pms.settings import SERVICE_DATABASES
 
+    database = {"patient": "patients"}.get(database or "", database)  # every other command names the service
+    if database is not None and database not in SERVICE_DATABASES:
+        console.print(f"[red]error:[/] unknown database {database!r}; one of {', '.join(SERVICE_DATABASES)}",
+                      markup=True, highlight=False)
+        raise typer.Exit(2)
     settings = _settings_or_exit()
     for name in [database] if database else list(SERVICE_DATABASES):
         db.migrate(settings, name)
@@ -139,6 +151,9 @@ def export(
     except PMSError as exc:  # e.g. an unknown table: say which are valid, no traceback
         console.print(exc.message, style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except OSError as exc:  # the output folder cannot be made or written
+        console.print(f"cannot write to {to}: {exc.strerror or exc}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

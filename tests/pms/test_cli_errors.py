@@ -56,3 +56,20 @@ def test_replay_failures_and_a_missing_database_say_so(nothing_running: dict[str
     result = CliRunner().invoke(app, ["replay"])
     assert result.exit_code == 1 and "3 of 10 events were not delivered" in _said(result)
     assert "safe to repeat" in _said(result)
+
+
+@pytest.mark.parametrize(("args", "code", "said"), [
+    (["serve", "bogus"], 2, "unknown service 'bogus'; known services: billing, auth, patient"),
+    (["migrate", "bogus"], 2, "unknown database 'bogus'; one of auth, patients, billing, analytics"),
+    (["backup", "--to", "/proc/pms-no/such"], 1, "cannot create /proc/pms-no/such"),
+    (["restore", "/nonexistent/pms-backup"], 1, "/nonexistent/pms-backup does not exist or is not a folder"),
+    (["export", "--to", "/proc/pms-no/such"], 1, "cannot write to /proc/pms-no/such"),
+])
+def test_a_wrong_name_or_folder_is_one_line_not_a_traceback(nothing_running: dict[str, str], args: list[str],
+                                                             code: int, said: str) -> None:
+    """Found by exploratory testing: each of these printed a KeyError or FileNotFoundError traceback."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert said in _said(result)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
