@@ -32,6 +32,13 @@ def _view(name: str, **params: Any) -> dict[str, Any]:
     return cached_analytics(ui.gateway_url(), auth.token, name, tuple(sorted(params.items())))
 
 
+def _threshold(body: dict[str, Any]) -> str:
+    """The privacy threshold a view applied, for saying why something is hidden."""
+    suppression = body.get("suppression")
+    return str(suppression.get("threshold")) if isinstance(suppression, dict) and suppression.get("threshold") \
+        else "a few"
+
+
 def _tile(column: Any, label: str, body: dict[str, Any], *keys: str) -> None:
     value, suppressed = charts.count_value(_pick(body, *keys))
     column.metric(label, "Suppressed" if suppressed else ui.fmt_int(value), border=True,
@@ -132,10 +139,15 @@ with reg_col:
 demo_col, geo_col = st.columns(2)
 with demo_col:
     st.subheader("Age and gender")
-    demographics = charts.demographics_frame(_view("demographics"))
+    demographics_body = _view("demographics")
+    demographics = charts.demographics_frame(demographics_body)
     if demographics.is_empty():
         ui.empty_state("No demographic data yet.", "It appears once patients are registered.",
                        icon=":material/bar_chart_off:")
+    elif bool(demographics["suppressed"].all()):
+        ui.empty_state("Every age and gender group is too small to show.",
+                       f"Groups of fewer than {_threshold(demographics_body)} patients are hidden for privacy.",
+                       icon=":material/visibility_off:")
     else:
         st.altair_chart(charts.pyramid_chart(demographics), width="stretch")
         hidden = int(demographics["suppressed"].sum())
@@ -143,8 +155,16 @@ with demo_col:
             st.caption(f":material/visibility_off: {hidden} small cell(s) suppressed for privacy.")
 with geo_col:
     st.subheader("Top cities")
-    geography = charts.geography_frame(_view("geography", top=10))
-    if geography.is_empty():
+    geography_body = _view("geography", top=10)
+    geography = charts.geography_frame(geography_body)
+    # The API may leave the small cities out and count their patients in "other".
+    other, other_hidden = charts.count_value(geography_body.get("other"))
+    if bool(geography["suppressed"].all()) and (other or other_hidden or not geography.is_empty()):
+        ui.empty_state("Every city is too small to show.",
+                       f"Cities with fewer than {_threshold(geography_body)} patients are hidden for privacy"
+                       + (f" ({ui.plural(other, 'patient')} in them)." if other else "."),
+                       icon=":material/visibility_off:")
+    elif geography.is_empty():
         ui.empty_state("No city data yet.", "It appears once patients are registered.",
                        icon=":material/location_off:")
     else:

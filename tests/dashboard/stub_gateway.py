@@ -366,9 +366,12 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
     def geography(p: Principal = Depends(principal), top: int = 10) -> dict[str, Any]:
         sup = _analytics(p)
         cities = Counter(x.get("city") or "unknown" for x in _active())
+        # As the analytics API: a city too small to show is left out and its patients counted in "other".
+        shown = [(c, n) for c, n in cities.most_common(top) if not _hide(n, sup)]
+        other = sum(cities.values()) - sum(n for _, n in shown)
         return {"asOf": _now(), "suppression": sup, "cities": [
-            {"city": c, "patients": None if _hide(n, sup) else n, "suppressed": _hide(n, sup)}
-            for c, n in cities.most_common(top)]}
+            {"city": c, "patients": n, "suppressed": False} for c, n in shown],
+            "other": {"value": None if _hide(other, sup) else other, "suppressed": _hide(other, sup)}}
 
     @app.get("/api/analytics/billing")
     def billing(p: Principal = Depends(principal)) -> dict[str, Any]:

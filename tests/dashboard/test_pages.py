@@ -809,9 +809,14 @@ def test_analytics_empty_states_and_suppression_for_analyst(stub: StubGateway) -
     assert tiles["Active patients"] == "Suppressed"  # 3 < threshold 10: never shown to an ANALYST
     captions = texts(at.caption)
     assert any("Counts below 10 are suppressed" in t for t in captions)
-    assert any("small cell(s) suppressed for privacy" in t for t in captions)
     assert any("period(s) suppressed for privacy" in t for t in captions)
     assert "3" not in tiles.values()
+    # Every group and city is below the threshold: said so, not an empty chart or "no data yet".
+    infos = texts(at.info)
+    assert any("Every age and gender group is too small to show" in t and "fewer than 10" in t for t in infos)
+    assert any("Every city is too small to show" in t for t in infos)
+    assert not any("No city data yet" in t for t in infos)
+    assert not at.get("vega_lite_chart")[1:]  # the registrations chart at most
 
 
 @pytest.mark.parametrize(("status", "banner"), [(500, "could not complete"), (403, "does not allow"),
