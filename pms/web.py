@@ -91,9 +91,11 @@ class RequestContext:
     are logged and answered 500 in the one error shape (when no answer was started yet).
     """
 
-    def __init__(self, app: ASGIApp, *, service: str, requests_total: Counter, latency: Histogram) -> None:
+    def __init__(self, app: ASGIApp, *, service: str, requests_total: Counter, latency: Histogram,
+                 quiet_routes: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.service = service
+        self.quiet_routes = quiet_routes
         self.requests_total = requests_total
         self.latency = latency
 
@@ -143,8 +145,11 @@ class RequestContext:
         self.requests_total.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(elapsed)
         if route not in ("/health", "/metrics"):
-            # Route template, never the raw path or query: those can carry patient data.
-            log.info(
+            # Route template, never the raw path or query: those can carry patient data. A quiet route's
+            # successful calls (other services polling it) go to DEBUG: they buried the rest of the log.
+            quiet = route in self.quiet_routes and status < 400
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "request",
                 extra={"fields": {
                     "service": self.service, "request_id": request_id, "method": method,
@@ -197,8 +202,12 @@ def create_service_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[Any]] | None = None,
     max_body_bytes: int = 1024 * 1024,
     version: str = "1.0.0",
+    quiet_routes: frozenset[str] = frozenset(),
 ) -> FastAPI:
-    """A FastAPI app with the platform's outer layer; the caller includes its routers."""
+    """A FastAPI app with the platform's outer layer; the caller includes its routers.
+
+    ``quiet_routes``: route templates whose successful requests are logged at DEBUG, not INFO.
+    """
     app = FastAPI(title=title, description=description, version=version, lifespan=lifespan)
     generate_openapi = app.openapi
     app.openapi = lambda: document_validation_as_400(generate_openapi())  # type: ignore[method-assign]
@@ -217,7 +226,7 @@ def create_service_app(
     app.state.metrics_registry = registry
 
     app.add_middleware(RequestContext, service=name, requests_total=requests_total,  # type: ignore[arg-type]
-                       latency=latency)
+                       latency=latency, quiet_routes=quiet_routes)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)  # type: ignore[arg-type]
 
     @app.get("/health", tags=["ops"], summary="Liveness")

@@ -39,6 +39,8 @@ def create_app(settings: Settings) -> FastAPI:
         ready=lambda: {"database": db.database_reachable(engine)},
         lifespan=lifespan,
         max_body_bytes=16 * 1024,
+        # Every other service polls the revocation list: 1,553 of 1,743 lines of auth.log in 17 minutes.
+        quiet_routes=frozenset({"/revocations"}),
     )
     app.state.session_factory = db.session_factory(engine)
     app.include_router(router)

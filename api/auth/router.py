@@ -80,7 +80,7 @@ def list_users(
     session: SessionDep,
     _: AdminUser,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> list[UserRead]:
     """List users, oldest first; the total is in ``X-Total-Count``."""
     users, total = auth_service.list_users(session=session, limit=limit, offset=offset)

@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Annotated, Literal
 
 from email_validator import EmailNotValidError, validate_email
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 from pydantic.alias_generators import to_camel
 
 from pms.security import Role
@@ -110,12 +110,13 @@ class UserCreate(CamelModel):
     email: Email
     password: NewPassword
     role: Role = Role.STAFF
-    active: bool = True
+    #: Strict: "yes" or "no" must not switch an account on or off.
+    active: StrictBool = True
 
 
 class UserUpdate(CamelModel):
     role: Role | None = None
-    active: bool | None = None
+    active: StrictBool | None = None
 
 
 class UserRead(CamelModel):

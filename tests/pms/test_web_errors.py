@@ -80,3 +80,28 @@ def test_logs_name_the_route_not_the_values(client: TestClient, caplog: pytest.L
     for path in ("/outage", "/data-error", "/pg-data-error", "/pg-outage"):
         client.get(path)
     assert "Jane" not in caplog.text and "/outage" in caplog.text and "/pg-outage" in caplog.text
+
+
+def test_a_quiet_routes_successful_calls_are_logged_at_debug_and_its_failures_at_info(
+        tmp_path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    app = create_service_app(name="probe", settings=Settings(_env_file=None, data_dir=tmp_path),  # type: ignore[call-arg]
+                             title="probe", quiet_routes=frozenset({"/polled/{key}"}))
+
+    @app.get("/polled/{key}")
+    def polled(key: str) -> dict[str, str]:
+        if key == "bad":
+            raise sa_exc.OperationalError("SELECT 1", {}, _DriverError("connection refused"))
+        return {"key": key}
+
+    @app.get("/other")
+    def other() -> dict[str, str]:
+        return {}
+
+    caplog.set_level("DEBUG", logger="pms.access")
+    with TestClient(app) as client:
+        client.get("/polled/ok")
+        client.get("/polled/bad")
+        client.get("/other")
+    levels = {(r.fields["route"], r.fields["status"]): r.levelname  # type: ignore[attr-defined]
+              for r in caplog.records if r.getMessage() == "request"}
+    assert levels == {("/polled/{key}", 200): "DEBUG", ("/polled/{key}", 503): "INFO", ("/other", 200): "INFO"}

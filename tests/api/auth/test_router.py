@@ -159,6 +159,7 @@ def test_duplicate_email_in_any_case_is_409(auth_http: httpx.Client, admin_token
     ({"email": "{unique}", "password": STRONG_PASSWORD, "role": "ROOT"}, "role"),
     ({"email": "{unique}", "password": STRONG_PASSWORD, "isAdmin": True}, "isAdmin"),
     ({"password": STRONG_PASSWORD}, "email"),
+    ({"email": "{unique}", "password": STRONG_PASSWORD, "active": "no"}, "active"),
 ])
 def test_invalid_new_user_is_400_with_the_field(auth_http: httpx.Client, admin_token: str,
                                                 body: dict[str, object], field: str) -> None:
@@ -168,12 +169,19 @@ def test_invalid_new_user_is_400_with_the_field(auth_http: httpx.Client, admin_t
     assert field in reply.json()["errors"]
 
 
-@pytest.mark.parametrize("body", [{}, {"role": None}, {"active": "maybe"}, {"role": "GOD"}, {"email": "x@y.org"}])
+@pytest.mark.parametrize("body", [{}, {"role": None}, {"active": "maybe"}, {"active": "yes"}, {"active": "no"},
+                                  {"active": 1}, {"role": "GOD"}, {"email": "x@y.org"}])
 def test_invalid_update_is_400(auth_http: httpx.Client, admin_token: str,
                                user_factory: Callable[..., AuthUser], body: dict[str, object]) -> None:
     user = user_factory("STAFF")
     reply = auth_http.patch(f"/users/{user.id}", headers=bearer(admin_token), json=body)
     assert reply.status_code == 400, reply.text
+
+
+def test_a_users_page_past_any_real_offset_is_a_400_not_a_database_error(auth_http: httpx.Client,
+                                                                         admin_token: str) -> None:
+    reply = auth_http.get("/users", headers=bearer(admin_token), params={"offset": "99999999999999999999"})
+    assert reply.status_code == 400 and "offset" in reply.json()["errors"], reply.text
 
 
 def test_unknown_or_malformed_user_id(auth_http: httpx.Client, admin_token: str) -> None:
