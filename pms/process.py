@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import BinaryIO
 
 _PR_SET_PDEATHSIG = 1
 
@@ -127,13 +128,15 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` in its own session with output appended to ``log_path``.
 
-    Safe from any thread: the child dies with this process, not with the calling thread.
+    Safe from any thread: the child dies with this process, not with the calling thread. The log
+    is readable by its owner only (a folder made for it too): services never log patient data,
+    but a third-party traceback (Streamlit's) can quote a value.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     parent_pid = os.getpid()
 
     def start() -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as log:
+        with open_private_log(log_path) as log:
             return subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -167,6 +170,13 @@ def stop(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: f
         return proc.wait(timeout=5)
 
 
+def open_private_log(path: Path) -> BinaryIO:
+    """``path`` opened for appending, created (or made, if it was not) readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def rotate_log(path: Path, *, max_bytes: int, backups: int) -> bool:
     """Copy-truncate ``path`` once it is larger than ``max_bytes``; True if it rotated.
 
@@ -188,7 +198,9 @@ def rotate_log(path: Path, *, max_bytes: int, backups: int) -> bool:
             older = path.with_name(f"{path.name}.{index}")
             if older.exists():
                 os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
-        with open(path, "rb") as source, open(path.with_name(f"{path.name}.1"), "wb") as copy:
+        newest = path.with_name(f"{path.name}.1")
+        newest.unlink(missing_ok=True)
+        with open(path, "rb") as source, open_private_log(newest) as copy:
             while chunk := source.read(1 << 20):  # until EOF, including what arrives meanwhile
                 copy.write(chunk)
             os.truncate(path, 0)

@@ -219,6 +219,20 @@ def test_rotation_keeps_only_the_configured_number_of_copies(tmp_path: Path) -> 
     assert log.read_text() == "" and (tmp_path / "svc.log.1").read_text() == "generation 3\n"
 
 
+def test_logs_and_their_copies_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    old = tmp_path / "old.log"
+    old.write_text("x" * 100)
+    old.chmod(0o644)  # a log from before: made private on the next spawn
+    for log in (tmp_path / "logs" / "svc.log", old):
+        proc = process.spawn([sys.executable, "-c", "print('y' * 100)"], log_path=log)
+        assert proc.wait(timeout=30) == 0
+        assert process.rotate_log(log, max_bytes=10, backups=1)
+        for path in (log, log.with_name(log.name + ".1")):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (tmp_path / "logs").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "old.log.1").read_text() == "x" * 100 + "y" * 100 + "\n"
+
+
 def test_parent_pid_check_kills_a_child_whose_parent_is_already_gone() -> None:
     """The pre-exec hook's race guard: with a parent pid that is not ours, the child kills itself."""
     hook_pid = os.getpid() + 10_000_000  # never a real parent
