@@ -148,9 +148,12 @@ async def forward(
     if request.url.query:
         url += "?" + request.url.query
     body = await request.body()
+    # HEAD is the upstream's GET without the body (FastAPI routes answer GET only; uvicorn sends no
+    # body for HEAD), so every readable route answers HEAD as the README's route table says.
+    method = "GET" if request.method == "HEAD" else request.method
     try:
         # encoded=True: the path was percent-encoded by upstream_target; send it exactly as built.
-        async with client.request(request.method, URL(url, encoded=True), headers=build_headers(request, principal),
+        async with client.request(method, URL(url, encoded=True), headers=build_headers(request, principal),
                                   data=body or None, allow_redirects=False) as reply:
             content = await _read_bounded(reply)
             return _response(reply.status, content, reply.headers, upstream, base_url)

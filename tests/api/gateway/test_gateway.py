@@ -179,6 +179,17 @@ def test_role_matrix(stack: Stack, gw: httpx.Client, method: str, template: str,
             assert reply.json() == {"message": "Not allowed for your role", "errors": {}}
 
 
+@pytest.mark.parametrize("path", ["/api/analytics/summary", "/api/patients"])
+def test_head_answers_as_get_without_a_body(stack: Stack, gw: httpx.Client, path: str) -> None:
+    """Exploratory testing: HEAD was a 405 from the services (FastAPI routes answer GET only)."""
+    admin = bearer(stack.tokens["ADMIN"])
+    get, head = gw.get(path, headers=admin), gw.head(path, headers=admin)
+    assert (head.status_code, get.status_code) == (200, 200), head.text
+    assert head.content == b""
+    for name in ("content-type", "x-total-count"):
+        assert head.headers.get(name) == get.headers.get(name)
+
+
 def test_analytics_is_read_only_and_unknown_paths_are_not_routed(stack: Stack, gw: httpx.Client) -> None:
     admin = bearer(stack.tokens["ADMIN"])
     assert gw.post("/api/analytics/summary", headers=admin, json={}).status_code == 405
