@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 Gender = Literal["male", "female", "other", "unknown"]
@@ -24,6 +24,8 @@ EARLIEST_BIRTH_DATE = date(1900, 1, 1)
 DEFAULT_PHONE_REGION = "US"
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Embeddings, overrides and isolates: they make stored text display as something else ("evil.exe" as "exe.live").
+_BIDI_CONTROL = re.compile(r"[\u202a-\u202e\u2066-\u2069]")
 
 
 def _iso_date(value: Any) -> Any:
@@ -69,7 +71,7 @@ class _PatientFields(_Camel):
     """Fields shared by create and update, with their rules."""
 
     name: str = Field(min_length=1, max_length=100, strict=True)
-    email: str = Field(min_length=3, max_length=254, strict=True)
+    email: str = Field(max_length=254, strict=True)  # too short: normalize_email's own reason
     address: str = Field(min_length=1, max_length=255, strict=True)
     date_of_birth: IsoDate
     gender: Gender | None = None
@@ -83,7 +85,17 @@ class _PatientFields(_Camel):
         accent is the same text as "Renée" typed with é: found by the same search, and a duplicate."""
         if value is not None and _CONTROL.search(value):
             raise ValueError("Must not contain control characters")
+        if value is not None and _BIDI_CONTROL.search(value):
+            raise ValueError("Must not contain text-direction control characters")
         return unicodedata.normalize("NFC", value) if value is not None else None
+
+    @field_validator("name")
+    @classmethod
+    def _legible(cls, value: str) -> str:
+        """A name of only invisible characters (a zero-width space) showed as a blank patient."""
+        if not any(unicodedata.category(ch)[0] in "LN" for ch in value):
+            raise ValueError("Must contain a letter")
+        return value
 
     @field_validator("email")
     @classmethod
@@ -135,12 +147,23 @@ def _not_future(value: date | None) -> date | None:
     return value
 
 
+def _registration(value: date | None, info: ValidationInfo) -> date | None:
+    """Not in the future, and not before the birth date (nor 1900) it would then precede."""
+    value = _not_future(value)
+    born = info.data.get("date_of_birth")
+    if value is not None and isinstance(born, date) and value < born:
+        raise ValueError("Must not be before the date of birth")
+    if value is not None and value < EARLIEST_BIRTH_DATE:
+        raise ValueError("Must not be before 1900-01-01")
+    return value
+
+
 class PatientCreate(_PatientFields):
     """POST /patients body."""
 
     registered_date: IsoDate
 
-    _registered = field_validator("registered_date")(_not_future)
+    _registered = field_validator("registered_date")(_registration)
 
 
 class PatientUpdate(_PatientFields):
@@ -148,7 +171,7 @@ class PatientUpdate(_PatientFields):
 
     registered_date: IsoDate | None = None
 
-    _registered = field_validator("registered_date")(_not_future)
+    _registered = field_validator("registered_date")(_registration)
 
 
 class PatientRead(_Camel):

@@ -8,7 +8,7 @@ import pytest
 
 from api.patient.dependencies import expected_version
 from api.patient.fhir import _human_name
-from api.patient.schemas import normalize_email, normalize_phone
+from api.patient.schemas import PatientCreate, normalize_email, normalize_phone
 from api.patient.service import backoff
 from pms.errors import BadRequest
 from pms.settings import Settings
@@ -71,3 +71,28 @@ def test_a_date_is_in_the_future_only_where_no_clinic_has_reached_it(
     for field in ("registeredDate", "dateOfBirth"):
         with pytest.raises(ValidationError, match="Must not be in the future"):
             schemas.PatientCreate.model_validate({**body, field: day_after})
+
+
+_VALID = {"name": "Ann Lee", "email": "ann@example.org", "address": "1 Road", "dateOfBirth": "1980-01-01",
+          "registeredDate": "2024-01-01"}
+
+
+@pytest.mark.parametrize(("change", "field", "reason"), [
+    ({"name": "\u200b"}, "name", "Must contain a letter"),  # showed as a blank patient
+    ({"name": "Ann \u202eeeL"}, "name", "Must not contain text-direction control characters"),
+    ({"address": "1 \u2066Road"}, "address", "Must not contain text-direction control characters"),
+    ({"registeredDate": "1950-01-01"}, "registeredDate", "Must not be before the date of birth"),
+    ({"dateOfBirth": "1900-01-01", "registeredDate": "1899-12-31"}, "registeredDate",
+     "Must not be before the date of birth"),
+    ({"email": ""}, "email", "Must be a valid email address"),  # was pydantic's "at least 3 characters"
+])
+def test_a_patient_that_would_display_or_date_wrongly_is_refused(change: dict[str, str], field: str,
+                                                                  reason: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        PatientCreate.model_validate({**_VALID, **change})
+    assert [(e["loc"], e["msg"].removeprefix("Value error, ")) for e in refused.value.errors()] == [((field,), reason)]
+
+
+@pytest.mark.parametrize("name", ["\u674e \u5c0f\u9f99", "Zo\u200d\u00eb", "Mohammad \u200cRez\u0101", "O'Brien-Smith"])
+def test_real_names_with_joiners_and_other_scripts_are_kept(name: str) -> None:
+    assert PatientCreate.model_validate({**_VALID, "name": name}).name == name
