@@ -39,7 +39,8 @@ ADMIN, STAFF, ANALYST = "ADMIN", "STAFF", "ANALYST"
 PATIENT_ROLES = frozenset({ADMIN, STAFF})
 ANALYTICS_ROLES = frozenset({ADMIN, STAFF, ANALYST})
 
-SESSION_EXPIRED_NOTE = "Your session has expired. Please sign in again."
+#: Also what a user sees whose token was revoked (signed out elsewhere, role changed, deactivated).
+SESSION_EXPIRED_NOTE = "Your session has expired or was ended by a change to your account. Please sign in again."
 
 #: The Register page's form number (a new, empty form after each registration) and its widgets' keys.
 REGISTER_FORM_N_KEY = "register_form_n"

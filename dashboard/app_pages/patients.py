@@ -28,7 +28,8 @@ auth = ui.require_session()
 st.title(":material/groups: Patients")
 
 search_col, size_col = st.columns([4, 1])
-q = search_col.text_input("Search", key="patients_q", placeholder="Name, e-mail, MRN or phone",
+# max_chars: the API's own limit for q (a longer term was a 400 that emptied the page).
+q = search_col.text_input("Search", key="patients_q", placeholder="Name, e-mail, MRN or phone", max_chars=200,
                           label_visibility="collapsed", icon=":material/search:")
 limit = size_col.selectbox("Rows per page", PAGE_SIZES, index=1, key="patients_limit",
                            label_visibility="collapsed", format_func=lambda v: f"{v} per page")

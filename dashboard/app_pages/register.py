@@ -95,6 +95,11 @@ with st.form(f"register_{n}", border=True):
     submitted = st.form_submit_button("Register patient", type="primary", icon=":material/save:")
 
 if submitted:
+    previous = st.session_state.get(ui.REGISTER_RESULT_KEY)
+    if not (isinstance(previous, Created) and previous.possible_duplicates
+            and not st.session_state.get(ui.REGISTER_CONFIRMED_KEY)):
+        # The last registration's banner belongs to it, not to this attempt (an undecided duplicate stays).
+        st.session_state.pop(ui.REGISTER_RESULT_KEY, None)
     data: dict[str, object] = {
         "name": name.strip(),
         "email": email.strip(),

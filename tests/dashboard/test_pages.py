@@ -217,6 +217,19 @@ def test_a_record_born_after_the_viewers_today_opens_and_edits(stub: StubGateway
     assert at.date_input(key=_edit_key(pid, "dateOfBirth")).value == date.today() + timedelta(days=1)
 
 
+def test_a_failed_registration_after_a_good_one_does_not_keep_the_old_success_banner(stub: StubGateway) -> None:
+    at = signed_in_app(stub, "STAFF").run()
+    at.switch_page("app_pages/register.py").run()
+    _fill_register(at, name="Ada Lovelace", email="ada@example.com", address="12 St James Sq",
+                   dateOfBirth=date(1965, 12, 10))
+    at.form_submit_button[0].click().run()
+    assert any("registered" in t for t in texts(at.success))
+    _fill_register(at, name="Grace Hopper", email="not-an-email", address="1 Navy Rd", dateOfBirth=date(1906, 12, 9))
+    at.form_submit_button[0].click().run()
+    assert "Not a valid email address" in texts(at.error)
+    assert not at.success  # "Ada Lovelace registered" beside Grace's errors read as if Grace was saved
+
+
 def test_register_shows_each_server_reason_under_its_field(stub: StubGateway) -> None:
     at = signed_in_app(stub, "STAFF").run()
     at.switch_page("app_pages/register.py").run()
