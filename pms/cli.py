@@ -98,7 +98,11 @@ def seed(
     """Create realistic synthetic patients through the service layer and outbox."""
     from api.patient import seed as patient_seed
 
-    patient_seed.run(_settings_or_exit(), patients=patients, seed=seed_value)
+    created = patient_seed.run(_settings_or_exit(), patients=patients, seed=seed_value)
+    skipped = patients - created
+    console.print(f"[green]created[/] {created} patient(s)" + (
+        f"; {skipped} skipped: their e-mail is already used (the same --seed makes the same patients;"
+        " choose another for new ones)" if skipped else ""), highlight=False)
 
 
 @app.command()

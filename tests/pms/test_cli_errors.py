@@ -73,3 +73,20 @@ def test_a_wrong_name_or_folder_is_one_line_not_a_traceback(nothing_running: dic
     assert said in _said(result)
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(("created", "said"), [
+    (300, "created 300 patient(s)"),
+    (0, "created 0 patient(s); 300 skipped: their e-mail is already used (the same --seed makes the same"),
+])
+def test_seed_says_how_many_it_created_and_why_others_were_skipped(nothing_running: dict[str, str],
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  created: int, said: str) -> None:
+    """Exploratory testing: a second run with the same seed showed 300/300 and nothing else, having added nobody."""
+    from api.patient import seed as patient_seed
+
+    monkeypatch.setattr(patient_seed, "run", lambda *_args, **_kwargs: created)
+    result = CliRunner().invoke(app, ["seed", "--patients", "300"])
+    assert result.exit_code == 0, result.output
+    assert said in _said(result)
+    assert ("skipped" in result.output) is (created < 300)
