@@ -426,12 +426,18 @@ def test_an_unconfirmed_registration_says_so_instead_of_inviting_a_retry(stub: S
     assert at.form[0].text_input(key="reg_0_email").value == "ada@example.org"  # the form is kept
 
 
-def test_possible_duplicates_are_shown_and_can_be_discarded(stub: StubGateway) -> None:
+def _register_a_likely_duplicate(stub: StubGateway, *, name: str, email: str) -> AppTest:
+    """Signed in as STAFF, one patient on file ("Patient 000", born 1970-01-01), register someone like them."""
     _seed(stub, 1)
     at = signed_in_app(stub, "STAFF").run()
     at.switch_page("app_pages/register.py").run()
-    _fill_register(at, name="patient 000", email="other@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
+    _fill_register(at, name=name, email=email, address="9 Road", dateOfBirth=date(1970, 1, 1))
     at.form_submit_button[0].click().run()
+    return at
+
+
+def test_possible_duplicates_are_shown_and_can_be_discarded(stub: StubGateway) -> None:
+    at = _register_a_likely_duplicate(stub, name="patient 000", email="other@example.com")
     assert any("Possible duplicate" in t for t in texts(at.warning))
     assert not at.success
     at.button(key="dup_discard").click().run()
@@ -440,11 +446,7 @@ def test_possible_duplicates_are_shown_and_can_be_discarded(stub: StubGateway) -
 
 
 def test_possible_duplicate_can_be_kept(stub: StubGateway) -> None:
-    _seed(stub, 1)
-    at = signed_in_app(stub, "STAFF").run()
-    at.switch_page("app_pages/register.py").run()
-    _fill_register(at, name="Patient 000", email="keep@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
-    at.form_submit_button[0].click().run()
+    at = _register_a_likely_duplicate(stub, name="Patient 000", email="keep@example.com")
     at.button(key="dup_keep").click().run()
     assert any("registered" in t for t in texts(at.success))
     assert sum(1 for p in stub.state.patients.values() if not p.get("_deleted")) == 2
@@ -452,11 +454,7 @@ def test_possible_duplicate_can_be_kept(stub: StubGateway) -> None:
 
 @pytest.mark.parametrize("how", ["locally", "at the server"])
 def test_a_duplicate_decision_cut_short_by_an_expired_session_is_asked_again(stub: StubGateway, how: str) -> None:
-    _seed(stub, 1)
-    at = signed_in_app(stub, "STAFF").run()
-    at.switch_page("app_pages/register.py").run()
-    _fill_register(at, name="patient 000", email="other@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
-    at.form_submit_button[0].click().run()
+    at = _register_a_likely_duplicate(stub, name="patient 000", email="other@example.com")
     assert any("Possible duplicate" in t for t in texts(at.warning))
     _expire(at, stub, how)
     at.button(key="dup_discard").click().run()
@@ -475,11 +473,7 @@ def test_a_duplicate_decision_cut_short_by_an_expired_session_is_asked_again(stu
 
 
 def test_a_decided_duplicate_or_another_user_gets_no_review_back(stub: StubGateway) -> None:
-    _seed(stub, 1)
-    at = signed_in_app(stub, "STAFF").run()
-    at.switch_page("app_pages/register.py").run()
-    _fill_register(at, name="Patient 000", email="keep@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
-    at.form_submit_button[0].click().run()
+    at = _register_a_likely_duplicate(stub, name="Patient 000", email="keep@example.com")
     at.button(key="dup_keep").click().run()
     _expire(at, stub, "locally")
     at.run()
@@ -497,11 +491,7 @@ def test_a_decided_duplicate_or_another_user_gets_no_review_back(stub: StubGatew
 
 
 def test_discarding_a_duplicate_someone_already_deleted_says_so(stub: StubGateway) -> None:
-    _seed(stub, 1)
-    at = signed_in_app(stub, "STAFF").run()
-    at.switch_page("app_pages/register.py").run()
-    _fill_register(at, name="patient 000", email="other@example.com", address="9 Road", dateOfBirth=date(1970, 1, 1))
-    at.form_submit_button[0].click().run()
+    at = _register_a_likely_duplicate(stub, name="patient 000", email="other@example.com")
     GatewayClient(stub.url, stub.token("ADMIN")).delete_patient(at.session_state["register_result"].patient["id"])
     at.button(key="dup_discard").click().run()
     assert not at.exception and not at.error
