@@ -97,8 +97,8 @@ def drop_stale_draft() -> None:
 
 
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>$:&])")
-#: ``http:``, ``www.``: GFM links these even with their punctuation escaped.
-_LINK_START = re.compile(r"(?i)\b(https?|ftp|www|mailto)(?=[:.])")
+#: ``http:``, ``www.``: GFM links these even with their punctuation escaped, after any punctuation (``_http:``).
+_LINK_START = re.compile(r"(?i)(https?|ftp|www|mailto)(?=[:.])")
 #: ``:material/home:``, ``:red[...]``: Streamlit's icons and colours, also matched through escapes.
 _DIRECTIVE_START = re.compile(r"(?i):(?=[a-z0-9_/-]+[:\[])")
 _WORD_JOINER = "\u2060"

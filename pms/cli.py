@@ -67,7 +67,7 @@ def serve(name: Annotated[str, typer.Argument(help="Service name from the regist
     try:
         by_name(name)
     except KeyError as exc:
-        console.print(f"[red]error:[/] {exc.args[0]}", markup=True, highlight=False)
+        console.print(f"error: {exc.args[0]}", style="red", markup=False, highlight=False)  # typed text: no markup
         raise typer.Exit(2) from None
     run_service(name, _settings_or_exit())
 
@@ -81,8 +81,8 @@ def migrate(database: Annotated[str | None, typer.Argument(
 
     database = {"patient": "patients"}.get(database or "", database)  # every other command names the service
     if database is not None and database not in SERVICE_DATABASES:
-        console.print(f"[red]error:[/] unknown database {database!r}; one of {', '.join(SERVICE_DATABASES)}",
-                      markup=True, highlight=False)
+        console.print(f"error: unknown database {database!r}; one of {', '.join(SERVICE_DATABASES)}",
+                      style="red", markup=False, highlight=False)
         raise typer.Exit(2)
     settings = _settings_or_exit()
     for name in [database] if database else list(SERVICE_DATABASES):

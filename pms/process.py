@@ -133,6 +133,7 @@ def spawn(
     but a third-party traceback (Streamlit's) can quote a value.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path.parent.chmod(0o700)  # one made before logs were private too
     parent_pid = os.getpid()
 
     def start() -> subprocess.Popen[bytes]:
@@ -173,7 +174,10 @@ def stop(proc: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM, timeout: f
 def open_private_log(path: Path) -> BinaryIO:
     """``path`` opened for appending, created (or made, if it was not) readable by its owner only."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except PermissionError:  # another user's file we may still append to: leave its mode to its owner
+        pass
     return os.fdopen(fd, "ab")
 
 
@@ -197,6 +201,7 @@ def rotate_log(path: Path, *, max_bytes: int, backups: int) -> bool:
         for index in range(backups - 1, 0, -1):
             older = path.with_name(f"{path.name}.{index}")
             if older.exists():
+                older.chmod(0o600)  # copies made before logs were private too
                 os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
         newest = path.with_name(f"{path.name}.1")
         newest.unlink(missing_ok=True)

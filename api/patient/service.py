@@ -221,6 +221,10 @@ def update(
         values[required] = getattr(data, required)
     if values.get("registered_date", patient.registered_date) is None:
         values.pop("registered_date")
+    registered = values.get("registered_date", patient.registered_date)
+    if registered is not None and registered < values["date_of_birth"]:  # the body may omit registeredDate
+        raise BadRequest("Validation failed", errors={"dateOfBirth": "Must not be after the registration date "
+                                                                     f"({registered.isoformat()})"})
     changed = [field for field, value in values.items() if getattr(patient, field) != value]
     if not changed:
         session.commit()  # nothing to write: just release the row lock

@@ -179,5 +179,5 @@ if billing:
     for row in billing:
         value, suppressed = charts.count_value({"value": row.get("patients"), "suppressed": row.get("suppressed")})
         status = row.get("billingStatus") or "unknown"
-        parts.append(f"**{status}** {'suppressed' if suppressed else ui.fmt_int(value)}")
+        parts.append(f"**{ui.md_text(status)}** {'suppressed' if suppressed else ui.fmt_int(value)}")
     st.caption(":material/receipt_long: Billing accounts of active patients: " + " · ".join(parts))

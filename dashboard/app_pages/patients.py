@@ -87,7 +87,7 @@ patient_id = st.session_state.get(ui.PATIENT_ID_KEY)
 
 def _show_detail(patient: dict[str, Any]) -> None:
     st.subheader(f":material/person: {ui.md_text(patient.get('name', ''))}")
-    st.caption(f"{patient.get('mrn') or 'No MRN'} · version {patient.get('version', '—')} · "
+    st.caption(f"{ui.md_text(patient.get('mrn') or 'No MRN')} · version {ui.md_text(patient.get('version', '—'))} · "
                f"updated {ui.fmt_date(patient.get('updatedAt'))}")
     tabs = ["Overview", "Edit"] + (["Audit trail"] if auth.role == ui.ADMIN else []) + ["FHIR"]
     # An edit given back after an expired session opens on its tab (until it is saved or left).
@@ -194,7 +194,7 @@ def _edit(patient: dict[str, Any]) -> None:
                                         format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
         for reason in ui.other_errors(errors, set(ui.EDIT_FIELDS)).values():
-            st.error(reason, icon=":material/error:")
+            st.error(ui.md_text(reason), icon=":material/error:")
         saved = st.form_submit_button("Save changes", type="primary", icon=":material/save:")
     if not saved:
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import streamlit as st
 
 from dashboard import ui
@@ -43,8 +45,9 @@ def _saved_anyway(data: dict[str, object]) -> dict[str, object] | None:
         page = ui.client().list_patients(q=email, limit=5)
     except GatewayError:
         return None
+    name = unicodedata.normalize("NFC", str(data["name"]))  # as the service stores names
     return next((p for p in page.items if str(p.get("email", "")).lower() == email.lower()
-                 and p.get("name") == data["name"] and p.get("dateOfBirth") == data.get("dateOfBirth")), None)
+                 and p.get("name") == name and p.get("dateOfBirth") == data.get("dateOfBirth")), None)
 
 
 if ui.draft_restored(ui.REGISTER_PAGE):
@@ -91,7 +94,7 @@ with st.form(f"register_{n}", border=True):
                                    **ui.DATE_BOUNDS, key=_key("registeredDate"), format="YYYY-MM-DD")
         ui.field_error(errors, "registeredDate")
     for reason in ui.other_errors(errors, set(FIELDS)).values():
-        st.error(reason, icon=":material/error:")
+        st.error(ui.md_text(reason), icon=":material/error:")
     submitted = st.form_submit_button("Register patient", type="primary", icon=":material/save:")
 
 if submitted:

@@ -42,7 +42,7 @@ with create_col, st.container(border=True):
         role = st.selectbox("Role", ROLES, key=f"user_{n}_role")
         ui.field_error(errors, "role")
         for reason in ui.other_errors(errors, {"email", "password", "role"}).values():
-            st.error(reason, icon=":material/error:")
+            st.error(ui.md_text(reason), icon=":material/error:")
         create = st.form_submit_button("Create user", type="primary", icon=":material/save:")
     if create:
         try:
@@ -82,7 +82,7 @@ with edit_col, st.container(border=True):
                     active=new_active if new_active != bool(target.get("active", True)) else None,
                 )
             except (InvalidInput, Conflict) as exc:
-                st.error(next(iter(exc.errors.values()), exc.message), icon=":material/error:")
+                st.error(ui.md_text(next(iter(exc.errors.values()), exc.message)), icon=":material/error:")
             else:
                 forget_users()
                 st.toast("User updated.", icon=":material/check_circle:")

@@ -368,10 +368,12 @@ def create_app(settings: Settings, state: StubState) -> FastAPI:
         cities = Counter(x.get("city") or "unknown" for x in _active())
         # As the analytics API: a city too small to show is left out and its patients counted in "other".
         shown = [(c, n) for c, n in cities.most_common(top) if not _hide(n, sup)]
-        other = sum(cities.values()) - sum(n for _, n in shown)
+        total = sum(cities.values())
+        other = total - sum(n for _, n in shown)
+        # "other" is hidden with the total (api/analytics/service.py), not on its own.
         return {"asOf": _now(), "suppression": sup, "cities": [
             {"city": c, "patients": n, "suppressed": False} for c, n in shown],
-            "other": {"value": None if _hide(other, sup) else other, "suppressed": _hide(other, sup)}}
+            "other": {"value": None if _hide(total, sup) else other, "suppressed": _hide(total, sup)}}
 
     @app.get("/api/analytics/billing")
     def billing(p: Principal = Depends(principal)) -> dict[str, Any]:

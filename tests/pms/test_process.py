@@ -233,6 +233,20 @@ def test_logs_and_their_copies_are_readable_by_their_owner_only(tmp_path: Path) 
     assert (tmp_path / "old.log.1").read_text() == "x" * 100 + "y" * 100 + "\n"
 
 
+def test_an_older_log_folder_and_copies_become_private_too(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    for name in ("svc.log", "svc.log.1", "svc.log.2"):
+        (logs / name).write_text("z" * 100)
+        (logs / name).chmod(0o644)
+    proc = process.spawn([sys.executable, "-c", "pass"], log_path=logs / "svc.log")
+    assert proc.wait(timeout=30) == 0
+    assert process.rotate_log(logs / "svc.log", max_bytes=10, backups=3)
+    assert logs.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in logs.iterdir()} == {
+        "svc.log": 0o600, "svc.log.1": 0o600, "svc.log.2": 0o600, "svc.log.3": 0o600}
+
+
 def test_parent_pid_check_kills_a_child_whose_parent_is_already_gone() -> None:
     """The pre-exec hook's race guard: with a parent pid that is not ours, the child kills itself."""
     hook_pid = os.getpid() + 10_000_000  # never a real parent

@@ -78,6 +78,18 @@ def test_seed_tutorial_crud_round_trip(staff: httpx.Client) -> None:
     assert staff.post("/patients", json=new_patient_body(email=body["email"])).status_code == 201
 
 
+def test_an_update_cannot_move_the_birth_date_past_the_stored_registration(staff: httpx.Client,
+                                                                            patient_factory: Any) -> None:
+    """The dashboard's Edit form never sends registeredDate: the stored one is what the birth date must precede."""
+    patient = patient_factory(dateOfBirth="1980-01-01", registeredDate="2024-01-10")
+    body = {k: patient[k] for k in ("name", "email", "address")}
+    late = staff.put(f"/patients/{patient['id']}", json={**body, "dateOfBirth": "2025-06-01"})
+    assert late.status_code == 400, late.text
+    assert late.json()["errors"] == {"dateOfBirth": "Must not be after the registration date (2024-01-10)"}
+    fine = staff.put(f"/patients/{patient['id']}", json={**body, "dateOfBirth": "2024-01-10"})
+    assert fine.status_code == 200 and fine.json()["version"] == 2, fine.text
+
+
 def test_a_name_typed_with_combining_accents_is_stored_composed_and_found_either_way(
         staff: httpx.Client, patient_factory: Any) -> None:
     token = uuid.uuid4().hex[:8]
