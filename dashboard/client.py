@@ -140,6 +140,10 @@ def error_from_response(response: httpx.Response) -> GatewayError:
 # --- values ---------------------------------------------------------------------------------
 
 
+#: Accounts per request when listing users (the auth API's largest page).
+USERS_PAGE = 500
+
+
 def _subject(token: str) -> str | None:
     """The account the token was issued to (its ``sub``: the e-mail as auth stores it).
 
@@ -335,8 +339,16 @@ class GatewayClient:
     # users (ADMIN)
 
     def list_users(self) -> list[dict[str, Any]]:
-        body = self._json(self._request("GET", "/auth/users", params={"limit": 500}))
-        return list(body.get("items", []) if isinstance(body, dict) else body)
+        """Every account, page by page (the API gives at most 500 at a time; the page showed only those)."""
+        users: list[dict[str, Any]] = []
+        while True:
+            reply = self._request("GET", "/auth/users", params={"limit": USERS_PAGE, "offset": len(users)})
+            body = self._json(reply)
+            page = list(body.get("items", []) if isinstance(body, dict) else body)
+            users += page
+            total = int(reply.headers.get("X-Total-Count") or len(users))
+            if len(page) < USERS_PAGE or len(users) >= total:
+                return users
 
     def create_user(self, *, email: str, password: str, role: str) -> dict[str, Any]:
         return dict(self._json(self._request("POST", "/auth/users",

@@ -156,3 +156,18 @@ def test_error_shape_maps_to_exception(status: int, body: object, expected: type
 def test_unknown_analytics_view_is_refused_before_any_call() -> None:
     with pytest.raises(ValueError, match="unknown analytics view"):
         gw.GatewayClient("http://gateway").analytics("patients")
+
+
+def test_the_users_list_is_read_page_by_page_to_the_end() -> None:
+    """Exploratory testing: the Users page asked for one page of 500 and counted only those."""
+    accounts = [{"id": str(n), "email": f"u{n}@pms.local", "role": "STAFF", "active": True} for n in range(1203)]
+    asked: list[tuple[int, int]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        limit, offset = int(request.url.params["limit"]), int(request.url.params["offset"])
+        asked.append((limit, offset))
+        return httpx.Response(200, json=accounts[offset:offset + limit], headers={"X-Total-Count": str(len(accounts))})
+
+    users = gw.GatewayClient("http://gw.test", "t", transport=httpx.MockTransport(answer)).list_users()
+    assert [u["id"] for u in users] == [a["id"] for a in accounts]
+    assert asked == [(500, 0), (500, 500), (500, 1000)]
