@@ -162,13 +162,13 @@ def _register_draft() -> dict[str, Any]:
     return {REGISTER_FORM_N_KEY: n, **values}
 
 
-def _undecided_duplicate() -> dict[str, Any]:
-    """A registration whose possible duplicates were neither kept nor discarded yet (the record exists:
-    without this the user would never be asked again, and a duplicate would stay unnoticed)."""
+def undecided_duplicate() -> Created | None:
+    """The last registration if its possible duplicates were neither kept nor discarded yet (the record
+    exists: an expiry keeps it, so the user is asked again and a duplicate does not stay unnoticed)."""
     result = st.session_state.get(REGISTER_RESULT_KEY)
     if isinstance(result, Created) and result.possible_duplicates and not st.session_state.get(REGISTER_CONFIRMED_KEY):
-        return {REGISTER_RESULT_KEY: result}
-    return {}
+        return result
+    return None
 
 
 def edit_field_key(patient_id: str, version: object, field: str) -> str:
@@ -251,7 +251,9 @@ def sign_out(note: str | None = None, *, revoke: bool = False, keep_draft: bool 
     auth = current_session()
     draft = None
     if keep_draft and auth is not None:
-        registering, editing = {**_register_draft(), **_undecided_duplicate()}, _edit_draft()
+        undecided = undecided_duplicate()
+        registering = {**_register_draft(), **({REGISTER_RESULT_KEY: undecided} if undecided else {})}
+        editing = _edit_draft()
         pages = frozenset(page for page, kept in ((REGISTER_PAGE, registering), (PATIENTS_PAGE, editing)) if kept)
         if pages:
             draft = Draft(owner=auth.email.lower(), values={**registering, **editing}, pages=pages,
@@ -389,8 +391,11 @@ def field_error(errors: dict[str, str], *names: str) -> None:
             return
 
 
-def other_errors(errors: dict[str, str], known: set[str]) -> dict[str, str]:
-    return {k: v for k, v in errors.items() if k not in known}
+def show_other_errors(errors: dict[str, str], known: set[str]) -> None:
+    """Show the server's reasons that belong to no field of the form (``known``), under the form's fields."""
+    for name, reason in errors.items():
+        if name not in known:
+            st.error(md_text(reason), icon=":material/error:")
 
 
 def empty_state(title: str, hint: str, icon: str = ":material/inbox:") -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -23,6 +23,18 @@ app.add_typer(infra_app, name="infra")
 console = Console(stderr=True)
 
 
+def _say_error(message: str) -> None:
+    """One red ``error:`` line. Never Rich markup: messages quote what was typed (``pms restore 'x[/]'``
+    raised a MarkupError traceback) and config values."""
+    console.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """:func:`_say_error`, then exit with ``code`` (no traceback)."""
+    _say_error(message)
+    raise typer.Exit(code)
+
+
 def _settings_or_exit() -> Settings:
     """The settings, or one readable line per problem and exit code 2 (no traceback)."""
     from pydantic import ValidationError
@@ -31,12 +43,12 @@ def _settings_or_exit() -> Settings:
         return get_settings()
     except UnknownSettingsError as exc:
         for problem in str(exc).split("; "):
-            console.print(f"[red]error:[/] invalid configuration: {problem}")
+            _say_error(f"invalid configuration: {problem}")
         raise typer.Exit(2) from None
     except ValidationError as exc:
         for error in exc.errors():
             where = "__".join(str(part) for part in error["loc"]).upper()
-            console.print(f"[red]error:[/] invalid configuration{' PMS_' + where if where else ''}: {error['msg']}")
+            _say_error(f"invalid configuration{' PMS_' + where if where else ''}: {error['msg']}")
         raise typer.Exit(2) from None
 
 
@@ -67,8 +79,7 @@ def serve(name: Annotated[str, typer.Argument(help="Service name from the regist
     try:
         by_name(name)
     except KeyError as exc:
-        console.print(f"error: {exc.args[0]}", style="red", markup=False, highlight=False)  # typed text: no markup
-        raise typer.Exit(2) from None
+        _fail(exc.args[0], 2)
     run_service(name, _settings_or_exit())
 
 
@@ -81,9 +92,7 @@ def migrate(database: Annotated[str | None, typer.Argument(
 
     database = {"patient": "patients"}.get(database or "", database)  # every other command names the service
     if database is not None and database not in SERVICE_DATABASES:
-        console.print(f"error: unknown database {database!r}; one of {', '.join(SERVICE_DATABASES)}",
-                      style="red", markup=False, highlight=False)
-        raise typer.Exit(2)
+        _fail(f"unknown database {database!r}; one of {', '.join(SERVICE_DATABASES)}", 2)
     settings = _settings_or_exit()
     for name in [database] if database else list(SERVICE_DATABASES):
         db.migrate(settings, name)
@@ -121,17 +130,14 @@ def replay(
     try:
         sent = patient_replay.run(settings, since=since.date() if since else None)
     except patient_replay.ReplayFailed as exc:
-        console.print(f"[red]error:[/] {exc}; run `pms replay` again (it is safe to repeat)", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(f"{exc}; run `pms replay` again (it is safe to repeat)")
     except KafkaException as exc:
-        console.print(f"[red]error:[/] the broker at {settings.bootstrap_servers} did not answer "
-                      f"({exc.args[0].str() if exc.args else exc}); is `pms up` running?", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(f"the broker at {settings.bootstrap_servers} did not answer "
+              f"({exc.args[0].str() if exc.args else exc}); is `pms up` running?")
     except (OperationalError, psycopg.OperationalError) as exc:
         url = settings.server_url()
-        console.print(f"[red]error:[/] cannot read the outbox from PostgreSQL at {url.host}:{url.port} "
-                      f"({type(exc).__name__}); is `pms up` running?", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(f"cannot read the outbox from PostgreSQL at {url.host}:{url.port} ({type(exc).__name__}); "
+              "is `pms up` running?")
     console.print(f"republished {sent} events to {settings.kafka.topic!r}", highlight=False)
 
 
@@ -153,11 +159,9 @@ def export(
     try:
         analytics_export.run(_settings_or_exit(), fmt=fmt.value, tables=table, out_dir=to)
     except PMSError as exc:  # e.g. an unknown table: say which are valid, no traceback
-        console.print(exc.message, style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(exc.message, 2)
     except OSError as exc:  # the output folder cannot be made or written
-        console.print(f"cannot write to {to}: {exc.strerror or exc}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(f"cannot write to {to}: {exc.strerror or exc}")
 
 
 @app.command()
@@ -177,8 +181,7 @@ def backup(to: Annotated[Path | None, typer.Option(help="Backup folder (default:
     try:
         pms_backup.backup(_settings_or_exit(), to=to)
     except pms_backup.BackupError as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
 
 
 @app.command()
@@ -189,8 +192,7 @@ def restore(source: Annotated[Path, typer.Argument(help="A folder written by `pm
     try:
         pms_backup.restore(_settings_or_exit(), source=source)
     except pms_backup.BackupError as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
+        _fail(str(exc))
 
 
 @infra_app.command("deploy")

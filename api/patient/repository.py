@@ -100,13 +100,16 @@ def rank_matches(*, matches: int, active: int, rows: int) -> bool:
 
 
 def _count_with_active(condition: Any) -> Select[tuple[int, int]]:
-    active = select(func.coalesce(func.sum(ActiveCountDelta.delta), 0)).scalar_subquery()
-    return select(func.count(), active).select_from(Patient).where(condition)
+    return select(func.count(), _ACTIVE_COUNT.scalar_subquery()).select_from(Patient).where(condition)
+
+
+#: The number of active patients: the sum of the trigger-kept deltas (exact, no scan of patients).
+_ACTIVE_COUNT = select(func.coalesce(func.sum(ActiveCountDelta.delta), 0))
 
 
 def active_count(session: Session) -> int:
-    """The number of active patients: the sum of the trigger-kept deltas (exact, no scan of patients)."""
-    return int(session.execute(select(func.coalesce(func.sum(ActiveCountDelta.delta), 0))).scalar_one())
+    """The number of active patients (:data:`_ACTIVE_COUNT`)."""
+    return int(session.execute(_ACTIVE_COUNT).scalar_one())
 
 
 def count_statement(condition: Any) -> Select[tuple[int]]:

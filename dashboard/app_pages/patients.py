@@ -193,8 +193,7 @@ def _edit(patient: dict[str, Any]) -> None:
         values["gender"] = st.selectbox("Gender", ui.GENDERS, key=key("gender"),
                                         format_func=lambda g: g.title() if g else "Not stated")
         ui.field_error(errors, "gender")
-        for reason in ui.other_errors(errors, set(ui.EDIT_FIELDS)).values():
-            st.error(ui.md_text(reason), icon=":material/error:")
+        ui.show_other_errors(errors, set(ui.EDIT_FIELDS))
         saved = st.form_submit_button("Save changes", type="primary", icon=":material/save:")
     if not saved:
         return

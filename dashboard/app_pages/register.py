@@ -93,14 +93,11 @@ with st.form(f"register_{n}", border=True):
                                    value=None if _key("registeredDate") in st.session_state else today,
                                    **ui.DATE_BOUNDS, key=_key("registeredDate"), format="YYYY-MM-DD")
         ui.field_error(errors, "registeredDate")
-    for reason in ui.other_errors(errors, set(FIELDS)).values():
-        st.error(ui.md_text(reason), icon=":material/error:")
+    ui.show_other_errors(errors, set(FIELDS))
     submitted = st.form_submit_button("Register patient", type="primary", icon=":material/save:")
 
 if submitted:
-    previous = st.session_state.get(ui.REGISTER_RESULT_KEY)
-    if not (isinstance(previous, Created) and previous.possible_duplicates
-            and not st.session_state.get(ui.REGISTER_CONFIRMED_KEY)):
+    if ui.undecided_duplicate() is None:
         # The last registration's banner belongs to it, not to this attempt (an undecided duplicate stays).
         st.session_state.pop(ui.REGISTER_RESULT_KEY, None)
     data: dict[str, object] = {

@@ -41,8 +41,7 @@ with create_col, st.container(border=True):
         ui.field_error(errors, "password")
         role = st.selectbox("Role", ROLES, key=f"user_{n}_role")
         ui.field_error(errors, "role")
-        for reason in ui.other_errors(errors, {"email", "password", "role"}).values():
-            st.error(ui.md_text(reason), icon=":material/error:")
+        ui.show_other_errors(errors, {"email", "password", "role"})
         create = st.form_submit_button("Create user", type="primary", icon=":material/save:")
     if create:
         try:

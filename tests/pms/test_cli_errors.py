@@ -62,6 +62,7 @@ def test_replay_failures_and_a_missing_database_say_so(nothing_running: dict[str
     (["serve", "bogus"], 2, "unknown service 'bogus'; known services: billing, auth, patient"),
     (["serve", "x[/]"], 2, "unknown service 'x[/]'"),  # typed text printed as it is, never as Rich markup
     (["migrate", "[bold]x[/]"], 2, "unknown database '[bold]x[/]'"),
+    (["restore", "/nonexistent/x[/]"], 1, "/nonexistent/x[/] does not exist or is not a folder"),
     (["migrate", "bogus"], 2, "unknown database 'bogus'; one of auth, patients, billing, analytics"),
     (["backup", "--to", "/proc/pms-no/such"], 1, "cannot create /proc/pms-no/such"),
     (["restore", "/nonexistent/pms-backup"], 1, "/nonexistent/pms-backup does not exist or is not a folder"),
